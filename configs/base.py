@@ -1,0 +1,68 @@
+"""Shared defaults: the Wan2.1-I2V-14B DreamZero model on DROID. Other configs override fields.
+
+Every field here is read somewhere; an override of a key that is not here is an error.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # The DiT (DESIGN.md section 2) plus DreamZero's action/state modules (section 3).
+  c.model = ml_collections.ConfigDict(dict(
+      dim=5120, num_layers=40, num_heads=40, ffn_dim=13824, freq_dim=256,
+      in_channels=36, out_channels=16, patch_size=(1, 2, 2),
+      text_dim=4096, text_len=512,
+      image_dim=1280,            # CLIP feature width; 0 = no image branch (T2V / TI2V)
+      image_tokens=257,
+      eps=1e-6, rope_theta=10000.0, cross_attn_norm=True,
+      action_dim=32, state_dim=64, embodiment_hidden=1024, num_embodiments=1,
+      dtype='bfloat16', param_dtype='float32',
+      scan_layers=True, remat_policy='nothing_saveable',
+      attention='xla',           # first choice; the registry falls back (attention.py)
+      attention_mask='block_causal',  # or 'bidirectional' (the AR-vs-bidirectional ablation)
+      seq_pad_multiple=128,      # pad token sequences to a multiple (cuDNN flash backward needs it)
+  ))
+
+  # Video geometry and chunking (DESIGN.md section 4).
+  c.video = ml_collections.ConfigDict(dict(
+      height=352, width=640,     # the 2x2 canvas
+      vae_spatial=8, vae_temporal=4, latent_channels=16,
+      frames_per_chunk=8,        # pixel frames per chunk (2 latent frames)
+      max_chunks=4,              # K: chunks of context in one training clip
+      action_horizon=24,         # actions per chunk
+  ))
+
+  # Frozen encoders.
+  c.vae = ml_collections.ConfigDict(dict(
+      kind='wan2.1', z_dim=16, base_dim=96, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
+      temporal_downsample=(False, True, True)))
+  c.text_encoder = ml_collections.ConfigDict(dict(
+      vocab_size=256384, dim=4096, ffn_dim=10240, num_heads=64, num_layers=24,
+      num_buckets=32, max_distance=128, tokenizer=''))
+  c.image_encoder = ml_collections.ConfigDict(dict(
+      image_size=224, patch_size=14, width=1280, num_layers=32, num_heads=16, mlp_dim=5120))
+
+  c.data = ml_collections.ConfigDict(dict(
+      dir='', name='droid', embodiment='droid',
+      cameras=('wrist_image_left', 'exterior_image_1_left', 'exterior_image_2_left'),
+      canvas_layout='droid',     # 'droid' (wrist on top row) or 'grid' (DESIGN.md section 4)
+      control_hz=15, frame_stride=3, action_dim=8, state_dim=8,
+      relative_action_dims=7,    # leading action dims taken relative to the chunk's anchor state
+      num_workers=0, shuffle_buffer=1000, seed=0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=100_000, batch_size=128, checkpoint_every=1000, keep_checkpoints=3,
+      lr=1e-5, warmup_fraction=0.05, b1=0.95, b2=0.999, weight_decay=1e-5, grad_clip=1.0,
+      timestep_schedule='shared',  # 'shared' | 'decoupled' | 'flash'
+      video_loss_weight=1.0, action_loss_weight=1.0, num_train_timesteps=1000, shift=5.0,
+      log_every=10))
+
+  c.sampler = ml_collections.ConfigDict(dict(
+      kind='unipc', num_steps=16, shift=5.0, cfg_scale=5.0,
+      dit_step_mask='1110001000100111', dynamic_skip=False))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      axes=('data', 'fsdp', 'context', 'tensor'), shape=(1, -1, 1, 1)))
+  return c

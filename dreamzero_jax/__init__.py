@@ -1,0 +1,1 @@
+"""dreamzero-jax: the DreamZero World Action Model in JAX."""

@@ -1,0 +1,94 @@
+"""Loading `configs/NAME.py[:ARG]` files and applying `--config.a.b=value` overrides.
+
+Unknown keys are errors that name the key; override values are parsed as Python literals
+and must keep the type of the field they replace.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from typing import Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file or override that cannot be applied."""
+
+
+def _import_config_module(path: str):
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file not found: {path}')
+  # Config files import their siblings as `configs.<name>`: the repository root must be importable.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  name = '_dreamzero_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config()')
+  return module
+
+
+def _parse_value(key: str, text: str, old):
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text  # a bare string such as `--config.data.dir=/tmp/d`
+  if old is None:
+    return value
+  if isinstance(old, bool):
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ('true', 'false'):
+      return value.lower() == 'true'
+  elif isinstance(old, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  elif isinstance(old, tuple) and isinstance(value, (list, tuple)):
+    return tuple(value)
+  elif isinstance(old, str):
+    return str(value) if not isinstance(value, str) else value
+  elif isinstance(value, type(old)) and not isinstance(value, bool):
+    return value
+  raise ConfigError(f'--config.{key}={text}: expected {type(old).__name__}, got {type(value).__name__}')
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets config.<key> (dotted) from the string `text`; the key must exist."""
+  *parents, leaf = key.split('.')
+  node = config
+  for i, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ConfigError(f'unknown config key: {".".join(parents[:i + 1])}')
+    node = node[part]
+  if leaf not in node:
+    raise ConfigError(f'unknown config key: {key}')
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ConfigError(f'config key {key} is a section, not a value')
+  node[leaf] = _parse_value(key, text, node[leaf])
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` and applies overrides given as `a.b=value` (or `--config.a.b=value`)."""
+  path, _, arg = spec.partition(':')
+  module = _import_config_module(path)
+  config = module.get_config(arg or None)
+  for item in overrides:
+    item = item.removeprefix('--').removeprefix('config.')
+    key, sep, text = item.partition('=')
+    if not sep:
+      raise ConfigError(f'override needs key=value: {item}')
+    apply_override(config, key, text)
+  return config
+
+
+def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=v` overrides from the other command-line arguments."""
+  overrides, rest = [], []
+  for a in argv:
+    (overrides if a.startswith('--config.') else rest).append(a)
+  return overrides, rest

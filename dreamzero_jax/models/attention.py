@@ -1,0 +1,90 @@
+"""Attention kernels behind one registry, with a fallback chain.
+
+`attend(q, k, v, mask, impl=...)` tries the requested implementation and falls back along
+FALLBACK[impl] to the first one that supports the platform, dtype and mask at trace time; 'xla'
+supports everything and ends every chain. Layout: q [B, Lq, H, Dh], k/v [B, Lk, H, Dh]; mask is
+None or boolean [Lq, Lk] / [B, Lq, Lk] (True = may attend). Masks here are static (built from token
+layouts), which is what lets TPU splash attention compile its block-sparse schedule.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AttentionFn = Callable[..., jax.Array]
+_REGISTRY: dict[str, tuple[AttentionFn, Callable[..., bool]]] = {}
+FALLBACK = {
+    'cudnn': ('cudnn', 'xla'),
+    'splash': ('splash', 'xla'),
+    'xla': ('xla',),
+}
+
+
+def register(name: str, supports: Callable[..., bool]):
+  def wrap(fn):
+    _REGISTRY[name] = (fn, supports)
+    return fn
+  return wrap
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+@register('xla', supports=lambda q, mask: True)
+def xla_attention(q, k, v, mask=None):
+  """Softmax attention with fp32 logits and softmax, output in q's dtype."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    mask = mask[None, None] if mask.ndim == 2 else mask[:, None]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+@register('cudnn', supports=lambda q, mask: _platform() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16))
+def cudnn_attention(q, k, v, mask=None):
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    mask = mask[None, None] if mask.ndim == 2 else mask[:, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
+
+
+def _splash_supported(q, mask) -> bool:
+  # Splash needs the mask as a host array (static), one mask for the batch, block-friendly lengths.
+  return (_platform() == 'tpu' and (mask is None or (isinstance(mask, np.ndarray) and mask.ndim == 2))
+          and q.shape[1] % 128 == 0)
+
+
+@register('splash', supports=_splash_supported)
+def splash_attention(q, k, v, mask=None):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  _, lq, h, d = q.shape
+  lk = k.shape[1]
+  base = sm.FullMask((lq, lk)) if mask is None else sm.NumpyMask(np.asarray(mask))
+  kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * h), head_shards=1, q_seq_shards=1)
+  to_bhld = lambda x: jnp.swapaxes(x, 1, 2)
+  out = jax.vmap(kernel)(to_bhld(q) * d ** -0.5, to_bhld(k), to_bhld(v))
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def resolve(impl: str, q: jax.Array, mask=None) -> str:
+  """The first implementation of impl's fallback chain that supports these inputs."""
+  if impl not in FALLBACK:
+    raise ValueError(f'unknown attention implementation {impl!r} (known: {", ".join(FALLBACK)})')
+  for name in FALLBACK[impl]:
+    if _REGISTRY[name][1](q, mask):
+      return name
+  return 'xla'
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask=None, *, impl: str = 'xla') -> jax.Array:
+  return _REGISTRY[resolve(impl, q, mask)][0](q, k, v, mask)

@@ -1,0 +1,388 @@
+"""The DreamZero DiT: a Wan2.1/2.2 video diffusion transformer plus action and state tokens.
+
+Layout: video latents are channels-last [B, F, H, W, C]; token sequences [B, L, D]. Blocks are
+stacked on a leading 'layers' axis and applied with lax.scan (or a Python loop), with remat.
+
+Timesteps are PER TOKEN (DreamZero): t [B, L] in [0, 1000], so the adaLN modulation e0 has shape
+[B, L, 6, D]. Tokens attend under a mask built from token groups (masks.py); at inference the
+self-attention also reads a KV cache of earlier clean frames (past_kv) and can return the K/V of
+its own tokens to extend that cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dreamzero_jax import sharding
+from dreamzero_jax.models import attention, embodiment, masks, rope
+from dreamzero_jax.models.layers import (Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh, normal, param,
+                                         zeros)
+
+REMAT_POLICIES = {
+    'none': None,
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_attention_out': jax.checkpoint_policies.save_only_these_names('self_attn_out', 'cross_attn_out'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  dim: int
+  num_layers: int
+  num_heads: int
+  ffn_dim: int
+  freq_dim: int
+  in_channels: int
+  out_channels: int
+  patch_size: tuple[int, int, int]
+  text_dim: int
+  image_dim: int
+  eps: float
+  rope_theta: float
+  cross_attn_norm: bool
+  action_dim: int
+  state_dim: int
+  embodiment_hidden: int
+  num_embodiments: int
+  dtype: Any
+  param_dtype: Any
+  scan_layers: bool
+  remat_policy: str
+  attention: str
+  attention_mask: str
+  seq_pad_multiple: int
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict) -> 'DiTConfig':
+    kw = {f.name: model[f.name] for f in dataclasses.fields(cls)}
+    kw['patch_size'] = tuple(kw['patch_size'])
+    kw['dtype'] = jnp.dtype(kw['dtype'])
+    kw['param_dtype'] = jnp.dtype(kw['param_dtype'])
+    if kw['dim'] % kw['num_heads'] or (kw['dim'] // kw['num_heads']) % 2:
+      raise ValueError(f'model.dim {kw["dim"]} must split into num_heads {kw["num_heads"]} even heads')
+    if kw['remat_policy'] not in REMAT_POLICIES:
+      raise ValueError(f'model.remat_policy {kw["remat_policy"]!r} unknown (known: {", ".join(REMAT_POLICIES)})')
+    return cls(**kw)
+
+
+class SelfAttention(nnx.Module):
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.dim
+    self.cfg = cfg
+    self.q = Dense(d, d, ('embed', 'heads'), rngs=rngs)
+    self.k = Dense(d, d, ('embed', 'heads'), rngs=rngs)
+    self.v = Dense(d, d, ('embed', 'heads'), rngs=rngs)
+    self.o = Dense(d, d, ('heads', 'embed'), rngs=rngs)
+    self.norm_q = RMSNorm(d, eps=cfg.eps, rngs=rngs, axis_name='heads')
+    self.norm_k = RMSNorm(d, eps=cfg.eps, rngs=rngs, axis_name='heads')
+
+  def heads(self, x):
+    return x.reshape(*x.shape[:-1], self.cfg.num_heads, self.cfg.head_dim)
+
+  def __call__(self, x, angles, mask, past_kv):
+    """Returns (output, (k, v) of these tokens after norm and RoPE)."""
+    q = rope.apply_rope(self.heads(self.norm_q(self.q(x))), angles)
+    k = rope.apply_rope(self.heads(self.norm_k(self.k(x))), angles)
+    v = self.heads(self.v(x))
+    keys, values = k, v
+    if past_kv is not None:
+      keys = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
+      values = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
+    out = attention.attend(q, keys, values, mask, impl=self.cfg.attention)
+    out = checkpoint_name(out, 'self_attn_out')
+    return self.o(out.reshape(*x.shape[:-1], -1)), (k, v)
+
+
+class CrossKV(NamedTuple):
+  """Per-layer K/V of the text (and image) context; computed once per episode at inference."""
+  k: jax.Array
+  v: jax.Array
+  k_img: jax.Array | None
+  v_img: jax.Array | None
+
+
+class CrossAttention(nnx.Module):
+  """Attention to text tokens plus, for I2V, CLIP image tokens with their own K/V; outputs summed."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.dim
+    self.cfg = cfg
+    self.q = Dense(d, d, ('embed', 'heads'), rngs=rngs)
+    self.k = Dense(d, d, ('embed', 'heads'), rngs=rngs)
+    self.v = Dense(d, d, ('embed', 'heads'), rngs=rngs)
+    self.o = Dense(d, d, ('heads', 'embed'), rngs=rngs)
+    self.norm_q = RMSNorm(d, eps=cfg.eps, rngs=rngs, axis_name='heads')
+    self.norm_k = RMSNorm(d, eps=cfg.eps, rngs=rngs, axis_name='heads')
+    if cfg.image_dim:
+      self.k_img = Dense(d, d, ('embed', 'heads'), rngs=rngs)
+      self.v_img = Dense(d, d, ('embed', 'heads'), rngs=rngs)
+      self.norm_k_img = RMSNorm(d, eps=cfg.eps, rngs=rngs, axis_name='heads')
+
+  def heads(self, x):
+    return x.reshape(*x.shape[:-1], self.cfg.num_heads, self.cfg.head_dim)
+
+  def context_kv(self, text: jax.Array, image: jax.Array | None) -> CrossKV:
+    k = self.heads(self.norm_k(self.k(text)))
+    v = self.heads(self.v(text))
+    if not self.cfg.image_dim:
+      return CrossKV(k, v, None, None)
+    return CrossKV(k, v, self.heads(self.norm_k_img(self.k_img(image))), self.heads(self.v_img(image)))
+
+  def __call__(self, x, kv: CrossKV):
+    q = self.heads(self.norm_q(self.q(x)))
+    out = attention.attend(q, kv.k.astype(q.dtype), kv.v.astype(q.dtype), None, impl=self.cfg.attention)
+    if kv.k_img is not None:
+      out = out + attention.attend(q, kv.k_img.astype(q.dtype), kv.v_img.astype(q.dtype), None,
+                                   impl=self.cfg.attention)
+    out = checkpoint_name(out, 'cross_attn_out')
+    return self.o(out.reshape(*x.shape[:-1], -1))
+
+
+class Block(nnx.Module):
+  """x += g1*SelfAttn(LN(x)(1+s1)+b1); x += CrossAttn(LN_affine(x)); x += g2*FFN(LN(x)(1+s2)+b2)."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.dim
+    self.cfg = cfg
+    self.norm1 = LayerNorm(d, eps=cfg.eps, affine=False)
+    self.self_attn = SelfAttention(cfg, rngs=rngs)
+    self.norm3 = LayerNorm(d, eps=cfg.eps, affine=True, rngs=rngs) if cfg.cross_attn_norm else None
+    self.cross_attn = CrossAttention(cfg, rngs=rngs)
+    self.norm2 = LayerNorm(d, eps=cfg.eps, affine=False)
+    self.ffn1 = Dense(d, cfg.ffn_dim, ('embed', 'mlp'), rngs=rngs)
+    self.ffn2 = Dense(cfg.ffn_dim, d, ('mlp', 'embed'), rngs=rngs)
+    self.modulation = param(rngs, normal(1.0 / math.sqrt(d)), (6, d), (None, 'embed'))
+
+  def __call__(self, x, e0, angles, cross_kv: CrossKV, mask, past_kv=None):
+    """x [B, L, D] fp32 residual stream; e0 [B, L, 6, D] fp32. Returns (x, (k, v))."""
+    dt = self.cfg.dtype
+    mod = self.modulation[...].astype(jnp.float32) + e0
+    shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
+    h = (self.norm1(x) * (1 + scale1) + shift1).astype(dt)
+    y, kv = self.self_attn(h, angles, mask, past_kv)
+    x = x + y.astype(jnp.float32) * gate1
+    h = (self.norm3(x) if self.norm3 is not None else x).astype(dt)
+    x = x + self.cross_attn(h, cross_kv).astype(jnp.float32)
+    h = (self.norm2(x) * (1 + scale2) + shift2).astype(dt)
+    y = self.ffn2(gelu_tanh(self.ffn1(h)))
+    x = x + y.astype(jnp.float32) * gate2
+    return sharding.constrain(x, ('activation_batch', 'activation_length', 'activation_embed')), kv
+
+
+def _prepend_layers_axis(module: nnx.Module) -> None:
+  for _, var in nnx.iter_graph(module):
+    if isinstance(var, nnx.Param):
+      axes = var.get_metadata().get('logical_axes')
+      var.set_metadata('logical_axes', ('layers', *axes))
+
+
+def time_sinusoid(t: jax.Array, dim: int) -> jax.Array:
+  """Wan's 256-dim [cos, sin] timestep embedding, t [...] -> [..., dim] (fp32)."""
+  half = dim // 2
+  freqs = jnp.asarray(np.power(10000.0, -np.arange(half, dtype=np.float64) / half), jnp.float32)
+  angles = t.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], -1)
+
+
+class DreamZeroDiT(nnx.Module):
+  """Wan DiT backbone + DreamZero action/state modules."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.dim
+    self.cfg = cfg
+    pt, ph, pw = cfg.patch_size
+    # Conv3d with stride = kernel is a Dense over (pt, ph, pw, C_in) patches.
+    self.patch_embedding = Dense(pt * ph * pw * cfg.in_channels, d, ('conv_in', 'embed'), rngs=rngs)
+    self.text_embedding1 = Dense(cfg.text_dim, d, ('input', 'embed'), rngs=rngs, init=normal(0.02))
+    self.text_embedding2 = Dense(d, d, (None, 'embed'), rngs=rngs, init=normal(0.02))
+    self.time_embedding1 = Dense(cfg.freq_dim, d, ('input', 'embed'), rngs=rngs, init=normal(0.02))
+    self.time_embedding2 = Dense(d, d, (None, 'embed'), rngs=rngs, init=normal(0.02))
+    self.time_projection = Dense(d, 6 * d, (None, 'embed'), rngs=rngs)
+    if cfg.image_dim:
+      self.img_norm1 = LayerNorm(cfg.image_dim, eps=1e-5, affine=True, rngs=rngs)
+      self.img_proj1 = Dense(cfg.image_dim, cfg.image_dim, ('input', None), rngs=rngs)
+      self.img_proj2 = Dense(cfg.image_dim, d, ('input', 'embed'), rngs=rngs)
+      self.img_norm2 = LayerNorm(d, eps=1e-5, affine=True, rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    _prepend_layers_axis(self.blocks)
+    self.head_norm = LayerNorm(d, eps=cfg.eps, affine=False)
+    self.head = Dense(d, pt * ph * pw * cfg.out_channels, ('embed', None), rngs=rngs, init=zeros)
+    self.head_modulation = param(rngs, normal(1.0 / math.sqrt(d)), (2, d), (None, 'embed'))
+
+    e, a, s, h = cfg.num_embodiments, cfg.action_dim, cfg.state_dim, cfg.embodiment_hidden
+    self.action_encoder = embodiment.ActionEncoder(e, a, d, rngs=rngs)
+    self.state_encoder = embodiment.EmbodimentMLP(e, s, h, d, ('input', 'embed'), rngs=rngs)
+    self.action_decoder = embodiment.EmbodimentMLP(e, d, h, a, ('embed', 'input'), rngs=rngs)
+
+  # ---- inputs to tokens -------------------------------------------------------------------------
+
+  def embed_video(self, latents: jax.Array) -> jax.Array:
+    """[B, F, H, W, C_in] -> tokens [B, F'*H'*W', D] in (f, h, w) raster order."""
+    b, f, hh, ww, c = latents.shape
+    pt, ph, pw = self.cfg.patch_size
+    x = latents.reshape(b, f // pt, pt, hh // ph, ph, ww // pw, pw, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, pt * ph * pw * c)
+    return self.patch_embedding(x.astype(self.cfg.dtype)).astype(jnp.float32)
+
+  def unpatchify(self, tokens: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+    """Head output [B, f*h*w, pt*ph*pw*C_out] -> [B, F, H, W, C_out]."""
+    b = tokens.shape[0]
+    f, h, w = grid
+    pt, ph, pw = self.cfg.patch_size
+    c = self.cfg.out_channels
+    x = tokens.reshape(b, f, h, w, pt, ph, pw, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, f * pt, h * ph, w * pw, c)
+
+  def embed_context(self, text: jax.Array, image: jax.Array | None = None):
+    """Text [B, Lt, text_dim] (zeros past each prompt) and CLIP features [B, Li, image_dim]."""
+    dt = self.cfg.dtype
+    txt = self.text_embedding2(gelu_tanh(self.text_embedding1(text.astype(dt))))
+    if not self.cfg.image_dim:
+      return txt, None
+    if image is None:
+      raise ValueError('this model has an image branch (model.image_dim > 0): pass CLIP features')
+    img = self.img_norm1(image.astype(jnp.float32)).astype(dt)
+    img = self.img_proj2(gelu_exact(self.img_proj1(img)))
+    return txt, self.img_norm2(img.astype(jnp.float32)).astype(dt)
+
+  def time_embed(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token timesteps t [B, L] -> (e [B, L, D], e0 [B, L, 6, D]), fp32."""
+    e = self.time_embedding2(jax.nn.silu(self.time_embedding1(time_sinusoid(t, self.cfg.freq_dim))))
+    e0 = self.time_projection(jax.nn.silu(e))
+    return e, e0.reshape(*t.shape, 6, self.cfg.dim)
+
+  def embed_actions(self, actions, t, embodiment_id):
+    return self.action_encoder(actions.astype(self.cfg.dtype), t, embodiment_id).astype(jnp.float32)
+
+  def embed_state(self, state, embodiment_id):
+    return self.state_encoder(state.astype(self.cfg.dtype), embodiment_id).astype(jnp.float32)
+
+  # ---- the transformer ----------------------------------------------------------------------------
+
+  def cross_kv(self, text_tokens, image_tokens) -> CrossKV:
+    """Stacked per-layer cross-attention K/V [layers, B, L, H, Dh] (precompute once per episode)."""
+    graphdef, state = nnx.split(self.blocks)
+
+    def one(layer_state):
+      return nnx.merge(graphdef, layer_state).cross_attn.context_kv(text_tokens, image_tokens)
+
+    return jax.lax.map(one, state)
+
+  def backbone(self, x, t, angles, mask, *, cross_kv: CrossKV, past_kv=None, return_kv: bool = False):
+    """Runs the blocks. x [B, L, D] fp32, t [B, L], angles [L, Dh/2], mask [Lq, Lk] or None.
+
+    past_kv: (k, v) each [layers, B, Lc, H, Dh] of cached tokens that precede x in the keys.
+    Returns (hidden [B, L, D], e [B, L, D], (k, v) of x stacked over layers or None).
+    """
+    e, e0 = self.time_embed(t)
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(x, xs):
+      layer_state, ckv, pkv = xs
+      x, kv = nnx.merge(graphdef, layer_state)(x, e0, angles, ckv, mask, pkv)
+      return x, (kv if return_kv else None)
+
+    policy = self.cfg.remat_policy
+    if policy != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=not self.cfg.scan_layers)
+    xs = (state, cross_kv, past_kv)
+    if self.cfg.scan_layers:
+      x, kvs = jax.lax.scan(body, x, xs)
+    else:
+      outs = []
+      for i in range(self.cfg.num_layers):
+        x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
+        outs.append(kv)
+      kvs = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_kv else None
+    return x, e, kvs
+
+  def video_head(self, hidden, e):
+    """Modulated LN + Linear on video tokens: [B, N, D] -> [B, N, pt*ph*pw*C_out] (fp32)."""
+    mod = self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None, :]
+    h = self.head_norm(hidden) * (1 + mod[:, :, 1]) + mod[:, :, 0]
+    return self.head(h.astype(self.cfg.dtype)).astype(jnp.float32)
+
+  def action_head(self, hidden, embodiment_id):
+    return self.action_decoder(hidden.astype(self.cfg.dtype), embodiment_id).astype(jnp.float32)
+
+  # ---- whole forwards ------------------------------------------------------------------------------
+
+  def wan_forward(self, video, t, text, image=None, frame_offset=0):
+    """The plain Wan DiT: all video tokens see each other. video [B, F, H, W, C_in], t [B] or
+    [B, L] (per token) -> velocity [B, F, H, W, C_out]."""
+    tokens = self.embed_video(video)
+    b, length = tokens.shape[:2]
+    pt, ph, pw = self.cfg.patch_size
+    grid = (video.shape[1] // pt, video.shape[2] // ph, video.shape[3] // pw)
+    t = jnp.broadcast_to(t[:, None], (b, length)) if t.ndim == 1 else t
+    angles = rope.video_angles(*grid, self.cfg.head_dim, self.cfg.rope_theta, frame_offset)
+    txt, img = self.embed_context(text, image)
+    hidden, e, _ = self.backbone(tokens, t, angles, None, cross_kv=self.cross_kv(txt, img))
+    return self.unpatchify(self.video_head(hidden, e), grid)
+
+  def teacher_forcing(self, clean, noisy, video_t, actions, action_t, state, embodiment_id, text,
+                      image=None, cond=None):
+    """The training forward over [clean video | noisy video | K*Ha actions | K states].
+
+    clean, noisy: latents [B, F, H, W, C] with F = 1 + K * latent_frames_per_chunk; video_t [B, F]
+    timesteps of the noisy frames (clean frames run at t=0); actions [B, K*Ha, A] noisy, action_t
+    [B, K*Ha]; state [B, K, S]; cond: the I2V condition y [B, F, H, W, 20] appended to both copies.
+    Returns (video velocity [B, F, H, W, C_out], action velocity [B, K*Ha, A]).
+    """
+    b, f, hh, ww, _ = clean.shape
+    k = state.shape[1]
+    if (f - 1) % k or actions.shape[1] % k:
+      raise ValueError(f'{f} latent frames / {actions.shape[1]} actions do not split into {k} chunks')
+    lf, ha = (f - 1) // k, actions.shape[1] // k
+    pt, ph, pw = self.cfg.patch_size
+    grid = (f // pt, hh // ph, ww // pw)
+    n = grid[0] * grid[1] * grid[2]
+    if cond is not None:
+      clean, noisy = (jnp.concatenate([z, cond.astype(z.dtype)], -1) for z in (clean, noisy))
+    x = jnp.concatenate([self.embed_video(clean), self.embed_video(noisy),
+                         self.embed_actions(actions, action_t, embodiment_id),
+                         self.embed_state(state, embodiment_id)], 1)
+    t = jnp.concatenate([jnp.zeros((b, n)), jnp.repeat(video_t.astype(jnp.float32), n // f, 1),
+                         action_t.astype(jnp.float32), jnp.zeros((b, k))], 1)
+    hd, theta = self.cfg.head_dim, self.cfg.rope_theta
+    video_angles = rope.video_angles(*grid, hd, theta)
+    angles = jnp.concatenate([video_angles, video_angles, rope.linear_angles(jnp.arange(k * ha), hd, theta),
+                              rope.linear_angles(jnp.arange(k), hd, theta)], 0)
+    layout = masks.teacher_forcing_layout(k, lf, n // f, ha)
+    length = -(-x.shape[1] // self.cfg.seq_pad_multiple) * self.cfg.seq_pad_multiple
+    if length > x.shape[1]:  # block-multiple lengths for flash kernels; padding is masked out
+      extra = length - x.shape[1]
+      x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
+      t = jnp.pad(t, ((0, 0), (0, extra)))
+      angles = jnp.pad(angles, ((0, extra), (0, 0)))
+      layout = masks.pad_layout(layout, length)
+    mask = masks.attention_mask(layout, layout, self.cfg.attention_mask)
+    hidden, e, _ = self.backbone(x, t, angles, mask, cross_kv=self.cross_kv(*self.embed_context(text, image)))
+    video_v = self.unpatchify(self.video_head(hidden[:, n:2 * n], e[:, n:2 * n]), grid)
+    action_v = self.action_head(hidden[:, 2 * n:2 * n + k * ha], embodiment_id)
+    return video_v, action_v
+
+
+def build_dit(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DreamZeroDiT:
+  return DreamZeroDiT(DiTConfig.from_config(model_cfg), rngs=rngs)

@@ -1,0 +1,10 @@
+import os
+import sys
+
+# Tests run on the CPU in fp32 with exact matmuls unless a test says otherwise.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+jax.config.update('jax_default_matmul_precision', 'highest')
