@@ -383,6 +383,64 @@ class DreamZeroDiT(nnx.Module):
     action_v = self.action_head(hidden[:, 2 * n:2 * n + k * ha], embodiment_id)
     return video_v, action_v
 
+  # ---- inference against a KV cache ---------------------------------------------------------------
+
+  def _cond(self, latents, cond):
+    return latents if cond is None else jnp.concatenate([latents, cond.astype(latents.dtype)], -1)
+
+  def write_clean_frames(self, latents, cache, cross_kv, *, chunk=None, cond=None):
+    """Runs observed latent frames (t=0) through the model against the cache; appends their K/V.
+
+    latents [B, n, H, W, C]. chunk=None: the episode's conditioning frame 0 (n == 1); otherwise
+    the n latent frames of chunk `chunk` (may be traced), absolute frames 1 + chunk*n onwards.
+    """
+    from dreamzero_jax.inference import kv_cache
+    _, n, hh, ww, _ = latents.shape
+    pt, ph, pw = self.cfg.patch_size
+    grid = (n // pt, hh // ph, ww // pw)
+    if chunk is None:
+      if n != 1:
+        raise ValueError(f'the conditioning frame is one latent frame, got {n}')
+      layout, first = masks.segment(masks.Group.CLEAN0, 0, grid[1] * grid[2]), 0
+    else:
+      layout = masks.segment(masks.Group.CLEAN, 0, n * grid[1] * grid[2]).shifted(chunk)
+      first = 1 + chunk * n
+    x = self.embed_video(self._cond(latents, cond))
+    angles = rope.video_angles(*grid, self.cfg.head_dim, self.cfg.rope_theta, first)
+    mask = masks.attention_mask(layout, masks.TokenLayout.concat(cache.layout, layout), self.cfg.attention_mask)
+    _, _, (k, v) = self.backbone(x, jnp.zeros(x.shape[:2]), angles, mask, cross_kv=cross_kv,
+                                 past_kv=(cache.k, cache.v), return_kv=True)
+    return kv_cache.append(cache, k, v, layout)
+
+  def denoise(self, noisy, video_t, actions, action_t, state, embodiment_id, chunk, cache, cross_kv,
+              cond=None):
+    """One velocity evaluation for chunk `chunk` against the cache of earlier real frames.
+
+    noisy [B, lf, H, W, C] latents of the chunk, video_t [B], actions [B, Ha, A], action_t [B],
+    state [B, 1, S]. Returns (video velocity [B, lf, H, W, C_out], action velocity [B, Ha, A]).
+    """
+    b, lf, hh, ww, _ = noisy.shape
+    ha = actions.shape[1]
+    pt, ph, pw = self.cfg.patch_size
+    grid = (lf // pt, hh // ph, ww // pw)
+    n = grid[0] * grid[1] * grid[2]
+    x = jnp.concatenate([
+        self.embed_video(self._cond(noisy, cond)),
+        self.embed_actions(actions, jnp.broadcast_to(action_t[:, None], (b, ha)), embodiment_id),
+        self.embed_state(state, embodiment_id)], 1)
+    t = jnp.concatenate([jnp.broadcast_to(video_t[:, None], (b, n)), jnp.broadcast_to(action_t[:, None], (b, ha)),
+                         jnp.zeros((b, state.shape[1]))], 1).astype(jnp.float32)
+    hd, theta = self.cfg.head_dim, self.cfg.rope_theta
+    angles = jnp.concatenate([
+        rope.video_angles(*grid, hd, theta, 1 + chunk * lf),
+        rope.linear_angles(chunk * ha + jnp.arange(ha), hd, theta),
+        rope.linear_angles(chunk + jnp.arange(state.shape[1]), hd, theta)], 0)
+    queries = masks.inference_layout(0, lf, grid[1] * grid[2], ha, state.shape[1]).shifted(chunk)
+    mask = masks.attention_mask(queries, masks.TokenLayout.concat(cache.layout, queries), self.cfg.attention_mask)
+    hidden, e, _ = self.backbone(x, t, angles, mask, cross_kv=cross_kv, past_kv=(cache.k, cache.v))
+    video_v = self.unpatchify(self.video_head(hidden[:, :n], e[:, :n]), grid)
+    return video_v, self.action_head(hidden[:, n:n + ha], embodiment_id)
+
 
 def build_dit(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DreamZeroDiT:
   return DreamZeroDiT(DiTConfig.from_config(model_cfg), rngs=rngs)

@@ -69,8 +69,10 @@ class TokenLayout(NamedTuple):
 
   @staticmethod
   def concat(*layouts: 'TokenLayout') -> 'TokenLayout':
-    return TokenLayout(np.concatenate([l.group for l in layouts]),
-                       np.concatenate([l.chunk for l in layouts]))
+    arrays = [a for l in layouts for a in l]
+    xp = jnp if any(isinstance(a, jnp.ndarray) for a in arrays) else np
+    return TokenLayout(xp.concatenate([xp.asarray(l.group, np.int8) for l in layouts]),
+                       xp.concatenate([xp.asarray(l.chunk, np.int32) for l in layouts]))
 
   def __len__(self) -> int:
     return len(self.group)

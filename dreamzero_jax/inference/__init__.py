@@ -1,0 +1,1 @@
+"""Inference: from observations to robot actions (denoising, post-processing, async execution)."""

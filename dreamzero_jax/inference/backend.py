@@ -1,0 +1,124 @@
+"""What the policy server needs from a model: the `PolicyBackend` protocol and request checks.
+
+The server (serve.py) speaks the wire protocol of INTERFACES.md; a backend turns checked,
+canonical observations into actions and owns everything model-side (normalisation, KV cache,
+sampler). Keeping the seam this small lets the server be tested without a model.
+
+Observation spec entries are {'shape': [...], 'dtype': str}. An entry of shape [T, H, W, 3] and
+dtype uint8 is a camera stream: the first call of a session sends 1 frame (HxWx3 or 1xHxWx3),
+later calls send all T frames (DESIGN.md section 7: DROID sends 1 frame, then 4).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+METADATA_KEYS = ('observation_spec', 'action_shape', 'action_horizon', 'control_hz',
+                 'embodiment', 'protocol_version')
+# Request fields that are not observations.
+TEXT_FIELDS = ('session_id', 'prompt')
+
+
+class PolicyBackend(Protocol):
+  """A model behind the policy server. Calls come one at a time, from one worker thread."""
+
+  @property
+  def metadata(self) -> dict[str, Any]:
+    """The map sent to every client on connect; keys METADATA_KEYS, msgpack-able values."""
+
+  def new_session(self, prompt: str, observation: dict[str, np.ndarray]) -> Any:
+    """Starts an episode (fresh KV cache, encoded prompt) from its 1-frame observation."""
+
+  def infer(self, session_state: Any, observation: dict[str, np.ndarray]
+            ) -> tuple[np.ndarray, Any, dict[str, float]]:
+    """Returns (actions float32 [action_horizon, action_dim], new state, ms per stage).
+
+    On a session's first call the server passes the state `new_session` just built and the
+    same observation. Camera streams arrive as TxHxWx3 uint8, other fields as spec dtype.
+    The server adds queue, decode, validate and total to the timing; a backend names others.
+    """
+
+
+def check_metadata(metadata: Mapping[str, Any]) -> None:
+  """Fails early, at server start, on a backend whose metadata breaks the protocol."""
+  missing = [k for k in METADATA_KEYS if k not in metadata]
+  if missing:
+    raise ValueError(f'backend metadata lacks {", ".join(missing)}')
+  if metadata['protocol_version'] != PROTOCOL_VERSION:
+    raise ValueError(f'backend speaks protocol {metadata["protocol_version"]}, '
+                     f'server speaks {PROTOCOL_VERSION}')
+  for key, entry in metadata['observation_spec'].items():
+    if set(entry) != {'shape', 'dtype'}:
+      raise ValueError(f'backend observation_spec[{key!r}] must be {{shape, dtype}}, got {entry}')
+  if tuple(metadata['action_shape'])[0] != metadata['action_horizon']:
+    raise ValueError(f'action_shape {metadata["action_shape"]} disagrees with '
+                     f'action_horizon {metadata["action_horizon"]}')
+
+
+def is_camera(entry: Mapping[str, Any]) -> bool:
+  shape = tuple(entry['shape'])
+  return np.dtype(entry['dtype']) == np.uint8 and len(shape) == 4 and shape[-1] == 3
+
+
+def request_bytes(spec: Mapping[str, Mapping[str, Any]]) -> int:
+  """Size of the observation arrays of a full (all frames) request."""
+  return sum(int(np.prod(e['shape'])) * np.dtype(e['dtype']).itemsize for e in spec.values())
+
+
+def _check_camera(key: str, value: np.ndarray, shape: tuple[int, ...], first_call: bool
+                  ) -> np.ndarray:
+  if value.dtype != np.uint8:
+    raise ValueError(f'{key}: dtype {value.dtype}, expected uint8')
+  if value.ndim == 3:
+    value = value[None]
+  if value.ndim != 4 or value.shape[1:] != shape[1:]:
+    raise ValueError(f'{key}: image shape {value.shape}, expected '
+                     f'{"x".join(map(str, shape[1:]))} (HxWx3) or TxHxWx3')
+  frames = 1 if first_call else shape[0]
+  if value.shape[0] != frames:
+    raise ValueError(f'{key}: {value.shape[0]} frames, expected {frames} (a session sends 1 frame '
+                     f'on its first call or with reset, then {shape[0]})')
+  return value
+
+
+def _check_vector(key: str, value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype
+                  ) -> np.ndarray:
+  floating = dtype.kind == 'f'
+  # Robot stacks report float64 state; any float is cast, but an int or string is a client bug.
+  if (value.dtype.kind != 'f') if floating else (value.dtype != dtype):
+    raise ValueError(f'{key}: dtype {value.dtype}, expected {dtype}')
+  if value.shape != shape:
+    raise ValueError(f'{key}: shape {value.shape}, expected {shape}')
+  if floating and not np.all(np.isfinite(value)):
+    raise ValueError(f'{key}: contains NaN or inf')
+  return value.astype(dtype, copy=False)
+
+
+def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping[str, Any],
+                         first_call: bool) -> dict[str, np.ndarray]:
+  """Checks a request against the spec; returns its observations in canonical form.
+
+  Raises ValueError('<field>: <what is wrong>') for the first bad field. Keys outside the spec
+  are ignored, as openpi clients send extras.
+  """
+  for field in TEXT_FIELDS:
+    if field not in request:
+      raise ValueError(f'{field}: missing')
+    if not isinstance(request[field], str) or not request[field]:
+      raise ValueError(f'{field}: expected a non-empty string, got {request[field]!r:.40}')
+  observation = {}
+  for key, entry in spec.items():
+    if key not in request:
+      raise ValueError(f'{key}: missing')
+    try:
+      value = np.asarray(request[key])
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'{key}: not an array ({e})') from e
+    shape = tuple(entry['shape'])
+    if is_camera(entry):
+      observation[key] = _check_camera(key, value, shape, first_call)
+    else:
+      observation[key] = _check_vector(key, value, shape, np.dtype(entry['dtype']))
+  return observation

@@ -1,0 +1,58 @@
+"""Numpy arrays inside msgpack, laid out as openpi clients expect.
+
+An array travels as the map {b'__ndarray__': True, b'data': raw bytes, b'dtype': dtype.str,
+b'shape': shape}; a numpy scalar as {b'__npgeneric__': True, b'data': value, b'dtype': dtype.str}.
+Keeping openpi's layout lets openpi / RoboArena robot clients talk to our server unchanged.
+Imports only numpy and msgpack: robot computers run this file without JAX.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+
+_NDARRAY = b'__ndarray__'
+_NPGENERIC = b'__npgeneric__'
+# Object and structured arrays have no portable byte layout.
+_UNPACKABLE_KINDS = ('O', 'V')
+
+
+def _check_dtype(dtype: np.dtype) -> np.dtype:
+  if dtype.kind in _UNPACKABLE_KINDS:
+    raise TypeError(f'numpy dtype {dtype} cannot travel in msgpack-numpy')
+  return dtype
+
+
+def _encode(obj: Any) -> Any:
+  if isinstance(obj, np.ndarray):
+    _check_dtype(obj.dtype)
+    return {_NDARRAY: True, b'data': np.ascontiguousarray(obj).tobytes(),
+            b'dtype': obj.dtype.str, b'shape': list(obj.shape)}
+  if isinstance(obj, np.generic):
+    _check_dtype(obj.dtype)
+    return {_NPGENERIC: True, b'data': obj.item(), b'dtype': obj.dtype.str}
+  raise TypeError(f'cannot pack {type(obj).__name__} into msgpack')
+
+
+def _decode(obj: dict) -> Any:
+  try:
+    if _NDARRAY in obj:
+      dtype = _check_dtype(np.dtype(obj[b'dtype']))
+      # Read-only view of the message bytes: no copy for multi-megabyte images.
+      return np.ndarray(buffer=obj[b'data'], dtype=dtype, shape=tuple(obj[b'shape']))
+    if _NPGENERIC in obj:
+      return _check_dtype(np.dtype(obj[b'dtype'])).type(obj[b'data'])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'malformed msgpack-numpy array: {e}') from e
+  return obj
+
+
+def pack(obj: Any) -> bytes:
+  """Serialises nested dicts / lists / scalars / numpy arrays."""
+  return msgpack.packb(obj, default=_encode)
+
+
+def unpack(data: bytes) -> Any:
+  """Inverse of `pack`; arrays come back read-only."""
+  return msgpack.unpackb(data, object_hook=_decode)
