@@ -57,6 +57,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       lr=1e-5, warmup_fraction=0.05, b1=0.95, b2=0.999, weight_decay=1e-5, grad_clip=1.0,
       timestep_schedule='shared',  # 'shared' | 'decoupled' | 'flash'
       video_loss_weight=1.0, action_loss_weight=1.0, num_train_timesteps=1000, shift=5.0,
+      grad_accum_steps=1, ema_decay=0.0,
+      lora_rank=0,               # 0 = full fine-tuning (the paper); > 0 trains LoRA factors only
+      lora_alpha=4.0, lora_targets='q,k,v,o,ffn',
       log_every=10))
 
   c.sampler = ml_collections.ConfigDict(dict(

@@ -55,11 +55,16 @@ def test_teacher_forcing_mask_equals_design_rules_cell_by_cell():
   np.testing.assert_array_equal(got, want)
 
 
-def test_bidirectional_mask_sees_everything_but_padding():
+def test_bidirectional_mask_denoises_the_clip_jointly_without_seeing_clean_copies():
   layout = masks.pad_layout(masks.teacher_forcing_layout(K, LF, TPF, HA), 1000)
   got = masks.attention_mask(layout, layout, 'bidirectional')
-  real = layout.group != masks.Group.PAD
-  np.testing.assert_array_equal(got, (real[:, None] == real[None, :]))
+  g = layout.group
+  pad, clean = g == masks.Group.PAD, g == masks.Group.CLEAN
+  joint = ~pad & ~clean
+  np.testing.assert_array_equal(got[np.ix_(joint, joint)], True)       # the clip sees all of itself
+  np.testing.assert_array_equal(got[np.ix_(~clean, clean)], False)     # no leak of clean later frames
+  np.testing.assert_array_equal(got[np.ix_(~pad, pad)], False)
+  np.testing.assert_array_equal(got[np.ix_(pad, ~pad)], False)
 
 
 def test_inference_mask_is_the_teacher_forcing_rows_of_that_chunk():

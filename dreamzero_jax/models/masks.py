@@ -55,9 +55,16 @@ BLOCK_CAUSAL_RULES: tuple[Rule, ...] = (
     *(Rule(q, k, 'same') for q in _DENOISED for k in (Group.NOISY, Group.ACTION, Group.STATE)),
 )
 
-# The AR-vs-bidirectional ablation: every real token sees every real token of the clip.
-BIDIRECTIONAL_RULES: tuple[Rule, ...] = (Rule(Group.PAD, Group.PAD, 'any'),) + tuple(
-    Rule(q, k, 'any') for q in Group if q != Group.PAD for k in Group if k != Group.PAD)
+# The AR-vs-bidirectional ablation: the whole clip is denoised jointly, so every noisy, action and
+# state token sees every other one and the conditioning frame; the clean copies of later frames
+# (teacher forcing's history) would leak the targets, so nothing but themselves sees them.
+_JOINT = (Group.CLEAN0, Group.NOISY0, Group.NOISY, Group.ACTION, Group.STATE)
+BIDIRECTIONAL_RULES: tuple[Rule, ...] = (
+    Rule(Group.PAD, Group.PAD, 'any'),
+    Rule(Group.CLEAN, Group.CLEAN0, 'any'),
+    Rule(Group.CLEAN, Group.CLEAN, 'any'),
+    *(Rule(q, k, 'any') for q in _JOINT for k in _JOINT),
+)
 
 RULES = {'block_causal': BLOCK_CAUSAL_RULES, 'bidirectional': BIDIRECTIONAL_RULES}
 

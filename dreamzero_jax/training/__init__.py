@@ -1,0 +1,1 @@
+"""Training: the chunk-wise flow-matching objective, the sharded train step, checkpoints."""

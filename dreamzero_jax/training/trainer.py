@@ -1,0 +1,160 @@
+"""The train step: optimiser, full fine-tuning or LoRA, EMA, gradient accumulation, sharding.
+
+State is a pytree of plain arrays (TrainState) so it jits, shards and checkpoints as is; the
+model's graph (nnx.GraphDef) stays outside and is merged with the parameters inside the step.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dreamzero_jax import sharding
+from dreamzero_jax.models.dit import DreamZeroDiT, build_dit
+from dreamzero_jax.training import objective
+
+Params = dict[str, Any]
+
+
+class TrainState(NamedTuple):
+  step: jax.Array           # int32 []
+  params: Params            # trainable: all DiT params, or the LoRA factors
+  frozen: Params | None     # the frozen base under LoRA, else None
+  opt_state: Any
+  rng: jax.Array            # uint32 key data [2]
+  ema: Params | None        # EMA of `params` when train.ema_decay > 0
+
+
+def learning_rate(cfg_train: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup over train.warmup_fraction of the steps, then cosine decay to 0."""
+  warmup = int(cfg_train.warmup_fraction * cfg_train.steps)
+  if warmup == 0:
+    return optax.cosine_decay_schedule(cfg_train.lr, max(cfg_train.steps, 1))
+  return optax.warmup_cosine_decay_schedule(0.0, cfg_train.lr, warmup, max(cfg_train.steps, warmup + 1))
+
+
+def make_optimizer(cfg_train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg_train.grad_clip),
+      optax.adamw(learning_rate(cfg_train), b1=cfg_train.b1, b2=cfg_train.b2, weight_decay=cfg_train.weight_decay))
+  if cfg_train.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg_train.grad_accum_steps)
+  return tx
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------
+
+def _flat(tree: Params, prefix=()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
+  return out
+
+
+def _unflat(flat: dict[tuple, Any]) -> Params:
+  tree: Params = {}
+  for path, v in flat.items():
+    node = tree
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = v
+  return tree
+
+
+def lora_target_paths(params: Params, targets: str) -> list[tuple]:
+  """Kernels of the blocks matched by train.lora_targets (comma list of q,k,v,o,ffn)."""
+  names = [t.strip() for t in targets.split(',') if t.strip()]
+  pattern = re.compile(r'^blocks/(self_attn|cross_attn)/(' + '|'.join(n for n in names if n != 'ffn') +
+                       r')/kernel$' + (r'|^blocks/ffn[12]/kernel$' if 'ffn' in names else ''))
+  paths = [p for p in _flat(params) if pattern.match('/'.join(map(str, p)))]
+  if not paths:
+    raise ValueError(f'train.lora_targets={targets!r} matches no parameter')
+  return paths
+
+
+def init_lora(params: Params, targets: str, rank: int, rng: jax.Array) -> Params:
+  """A [layers, in, r] ~ N(0, 1/in), B [layers, r, out] = 0: the adapted model starts as the base."""
+  flat = _flat(params)
+  lora = {}
+  for i, path in enumerate(lora_target_paths(params, targets)):
+    layers, din, dout = flat[path].shape
+    a = jax.random.normal(jax.random.fold_in(rng, i), (layers, din, rank)) / np.sqrt(din)
+    lora['/'.join(map(str, path))] = {'a': a, 'b': jnp.zeros((layers, rank, dout))}
+  return lora
+
+
+def merge_lora(frozen: Params, lora: Params, alpha: float, rank: int) -> Params:
+  flat = _flat(frozen)
+  for key, ab in lora.items():
+    path = tuple(key.split('/'))
+    flat[path] = flat[path] + (alpha / rank) * jnp.einsum('lir,lro->lio', ab['a'], ab['b'])
+  return _unflat(flat)
+
+
+# ---- state and step ------------------------------------------------------------------------------
+
+def model_params(model: DreamZeroDiT) -> tuple[nnx.GraphDef, Params]:
+  graphdef, state = nnx.split(model)
+  return graphdef, state.to_pure_dict()
+
+
+def full_params(state: TrainState, cfg_train) -> Params:
+  if state.frozen is None:
+    return state.params
+  return merge_lora(state.frozen, state.params, cfg_train.lora_alpha, cfg_train.lora_rank)
+
+
+def init_train_state(model: DreamZeroDiT, cfg: ml_collections.ConfigDict, rng: jax.Array
+                     ) -> tuple[nnx.GraphDef, TrainState]:
+  graphdef, params = model_params(model)
+  frozen = None
+  if cfg.train.lora_rank > 0:
+    frozen, params = params, init_lora(params, cfg.train.lora_targets, cfg.train.lora_rank, rng)
+  tx = make_optimizer(cfg.train)
+  ema = params if cfg.train.ema_decay > 0 else None
+  return graphdef, TrainState(jnp.zeros((), jnp.int32), params, frozen, tx.init(params),
+                              jax.random.key_data(jax.random.fold_in(rng, 1)), ema)
+
+
+def make_train_step(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict):
+  """(state, LatentBatch) -> (state, metrics); pure, jit it with donated state.
+
+  The step's noise comes from (state.rng, state.step), so a resumed run draws what an
+  uninterrupted one would.
+  """
+  update = make_update(graphdef, cfg)
+
+  def step(state: TrainState, batch: objective.LatentBatch):
+    return update(state, batch, jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+
+  return step
+
+
+def make_update(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict):
+  """(state, LatentBatch, rng) -> (state, metrics): one optimiser update with the given noise."""
+  tx = make_optimizer(cfg.train)
+  schedule = learning_rate(cfg.train)
+
+  def loss_fn(params, frozen, batch, rng):
+    full = params if frozen is None else merge_lora(frozen, params, cfg.train.lora_alpha, cfg.train.lora_rank)
+    return objective.flow_matching_loss(nnx.merge(graphdef, full), batch, rng, cfg.train)
+
+  def update(state: TrainState, batch: objective.LatentBatch, rng: jax.Array):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+      d = cfg.train.ema_decay
+      ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    return state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+  return update
