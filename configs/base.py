@@ -37,7 +37,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Frozen encoders.
   c.vae = ml_collections.ConfigDict(dict(
       kind='wan2.1', z_dim=16, base_dim=96, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
-      temporal_downsample=(False, True, True)))
+      temporal_downsample=(False, True, True),
+      decoder_base_dim=0))       # 0 = base_dim; Wan2.2's decoder is wider (256)
   c.text_encoder = ml_collections.ConfigDict(dict(
       vocab_size=256384, dim=4096, ffn_dim=10240, num_heads=64, num_layers=24,
       num_buckets=32, max_distance=128, tokenizer=''))

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dreamzero_jax import sharding
-from dreamzero_jax.models import attention, embodiment, masks, rope
+from dreamzero_jax.models import attention, embodiment, layers, masks, rope
 from dreamzero_jax.models.layers import (Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh, normal, param,
                                          zeros)
 
@@ -184,13 +184,6 @@ class Block(nnx.Module):
     return sharding.constrain(x, ('activation_batch', 'activation_length', 'activation_embed')), kv
 
 
-def _prepend_layers_axis(module: nnx.Module) -> None:
-  for _, var in nnx.iter_graph(module):
-    if isinstance(var, nnx.Param):
-      axes = var.get_metadata().get('logical_axes')
-      var.set_metadata('logical_axes', ('layers', *axes))
-
-
 def time_sinusoid(t: jax.Array, dim: int) -> jax.Array:
   """Wan's 256-dim [cos, sin] timestep embedding, t [...] -> [..., dim] (fp32)."""
   half = dim // 2
@@ -219,13 +212,8 @@ class DreamZeroDiT(nnx.Module):
       self.img_proj2 = Dense(cfg.image_dim, d, ('input', 'embed'), rngs=rngs)
       self.img_norm2 = LayerNorm(d, eps=1e-5, affine=True, rngs=rngs)
 
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make_blocks(rngs):
-      return Block(cfg, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
-    _prepend_layers_axis(self.blocks)
+    with layers.stacked(cfg.num_layers):
+      self.blocks = Block(cfg, rngs=rngs)  # every parameter [layers, ...], applied by lax.scan
     self.head_norm = LayerNorm(d, eps=cfg.eps, affine=False)
     self.head = Dense(d, pt * ph * pw * cfg.out_channels, ('embed', None), rngs=rngs, init=zeros)
     self.head_modulation = param(rngs, normal(1.0 / math.sqrt(d)), (2, d), (None, 'embed'))

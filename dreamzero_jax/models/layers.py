@@ -1,29 +1,77 @@
 """Parameter-carrying building blocks shared by the models, with logical axis names on every weight."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
+
+
+_STACK: contextvars.ContextVar[int | None] = contextvars.ContextVar('dreamzero_stack', default=None)
+
+
+@contextlib.contextmanager
+def stacked(num: int):
+  """Parameters created inside get a leading 'layers' axis of size `num` (for scanned blocks)."""
+  token = _STACK.set(num)
+  try:
+    yield
+  finally:
+    _STACK.reset(token)
+
+
+class Init:
+  """An initializer drawn with numpy when the key is concrete (eager jax.random compiles a program
+  per shape, seconds each on a CPU) and with jax.random under tracing. Fans come from the last
+  two dims, so a stacked [layers, in, out] kernel is initialised like each layer's [in, out]."""
+
+  def __init__(self, kind: str, scale: float = 1.0):
+    self.kind, self.scale = kind, scale
+
+  def _limit(self, shape):
+    fan_in, fan_out = (shape[-2], shape[-1]) if len(shape) >= 2 else (shape[-1], shape[-1])
+    return np.sqrt(6.0 / (fan_in + fan_out))
+
+  def __call__(self, key, shape, dtype=jnp.float32):
+    shape = tuple(shape)
+    if self.kind in ('zeros', 'ones'):
+      return (jnp.zeros if self.kind == 'zeros' else jnp.ones)(shape, dtype)
+    if isinstance(key, jax.core.Tracer):
+      if self.kind == 'normal':
+        return self.scale * jax.random.normal(key, shape, dtype)
+      return jax.random.uniform(key, shape, dtype, -self._limit(shape), self._limit(shape))
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    if self.kind == 'normal':
+      value = self.scale * rng.standard_normal(shape)
+    else:
+      value = rng.uniform(-self._limit(shape), self._limit(shape), shape)
+    return jnp.asarray(value, dtype)
+
+
+def normal(std: float) -> Init:
+  return Init('normal', std)
+
+
+xavier_uniform = Init('xavier_uniform')
+zeros = Init('zeros')
+ones = Init('ones')
 
 
 def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axes,
           dtype=jnp.float32) -> nnx.Param:
   """A parameter with its logical axis names (mapped to mesh axes by dreamzero_jax.sharding)."""
   assert len(axes) == len(shape), (shape, axes)
+  stack = _STACK.get()
+  if stack is not None:
+    shape, axes = (stack, *shape), ('layers', *axes)
   key = rngs.params() if rngs is not None else jax.random.key(0)
   return nnx.Param(init(key, tuple(shape), dtype), logical_axes=tuple(axes))
-
-
-def normal(std: float) -> Callable:
-  return jax.nn.initializers.normal(std)
-
-
-zeros = jax.nn.initializers.zeros
-ones = jax.nn.initializers.ones
 
 
 class Dense(nnx.Module):
@@ -31,7 +79,7 @@ class Dense(nnx.Module):
 
   def __init__(self, din: int, dout: int, axes: Axes, *, rngs: nnx.Rngs, bias: bool = True,
                init: Callable | None = None, dtype=jnp.float32):
-    init = init or jax.nn.initializers.xavier_uniform()
+    init = init or xavier_uniform
     self.kernel = param(rngs, init, (din, dout), axes, dtype)
     self.bias = param(rngs, zeros, (dout,), (axes[1],), dtype) if bias else None
 

@@ -1,0 +1,107 @@
+"""Self-describing Orbax checkpoints: train state, config, data-iterator state and norm stats.
+
+Written asynchronously by one CheckpointManager per workdir, keeping the newest N. Orbax writes
+each step into a temporary directory and renames it when complete, so a crash mid-write leaves
+no half checkpoint to resume from. On restore the stored config is compared with the current
+one and an incompatible checkpoint is refused naming every differing field.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+# Fields whose change makes a checkpoint unusable (shapes or meaning of the parameters change).
+COMPATIBILITY_FIELDS = ('model', 'video.latent_channels', 'video.action_horizon', 'data.action_dim',
+                        'data.state_dim', 'data.embodiment', 'train.lora_rank', 'train.lora_targets',
+                        'train.ema_decay', 'train.grad_accum_steps')
+
+
+class IncompatibleCheckpointError(ValueError):
+  pass
+
+
+def _get(tree: dict, dotted: str):
+  node = tree
+  for part in dotted.split('.'):
+    if not isinstance(node, dict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _jsonable(x):
+  return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+  """`field: checkpoint value vs config value` for every compatibility field that differs."""
+  now = _jsonable(current.to_dict())
+  diffs = []
+
+  def walk(prefix, a, b):
+    if isinstance(a, dict) and isinstance(b, dict):
+      for key in sorted(set(a) | set(b)):
+        walk(f'{prefix}.{key}', a.get(key), b.get(key))
+    elif a != b:
+      diffs.append(f'{prefix}: {a!r} (checkpoint) vs {b!r} (config)')
+
+  for field in COMPATIBILITY_FIELDS:
+    walk(field, _get(saved, field), _get(now, field))
+  return diffs
+
+
+def _state_tree(state) -> dict:
+  """TrainState -> a dict without None entries (orbax stores pytrees of arrays)."""
+  return {k: v for k, v in state._asdict().items() if v is not None}
+
+
+class Checkpointer:
+  """Saves and restores training runs in `workdir`."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    self.workdir = os.path.abspath(workdir)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(os.path.join(self.workdir, 'checkpoints'), options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, config: ml_collections.ConfigDict, data_state: Any = None,
+           norm_stats: Any = None) -> None:
+    args = dict(state=ocp.args.StandardSave(_state_tree(state)),
+                config=ocp.args.JsonSave(_jsonable(config.to_dict())),
+                norm_stats=ocp.args.JsonSave(_jsonable(norm_stats or {})),
+                data=ocp.args.JsonSave(_jsonable(data_state or {})))
+    self.manager.save(step, args=ocp.args.Composite(**args))
+
+  def read_config(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+
+  def restore(self, step: int, abstract_state, config: ml_collections.ConfigDict):
+    """Returns (state, data_state, norm_stats); refuses a checkpoint from an incompatible config."""
+    diffs = config_differences(self.read_config(step), config)
+    if diffs:
+      raise IncompatibleCheckpointError(
+          f'{self.workdir} holds a checkpoint (step {step}) from an incompatible config: ' + '; '.join(diffs))
+    target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+                          jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None)),
+                          _state_tree(abstract_state))
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), norm_stats=ocp.args.JsonRestore(),
+        data=ocp.args.JsonRestore()))
+    fields = {k: out['state'].get(k) for k in abstract_state._fields}
+    return type(abstract_state)(**fields), out['data'], out['norm_stats']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

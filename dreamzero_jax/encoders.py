@@ -1,0 +1,109 @@
+"""The frozen encoders (Wan VAE, umT5, CLIP) and the step from a data batch to DiT inputs.
+
+Training and inference share this path: pixels -> VAE latents (+ the I2V condition y), the
+instruction -> umT5 embeddings through a prompt cache, frame 0 -> CLIP features. Nothing here is
+ever optimised: the train step only sees its outputs.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dreamzero_jax.models import clip, text_cache, umt5, vae
+from dreamzero_jax.models.vae import I2V_MASK_CHANNELS
+from dreamzero_jax.training.objective import LatentBatch
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as token ids (pad 0, EOS 1, bytes from 2) for toy configs with no tokenizer file.
+
+  Real configs set text_encoder.tokenizer to the umT5 sentencepiece model of their checkpoint.
+  """
+
+  def __init__(self, vocab_size: int, text_len: int):
+    if vocab_size < 3:
+      raise ValueError(f'text_encoder.vocab_size={vocab_size} leaves no room for byte tokens')
+    self.vocab_size, self.text_len = vocab_size, text_len
+
+  def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.zeros((len(prompts), self.text_len), np.int32)
+    lengths = np.zeros((len(prompts),), np.int32)
+    for i, prompt in enumerate(prompts):
+      tokens = [2 + b % (self.vocab_size - 2) for b in prompt.encode('utf-8')][:self.text_len - 1] + [1]
+      ids[i, :len(tokens)] = tokens
+      lengths[i] = len(tokens)
+    return ids, lengths
+
+
+def make_tokenizer(cfg: ml_collections.ConfigDict):
+  if cfg.text_encoder.tokenizer:
+    return umt5.UMT5Tokenizer(cfg.text_encoder.tokenizer, cfg.model.text_len)
+  return ByteTokenizer(cfg.text_encoder.vocab_size, cfg.model.text_len)
+
+
+def uses_i2v_condition(cfg: ml_collections.ConfigDict) -> bool:
+  extra = cfg.model.in_channels - cfg.video.latent_channels
+  if extra not in (0, I2V_MASK_CHANNELS + cfg.video.latent_channels):
+    raise ValueError(f'model.in_channels={cfg.model.in_channels}: expected {cfg.video.latent_channels} (T2V) or '
+                     f'{2 * cfg.video.latent_channels + I2V_MASK_CHANNELS} (I2V) for video.latent_channels='
+                     f'{cfg.video.latent_channels}')
+  return extra > 0
+
+
+class FrozenEncoders(nnx.Module):
+  """VAE + umT5 + (for I2V with an image branch) CLIP, built from the config."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    if cfg.text_encoder.dim != cfg.model.text_dim:
+      raise ValueError(f'text_encoder.dim={cfg.text_encoder.dim} must equal model.text_dim={cfg.model.text_dim}')
+    if cfg.vae.z_dim != cfg.video.latent_channels:
+      raise ValueError(f'vae.z_dim={cfg.vae.z_dim} must equal video.latent_channels={cfg.video.latent_channels}')
+    self.vae = vae.WanVAE(cfg.vae, rngs=rngs)
+    self.text = umt5.UMT5Encoder(cfg.text_encoder, rngs=rngs)
+    if cfg.model.image_dim and cfg.image_encoder.width != cfg.model.image_dim:
+      raise ValueError(f'image_encoder.width={cfg.image_encoder.width} must equal model.image_dim='
+                       f'{cfg.model.image_dim}')
+    self.image = clip.CLIPVision(cfg.image_encoder, rngs=rngs) if cfg.model.image_dim else None
+
+
+class BatchEncoder:
+  """Turns data batches (the pipeline's contract) into LatentBatch, caching prompt embeddings."""
+
+  def __init__(self, encoders: FrozenEncoders, cfg: ml_collections.ConfigDict):
+    self.i2v = uses_i2v_condition(cfg)
+    graphdef, state = nnx.split(encoders)
+    self._state = state
+
+    def pixels(state, video):
+      enc = nnx.merge(graphdef, state)
+      latents = enc.vae.encode(video)
+      cond = enc.vae.i2v_condition(video[:, 0], video.shape[1]) if self.i2v else None
+      image = clip.encode_first_frame(enc.image, video) if enc.image is not None else None
+      return jax.lax.stop_gradient((latents, cond, image))
+
+    def text(state, ids, lengths):
+      return nnx.merge(graphdef, state).text(ids, lengths)
+
+    self._pixels = jax.jit(pixels)
+    text_fn = jax.jit(text)
+    tokenizer = make_tokenizer(cfg)
+
+    def encode_prompts(prompts):
+      ids, lengths = tokenizer(prompts)
+      return np.asarray(text_fn(self._state, ids, lengths)), lengths
+
+    self.prompts = text_cache.PromptCache(encode_prompts)
+
+  def __call__(self, batch: dict) -> LatentBatch:
+    latents, cond, image = self._pixels(self._state, jnp.asarray(batch['video']))
+    instructions = [s.decode('utf-8') if isinstance(s, bytes) else str(s) for s in batch['instruction']]
+    return LatentBatch(
+        latents=latents, cond=cond, text=jnp.asarray(self.prompts(instructions)), image=image,
+        actions=jnp.asarray(batch['actions']), action_mask=jnp.asarray(batch['action_mask']),
+        state=jnp.asarray(batch['state']), chunk_mask=jnp.asarray(batch['chunk_mask']),
+        embodiment_id=jnp.asarray(batch['embodiment_id'], jnp.int32))

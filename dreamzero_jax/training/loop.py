@@ -1,0 +1,160 @@
+"""The training loop behind train.py: data -> frozen encoders -> train step, with checkpoints.
+
+Logs losses (video, action), grad norm, lr, samples/s, tokens/s and MFU to the console (progress
+bar with ETA) and to TensorBoard in WORKDIR/tb. A non-finite loss stops the run naming the step
+and the loss term; the last good checkpoint is kept and nothing newer is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dreamzero_jax import checkpoint, encoders
+from dreamzero_jax.models.dit import build_dit
+from dreamzero_jax.training import trainer
+
+# bf16 dense peak per chip (datasheet), for MFU.
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
+              'TPU v5e': 197e12, 'TPU v4': 275e12, 'TPU v6': 918e12}
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def sequence_length(cfg) -> int:
+  v = cfg.video
+  lf = v.frames_per_chunk // v.vae_temporal
+  tokens_per_frame = (v.height // v.vae_spatial // cfg.model.patch_size[1]) * (
+      v.width // v.vae_spatial // cfg.model.patch_size[2])
+  k = v.max_chunks
+  return 2 * (1 + k * lf) * tokens_per_frame + k * v.action_horizon + k
+
+
+def train_flops(cfg, dit_params: int) -> float:
+  """Model FLOPs of one train step: 6 N per token plus dense attention (fwd + bwd)."""
+  tokens = sequence_length(cfg)
+  m = cfg.model
+  attention = 12 * m.num_layers * m.dim * tokens ** 2
+  return cfg.train.batch_size * (6 * dit_params * tokens + attention)
+
+
+def peak_flops() -> float | None:
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops * jax.device_count()
+  return None
+
+
+def check_data_batch(batch: dict, cfg) -> None:
+  """The pipeline's batch against the config, with the field named on a mismatch."""
+  v, m, b = cfg.video, cfg.model, cfg.train.batch_size // jax.process_count()
+  k = v.max_chunks
+  want = {'video': (b, 1 + k * v.frames_per_chunk, v.height, v.width, 3),
+          'actions': (b, k * v.action_horizon, m.action_dim), 'action_mask': (b, k * v.action_horizon, m.action_dim),
+          'state': (b, k, m.state_dim), 'chunk_mask': (b, k), 'embodiment_id': (b,), 'instruction': (b,)}
+  for name, shape in want.items():
+    if name not in batch:
+      raise ValueError(f'batch is missing {name!r}')
+    if tuple(np.shape(batch[name])) != shape:
+      raise ValueError(f'batch[{name!r}] has shape {tuple(np.shape(batch[name]))}, the config expects {shape}')
+
+
+class Logger:
+  def __init__(self, workdir: str, total: int):
+    from tensorboardX import SummaryWriter
+    import tqdm
+    self.writer = SummaryWriter(os.path.join(workdir, 'tb'))
+    self.bar = tqdm.tqdm(total=total, dynamic_ncols=True, desc='train')
+    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def log(self, step: int, metrics: dict) -> None:
+    for k, v in metrics.items():
+      self.writer.add_scalar(f'train/{k}', v, step)
+    self.jsonl.write(json.dumps(dict(step=step, **metrics)) + '\n')
+    self.jsonl.flush()
+    self.bar.set_postfix({k: f'{v:.4g}' for k, v in metrics.items() if k in ('loss', 'video_loss', 'action_loss')})
+
+  def close(self):
+    self.bar.close()
+    self.writer.close()
+    self.jsonl.close()
+
+
+def _norm_stats(cfg):
+  from dreamzero_jax.datasets import normalization, pipeline
+  path = pipeline.stats_path(cfg, cfg.data.name)
+  return normalization.load_stats(path) if os.path.exists(path) else {}
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats: dict | None = None,
+          stop_at: int | None = None) -> int:
+  """Trains towards cfg.train.steps, this run stopping at `stop_at` if given (a later run resumes).
+
+  `data`: an iterator of batches and `norm_stats` the statistics that normalised them (default:
+  the grain pipeline over data.dir and that dataset's stats).
+  """
+  last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+  os.makedirs(workdir, exist_ok=True)
+  if data is None:
+    from dreamzero_jax.datasets import pipeline
+    data = iter(pipeline.make_dataset(cfg, train=True))
+    norm_stats = _norm_stats(cfg)
+  model = build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  frozen = encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
+  encode = encoders.BatchEncoder(frozen, cfg)
+  graphdef, state = trainer.init_train_state(model, cfg, jax.random.key(cfg.seed))
+  dit_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.full_params(state, cfg.train)))
+  del model
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state, norm_stats = ckpt.restore(start, state, cfg)
+    if data_state and hasattr(data, 'set_state'):
+      data.set_state(data_state)
+    print(f'resumed from {workdir} at step {start}')
+  step_fn = jax.jit(trainer.make_train_step(graphdef, cfg), donate_argnums=0)
+  flops, peak = train_flops(cfg, dit_params), peak_flops()
+  tokens = cfg.train.batch_size * sequence_length(cfg)
+  logger = Logger(workdir, cfg.train.steps)
+  logger.bar.update(int(state.step))
+  try:
+    while int(state.step) < last:
+      batch = next(data)
+      check_data_batch(batch, cfg)
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, encode(batch))
+      metrics = {k: float(v) for k, v in metrics.items()}
+      seconds = time.perf_counter() - t0
+      step = int(state.step)
+      bad = [f'{t} is {metrics[t]}' for t in ('video_loss', 'action_loss') if not np.isfinite(metrics[t])]
+      if bad or not np.isfinite(metrics['loss']):
+        raise NonFiniteLossError(f'step {step}: {", ".join(bad) or "loss is " + str(metrics["loss"])}; stopping, '
+                                 f'the last good checkpoint is step {ckpt.latest_step()}')
+      metrics.update(samples_per_s=cfg.train.batch_size / seconds, tokens_per_s=tokens / seconds)
+      if peak:
+        metrics['mfu'] = flops / seconds / peak
+      logger.bar.update(1)
+      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        logger.log(step, metrics)
+      if step % cfg.train.checkpoint_every == 0 or step == last:
+        data_state = data.get_state() if hasattr(data, 'get_state') else None
+        ckpt.save(step, state, cfg, data_state, norm_stats)
+  except NonFiniteLossError as e:
+    print(f'error: {e}')
+    return 3
+  finally:
+    logger.close()
+    ckpt.close()
+  print(f'done: step {int(state.step)}, checkpoints in {os.path.join(workdir, "checkpoints")}')
+  return 0
+

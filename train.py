@@ -1,0 +1,57 @@
+"""Train DreamZero: `python train.py --config configs/NAME.py --workdir DIR [--config.x=v]`.
+
+Resumes from the newest checkpoint in DIR (parameters, optimiser, step, RNG, data iterator, norm
+stats), refusing one written under an incompatible config. `--compile_only --topology v5p:4x4x8`
+compiles the sharded train step for a TPU slice without one and prints its per-device memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def parse(argv):
+  from dreamzero_jax.config import split_config_args
+  overrides, rest = split_config_args(argv)
+  p = argparse.ArgumentParser(prog='python train.py', description=__doc__)
+  p.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')
+  p.add_argument('--workdir', help='checkpoints and logs; resumed if it holds a checkpoint')
+  p.add_argument('--compile_only', action='store_true', help='compile the train step for --topology and exit')
+  p.add_argument('--topology', default='', help='TPU topology for --compile_only, e.g. v5p:4x4x8')
+  p.add_argument('--stop_at_step', type=int, help='end this run at this step (checkpointed; rerun to resume)')
+  args = p.parse_args(rest)
+  if not args.compile_only and not args.workdir:
+    p.error('--workdir is required (unless --compile_only)')
+  return args, overrides
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  args, overrides = parse(argv)
+  from dreamzero_jax.config import ConfigError, load_config
+  try:
+    cfg = load_config(args.config, overrides)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if args.compile_only:
+    from dreamzero_jax.training import aot
+    print(json.dumps(aot.compile_only(cfg, args.topology)))
+    return 0
+  from dreamzero_jax.training import loop
+  try:
+    return loop.train(cfg, args.workdir, stop_at=args.stop_at_step)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())
