@@ -4,6 +4,12 @@ Every field here is read somewhere; an override of a key that is not here is an 
 """
 import ml_collections
 
+# Wan's default negative prompt: the unconditional branch of video CFG.
+WAN_NEGATIVE_PROMPT = (
+    '色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，'
+    '丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，'
+    '杂乱的背景，三条腿，背景人很多，倒着走')
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -51,7 +57,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       canvas_layout='droid',     # 'droid' (wrist on top row) or 'grid' (DESIGN.md section 4)
       control_hz=15, frame_stride=3, action_dim=8, state_dim=8,
       relative_action_dims=7,    # leading action dims taken relative to the chunk's anchor state
-      num_workers=0, shuffle_buffer=1000, seed=0))
+      num_workers=0, seed=0,
+      idle_threshold=1e-3,       # a chunk moving less than this (state and action units) is idle
+      augment_crop_scale=0.9,    # training crops keep at least this fraction of each side
+      augment_brightness=0.1, augment_contrast=0.1,
+      on_corrupt='fail',         # 'fail' or 'skip' a record whose images do not decode
+      mixture=''))               # 'name:weight,...' datasets under data.dir; '' = data.name alone
 
   c.train = ml_collections.ConfigDict(dict(
       steps=100_000, batch_size=128, checkpoint_every=1000, keep_checkpoints=3,
@@ -65,7 +76,13 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.sampler = ml_collections.ConfigDict(dict(
       kind='unipc', num_steps=16, shift=5.0, cfg_scale=5.0,
-      dit_step_mask='1110001000100111', dynamic_skip=False))
+      dit_step_mask='1110001000100111', dynamic_skip=False,
+      negative_prompt=WAN_NEGATIVE_PROMPT))
+
+  # Action post-processing (DESIGN.md section 7): 2x upsample, Savitzky-Golay, downsample.
+  c.postprocess = ml_collections.ConfigDict(dict(
+      smooth=True, savgol_window=7, savgol_polyorder=2,
+      gripper_dims=(), gripper_threshold=0.5, gripper_low=0.0, gripper_high=1.0))
 
   c.mesh = ml_collections.ConfigDict(dict(
       axes=('data', 'fsdp', 'context', 'tensor'), shape=(1, -1, 1, 1)))

@@ -14,6 +14,7 @@ def get_config(arg=None):
   c.data.action_dim = 22
   c.data.state_dim = 32
   c.data.relative_action_dims = 0
+  c.model.num_embodiments = 3  # AgiBot's row in the per-embodiment tables is id 2
   # The paper uses a 48-step horizon at 30 Hz; the official code uses 24 everywhere.
   c.video.action_horizon = 48
   return c

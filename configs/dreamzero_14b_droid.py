@@ -4,4 +4,6 @@ from configs import base
 
 def get_config(arg=None):
   del arg
-  return base.get_base_config()
+  c = base.get_base_config()
+  c.postprocess.gripper_dims = (7,)  # DROID's gripper position, binarised at 0.5
+  return c

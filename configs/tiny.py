@@ -11,7 +11,7 @@ def get_config(arg=None):
                       text_dim=16, text_len=8, image_dim=12, image_tokens=5,
                       embodiment_hidden=24, num_embodiments=2, dtype='float32',
                       seq_pad_multiple=1))
-  c.video.update(dict(height=64, width=64, max_chunks=4, action_horizon=4))
+  c.video.update(dict(height=64, width=64, max_chunks=4, action_horizon=8))
   c.vae.update(dict(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
   c.text_encoder.update(dict(vocab_size=64, dim=16, ffn_dim=32, num_heads=2, num_layers=2,
                              num_buckets=8, max_distance=16))

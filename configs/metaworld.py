@@ -1,0 +1,29 @@
+"""Meta-World: the built-in dataset (no downloads), a small model trainable on one GPU.
+
+Build the data first:
+  python -m dreamzero_jax.datasets build metaworld --out DIR --tasks reach-v3,push-v3 --episodes 50
+"""
+from configs import base
+
+
+def get_config(arg=None):
+  del arg
+  c = base.get_base_config()
+  c.model.update(dict(dim=256, num_layers=4, num_heads=4, ffn_dim=1024, freq_dim=256,
+                      text_dim=16, text_len=32, image_dim=0, in_channels=16,
+                      embodiment_hidden=256, num_embodiments=2))
+  # 128x128 canvas of 64x64 views; 80 Hz control, a frame every 2 steps, 16-step chunks (0.2 s).
+  c.video.update(dict(height=128, width=128, frames_per_chunk=8, max_chunks=4,
+                      action_horizon=16))
+  c.data.update(dict(dir='', name='metaworld', embodiment='metaworld',
+                     cameras=('corner', 'corner2', 'behindGripper'), canvas_layout='grid',
+                     control_hz=80, frame_stride=2, action_dim=4, state_dim=4,
+                     relative_action_dims=0))
+  # Frozen encoders at small widths (no pretrained weights are downloaded: they stay random and
+  # frozen, fixed feature maps the DiT learns to read).
+  c.vae.update(dict(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
+  c.text_encoder.update(dict(vocab_size=384, dim=16, ffn_dim=32, num_heads=2, num_layers=2,
+                             num_buckets=8, max_distance=16))
+  c.train.update(dict(steps=20_000, batch_size=16, checkpoint_every=1000, lr=1e-4))
+  c.sampler.update(dict(num_steps=4, dit_step_mask='1111', cfg_scale=1.0))
+  return c

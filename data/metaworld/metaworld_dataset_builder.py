@@ -1,0 +1,127 @@
+"""Meta-World episodes generated on the spot by the scripted expert policies (no downloads).
+
+Episode e of a task uses the task variation e mod 50 and reset seed `seed + e`: a rebuild with
+the same arguments gives the same states, actions and (on the same renderer) the same images.
+State = hand xyz + gripper opening (observation[:4]); actions (dx, dy, dz, grip) in [-1, 1].
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from dreamzero_jax.datasets import embodiments, episodes
+
+# Offscreen rendering without a display; must be set before MuJoCo is first imported.
+os.environ.setdefault('MUJOCO_GL', 'egl')
+
+# Instructions are written for tasks whose name does not read as one; others use the name.
+_INSTRUCTIONS = {
+    'reach-v3': 'reach the goal position',
+    'reach-wall-v3': 'reach the goal position behind the wall',
+    'push-v3': 'push the puck to the goal',
+    'push-wall-v3': 'push the puck around the wall to the goal',
+    'push-back-v3': 'push the puck back to the goal',
+    'pick-place-v3': 'pick up the puck and place it at the goal',
+    'pick-place-wall-v3': 'pick up the puck and place it at the goal behind the wall',
+    'assembly-v3': 'pick up the nut and place it onto the peg',
+    'disassemble-v3': 'pick the nut off the peg',
+    'basketball-v3': 'dunk the basketball into the hoop',
+    'bin-picking-v3': 'move the puck from one bin to the other',
+    'hammer-v3': 'hammer the nail into the wall',
+    'soccer-v3': 'kick the ball into the goal',
+    'sweep-v3': 'sweep the puck off the table',
+    'sweep-into-v3': 'sweep the puck into the hole',
+    'shelf-place-v3': 'place the puck on the shelf',
+    'dial-turn-v3': 'turn the dial',
+    'hand-insert-v3': 'insert the gripper into the hole',
+    'peg-insert-side-v3': 'insert the peg sideways into the hole',
+    'peg-unplug-side-v3': 'unplug the peg sideways',
+    'pick-out-of-hole-v3': 'pick the puck out of the hole',
+    'stick-pull-v3': 'grab the stick and pull the container',
+    'stick-push-v3': 'grab the stick and push the container',
+    'coffee-button-v3': 'press the coffee machine button',
+    'coffee-pull-v3': 'pull the mug from the coffee machine',
+    'coffee-push-v3': 'push the mug under the coffee machine',
+}
+
+
+def instruction(task: str) -> str:
+  return _INSTRUCTIONS.get(task) or task.removesuffix('-v3').replace('-', ' ')
+
+
+def _run_episode(args: tuple[str, int, int, int, int, int, str]) -> dict[str, Any]:
+  """One expert rollout with every camera rendered at each step (runs in a worker process)."""
+  task, index, seed, size, max_steps, tail, image_format = args
+  import metaworld  # pylint: disable=g-import-not-at-top  (the [sim] extra; import in workers)
+  import mujoco  # pylint: disable=g-import-not-at-top
+  from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
+  cameras = embodiments.get('metaworld').cameras
+  benchmark = metaworld.MT1(task, seed=seed)
+  env = benchmark.train_classes[task]()
+  env.set_task(benchmark.train_tasks[index % len(benchmark.train_tasks)])
+  # Shadows and multisampling cost 5-40x render time in software GL and teach nothing at this size.
+  env.model.light_castshadow[:] = 0
+  env.model.vis.quality.offsamples = 0
+  renderer = mujoco.Renderer(env.model, size, size)
+  policy = ENV_POLICY_MAP[task]()
+  obs, _ = env.reset(seed=seed + index)
+  states, actions, images = [], [], {c: [] for c in cameras}
+  success, steps_after_success = False, 0
+  def observe(o):
+    states.append(np.asarray(o[:4], np.float32))
+    for cam in cameras:
+      renderer.update_scene(env.data, camera=cam)
+      # MuJoCo's offscreen buffer comes out upside down.
+      images[cam].append(episodes.encode_image(np.ascontiguousarray(renderer.render()[::-1]),
+                                               image_format))
+  observe(obs)
+  for _ in range(max_steps):
+    action = np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)
+    obs, _, terminated, truncated, info = env.step(action)
+    actions.append(action)
+    observe(obs)
+    success = success or bool(info['success'])
+    steps_after_success += success
+    if terminated or truncated or steps_after_success > tail:
+      break
+  renderer.close()
+  env.close()
+  actions.append(np.zeros(4, np.float32))  # no action follows the last observation
+  t = len(states)
+  return dict(episode_id=f'{task}/{index}'.encode(), images=images, state=np.stack(states),
+              action=np.stack(actions), language=np.zeros((t, 1), np.int32),
+              instructions=[instruction(task)], has_action=True, success=success)
+
+
+class Metaworld(episodes.EpisodeBuilder):
+  """Scripted-expert Meta-World episodes; see the module docstring for seeding."""
+
+  def __init__(self, *, tasks: Sequence[str] = ('reach-v3',), episodes_per_task: int = 4,
+               image_size: int = 128, seed: int = 0, max_steps: int = 500, tail: int = 16,
+               image_format: str = 'jpeg', workers: int = 0, **kwargs):
+    self._tasks, self._episodes_per_task = tuple(tasks), episodes_per_task
+    self._image_size, self._seed, self._max_steps, self._tail = image_size, seed, max_steps, tail
+    self._image_format, self._workers = image_format, workers or os.cpu_count() or 1
+    super().__init__(**kwargs)
+
+  def dataset_spec(self) -> episodes.DatasetSpec:
+    e = embodiments.get('metaworld')
+    return episodes.DatasetSpec(
+        embodiment=e.name, cameras=e.cameras,
+        image_shapes={c: (self._image_size, self._image_size) for c in e.cameras},
+        control_hz=e.control_hz, state_dim=e.state_dim, action_dim=e.action_dim,
+        num_alternatives=1, source=f'metaworld tasks={",".join(self._tasks)} seed={self._seed}')
+
+  def episodes(self) -> Iterator[dict[str, Any]]:
+    from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
+    for task in self._tasks:
+      if task not in ENV_POLICY_MAP:
+        raise episodes.DataError(f'--tasks: no scripted policy for {task!r}')
+    jobs = [(task, i, self._seed, self._image_size, self._max_steps, self._tail,
+             self._image_format) for task in self._tasks for i in range(self._episodes_per_task)]
+    # Fresh processes: each owns its EGL context, and rollouts are independent.
+    with multiprocessing.get_context('spawn').Pool(min(self._workers, len(jobs))) as pool:
+      yield from pool.imap(_run_episode, jobs)

@@ -1,0 +1,130 @@
+"""`python -m dreamzero_jax.datasets build|stats|inspect ...` (INTERFACES.md).
+
+  build metaworld --out DIR [--tasks a,b] [--episodes N] [--image_size S] [--seed S]
+  build droid --src RLDS_DIR --out DIR
+  build agibot --src LEROBOT_DIR --out DIR
+  build rlds --src RLDS_DIR --spec SPEC.json --out DIR
+  stats --config C [--config.x=...]          saves norm_stats.json next to the dataset
+  inspect --config C [--batches N] [--eval]  one JSON line per batch
+Any bad input ends in one line `error: ...` naming the field, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from dreamzero_jax import config as config_lib
+from dreamzero_jax.datasets import episodes, normalization, pipeline
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _builder_module(name: str):
+  # The TFDS builders live in the repository's data/ folder, beside the package.
+  if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+  return importlib.import_module(f'data.{name}.{name}_dataset_builder')
+
+
+def _build(args) -> None:
+  if args.dataset != 'metaworld' and not args.src:
+    raise episodes.DataError(f'--src: required for build {args.dataset}')
+  if args.src and not os.path.isdir(args.src):
+    raise episodes.DataError(f'--src: not a directory: {args.src}')
+  module = _builder_module(args.dataset)
+  common = dict(data_dir=args.out)
+  if args.dataset == 'metaworld':
+    builder = module.Metaworld(tasks=args.tasks.split(','), episodes_per_task=args.episodes,
+                               image_size=args.image_size, seed=args.seed, max_steps=args.max_steps,
+                               workers=args.workers, **common)
+  elif args.dataset == 'droid':
+    builder = module.Droid(src=args.src, on_corrupt=args.on_corrupt, **common)
+  elif args.dataset == 'agibot':
+    builder = module.Agibot(src=args.src, **common)
+  else:
+    if not args.spec:
+      raise episodes.DataError('--spec: required for build rlds')
+    builder = module.Rlds(src=args.src, spec_path=args.spec, on_corrupt=args.on_corrupt, **common)
+  print(json.dumps({'built': episodes.build(builder)}))
+
+
+def _stats(cfg) -> None:
+  for name, _ in pipeline._mixture(cfg):  # pylint: disable=protected-access
+    member = pipeline.open_member(cfg, name, 1.0, train=False)
+    stats = normalization.compute_stats(member.loader.dataset.lowdim, cfg.video.action_horizon,
+                                        member.loader.spec.relative_action_dims)
+    path = pipeline.stats_path(cfg, name)
+    normalization.save_stats(stats, path)
+    print(json.dumps({'stats': path, 'episodes': len(member.loader.dataset.lowdim)}))
+
+
+def describe(batch: dict[str, np.ndarray]) -> dict[str, dict]:
+  out = {}
+  for key, value in batch.items():
+    entry = dict(shape=list(value.shape), dtype=str(value.dtype))
+    if value.dtype != object:
+      entry.update(min=float(value.min()), max=float(value.max()))
+    else:
+      entry.update(first=value.flat[0].decode())
+    out[key] = entry
+  return out
+
+
+def _inspect(cfg, batches: int, train: bool) -> None:
+  # A one-host view of the data: no accelerator runtime is started for it.
+  it = iter(pipeline.make_dataset(cfg, train=train, process_index=0, process_count=1))
+  for _ in range(batches):
+    print(json.dumps(describe(next(it))), flush=True)
+
+
+def main(argv: Sequence[str]) -> int:
+  overrides, rest = config_lib.split_config_args(argv)
+  parser = argparse.ArgumentParser(prog='python -m dreamzero_jax.datasets')
+  sub = parser.add_subparsers(dest='command', required=True)
+  b = sub.add_parser('build')
+  b.add_argument('dataset', choices=('metaworld', 'droid', 'agibot', 'rlds'))
+  b.add_argument('--out', required=True)
+  b.add_argument('--src', default='')
+  b.add_argument('--spec', default='')
+  b.add_argument('--tasks', default='reach-v3,push-v3')
+  b.add_argument('--episodes', type=int, default=4, help='episodes per task')
+  b.add_argument('--image_size', type=int, default=128)
+  b.add_argument('--max_steps', type=int, default=500)
+  b.add_argument('--seed', type=int, default=0)
+  b.add_argument('--workers', type=int, default=0, help='rollout processes; 0 = one per core')
+  b.add_argument('--on_corrupt', choices=('fail', 'skip'), default='fail')
+  for name in ('stats', 'inspect'):
+    p = sub.add_parser(name)
+    p.add_argument('--config', required=True)
+    if name == 'inspect':
+      p.add_argument('--batches', type=int, default=1)
+      p.add_argument('--eval', action='store_true', help='evaluation order, no augmentation')
+  args = parser.parse_args(rest)
+  try:
+    if args.command == 'build':
+      if overrides:
+        raise config_lib.ConfigError('build takes no --config overrides')
+      _build(args)
+      return 0
+    cfg = config_lib.load_config(args.config, overrides)
+    if args.command == 'stats':
+      _stats(cfg)
+    else:
+      # grain's worker processes read absl flags; this program parses its own.
+      from absl import flags  # pylint: disable=g-import-not-at-top
+      flags.FLAGS.mark_as_parsed()
+      _inspect(cfg, args.batches, train=not args.eval)
+  except (episodes.DataError, config_lib.ConfigError, ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

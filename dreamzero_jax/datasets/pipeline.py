@@ -1,0 +1,225 @@
+"""The grain pipeline: built episodes -> clips -> normalised, padded, collatable batches.
+
+THE BATCH CONTRACT (K = video.max_chunks, Hz = video.action_horizon, T = 1 + K * frames_per_chunk,
+canvas H x W = video.height x video.width; chunk/frame timing in chunks.py):
+  video           float32 [B, T, H, W, 3] in [-1, 1]; frames of padded chunks are 0
+  actions         float32 [B, K*Hz, model.action_dim] normalised to [-1, 1], zero-padded
+  action_mask     bool    [B, K*Hz, model.action_dim] real dim AND real chunk AND has_real_action
+  state           float32 [B, K, model.state_dim] normalised, zero-padded; state_mask the same shape
+  chunk_mask      bool    [B, K] real chunks (always at least the first)
+  has_real_action bool    [B]
+  embodiment_id   int32   [B]
+  instruction     object  [B] UTF-8 bytes, one phrasing drawn among the step's alternatives
+The iterator's state (get_state/set_state) restores the exact batch sequence.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from dreamzero_jax.datasets import canvas, chunks, embodiments, episodes, normalization
+from dreamzero_jax.datasets.episodes import DataError
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+  """Everything that turns one (episode, start, k) into one sample."""
+  layout: chunks.ChunkLayout
+  cameras: tuple[str, ...]
+  image_shapes: tuple[tuple[int, int], ...]
+  canvas_layout: str
+  height: int
+  width: int
+  state_dim: int
+  action_dim: int
+  relative_action_dims: int
+  model_state_dim: int
+  model_action_dim: int
+  embodiment_id: int
+  augment: canvas.Augment
+  on_corrupt: str
+
+
+class ClipLoader(grain.transforms.RandomMap):
+  """Reads one episode record and cuts, renders and normalises one clip from it."""
+
+  def __init__(self, dataset: episodes.StoredDataset, spec: ClipSpec, stats: dict[str, Any],
+               train: bool):
+    self.dataset, self.spec, self.stats, self.train = dataset, spec, stats, train
+
+  def random_map(self, item: np.ndarray, rng: np.random.Generator) -> dict[str, Any] | None:
+    ep, start, k = (int(x) for x in item)
+    try:
+      record = self.dataset.source[ep]
+    except Exception as e:  # the record itself does not parse
+      return self._corrupt(ep, f'record does not parse ({type(e).__name__}: {e})')
+    return self.clip(record, ep, start, k, rng)
+
+  def _corrupt(self, ep: int, why: str) -> None:
+    eid = self.dataset.lowdim.episode_id[ep]
+    message = f'{self.dataset.path}: episode {eid.decode()}: {why}'
+    if self.spec.on_corrupt == 'skip':
+      logging.warning('skipping corrupted record: %s', message)
+      return None
+    raise DataError(message)
+
+  def clip(self, record: dict[str, Any], ep: int, start: int, k: int,
+           rng: np.random.Generator) -> dict[str, Any] | None:
+    s, lay = self.spec, self.spec.layout
+    if record['episode_id'] != self.dataset.lowdim.episode_id[ep]:
+      raise DataError(f'{self.dataset.path}: record {ep} is {record["episode_id"]!r} but '
+                      f'{episodes.LOWDIM_FILE} says {self.dataset.lowdim.episode_id[ep]!r}')
+    frame_steps = lay.frame_steps(start, k)
+    frames = [[record['images'][cam][t] for t in frame_steps] for cam in s.cameras]
+    video = np.empty((lay.num_frames, s.height, s.width, 3), np.float32)
+    video[len(frame_steps):] = 0.0   # padded chunks
+    try:
+      canvas.compose(frames, s.canvas_layout, video, list(s.image_shapes),
+                     rng if self.train else None, s.augment)
+    except Exception as e:  # PIL raises many types on bad bytes; report them all the same way
+      return self._corrupt(ep, f'images: {e}')
+
+    has_action = bool(record['has_action'])
+    state = record['state'][lay.anchor_steps(start, k)]                       # [k, S]
+    action = record['action'][lay.action_steps(start, k)].astype(np.float32)  # [k*Hz, A]
+    r = s.relative_action_dims
+    action[:, :r] -= np.repeat(state[:, :r], lay.action_horizon, axis=0)
+    hz_k = lay.max_chunks * lay.action_horizon
+    actions = np.zeros((hz_k, s.model_action_dim), np.float32)
+    actions[:len(action), :s.action_dim] = normalization.normalize(action, self.stats['action'])
+    action_mask = np.zeros_like(actions, bool)
+    action_mask[:len(action), :s.action_dim] = has_action
+    if not has_action:
+      actions[:] = 0.0
+    states = np.zeros((lay.max_chunks, s.model_state_dim), np.float32)
+    states[:k, :s.state_dim] = normalization.normalize(state, self.stats['state'])
+    state_mask = np.zeros_like(states, bool)
+    state_mask[:k, :s.state_dim] = True
+
+    phrasings = [i for i in record['language'][start] if i >= 0]
+    choice = phrasings[rng.integers(len(phrasings))] if self.train else phrasings[0]
+    return dict(
+        video=video, actions=actions, action_mask=action_mask, state=states,
+        state_mask=state_mask, chunk_mask=np.arange(lay.max_chunks) < k,
+        has_real_action=np.bool_(has_action), embodiment_id=np.int32(s.embodiment_id),
+        instruction=np.array(record['instructions'][choice], dtype=object))
+
+
+@dataclasses.dataclass
+class Member:
+  """One dataset of the (possibly single-member) mixture."""
+  loader: ClipLoader
+  index: np.ndarray      # [N, 3] (episode, start, k)
+  weight: float
+
+
+def _mixture(config) -> list[tuple[str, float]]:
+  text = config.data.mixture
+  if not text:
+    return [(config.data.name, 1.0)]
+  out = []
+  for part in text.split(','):
+    name, _, weight = part.strip().rpartition(':')
+    try:
+      out.append((name, float(weight)))
+    except ValueError:
+      raise DataError(f'data.mixture: {part!r} is not name:weight') from None
+    if not name or out[-1][1] <= 0:
+      raise DataError(f'data.mixture: {part!r} needs a name and a positive weight')
+  return out
+
+
+def open_member(config: ml_collections.ConfigDict, name: str, weight: float, train: bool) -> Member:
+  """Opens dataset `name` under data.dir and checks it against the config."""
+  if not config.data.dir:
+    raise DataError('data.dir: not set (pass --config.data.dir=DIR)')
+  dataset = episodes.open_dataset(config.data.dir, name)
+  ds_spec = dataset.spec
+  emb = embodiments.get(ds_spec.embodiment)
+  primary = name == config.data.name
+  if primary and config.data.embodiment != ds_spec.embodiment:
+    raise DataError(f'data.embodiment: config says {config.data.embodiment!r}, '
+                    f'{dataset.path} holds {ds_spec.embodiment!r}')
+  d = config.data if primary else dataclasses.asdict(emb)
+  cameras = tuple(d['cameras'])
+  for cam in cameras:
+    if cam not in ds_spec.cameras:
+      raise DataError(f'data.cameras: {cam!r} is not in {dataset.path} '
+                      f'(it has {", ".join(ds_spec.cameras)})')
+  checks = [('state_dim', ds_spec.state_dim), ('action_dim', ds_spec.action_dim)]
+  if primary:   # a stride means something only at the rate the data was recorded
+    checks.append(('control_hz', ds_spec.control_hz))
+  for field, have in checks:
+    if d[field] != have:
+      raise DataError(f'data.{field}: config says {d[field]}, {dataset.path} stores {have}')
+  if d['relative_action_dims'] > min(ds_spec.state_dim, ds_spec.action_dim):
+    raise DataError(f'data.relative_action_dims: {d["relative_action_dims"]} exceeds the state or action dims')
+  m = config.model
+  if ds_spec.action_dim > m.action_dim or ds_spec.state_dim > m.state_dim:
+    raise DataError(f'model.action_dim/state_dim: {m.action_dim}/{m.state_dim} cannot hold '
+                    f'{name} ({ds_spec.action_dim}/{ds_spec.state_dim})')
+  if emb.id >= m.num_embodiments:
+    raise DataError(f'model.num_embodiments: {m.num_embodiments} has no row for {emb.name} (id {emb.id})')
+  v = config.video
+  if v.height % 2 or v.width % 4:
+    raise DataError(f'video.height/width: {v.height}x{v.width} must split into 2x2 views (and a doubled wrist)')
+  try:
+    layout = chunks.ChunkLayout(v.max_chunks, v.action_horizon, v.frames_per_chunk, d['frame_stride'])
+  except ValueError as e:
+    raise DataError(str(e)) from None
+  stats = normalization.stats_for(dataset.path, dataset.lowdim, ds_spec.state_dim, ds_spec.action_dim,
+                                  v.action_horizon, d['relative_action_dims'])
+  spec = ClipSpec(
+      layout=layout, cameras=cameras, image_shapes=tuple(ds_spec.image_shapes[c] for c in cameras),
+      canvas_layout=d['canvas_layout'], height=v.height, width=v.width,
+      state_dim=ds_spec.state_dim, action_dim=ds_spec.action_dim,
+      relative_action_dims=d['relative_action_dims'], model_state_dim=m.state_dim,
+      model_action_dim=m.action_dim, embodiment_id=emb.id,
+      augment=canvas.Augment(config.data.augment_crop_scale,
+                             config.data.augment_brightness,
+                             config.data.augment_contrast),
+      on_corrupt=config.data.on_corrupt)
+  if spec.on_corrupt not in ('fail', 'skip'):
+    raise DataError(f"data.on_corrupt: {spec.on_corrupt!r} (expected 'fail' or 'skip')")
+  canvas.placements(spec.canvas_layout, len(cameras), v.height, v.width)  # layout errors now
+  index = chunks.clip_index(dataset.lowdim, layout, config.data.idle_threshold)
+  if not len(index):
+    raise DataError(f'{dataset.path}: no episode is long enough for one chunk of '
+                    f'{v.action_horizon} actions (plus its final frame)')
+  return Member(ClipLoader(dataset, spec, stats, train), index, weight)
+
+
+def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
+                 process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+  """Batches for this host: its shard of every member, mixed by weight, batched per host.
+
+  Training shuffles and repeats forever with augmentation; evaluation reads every clip once,
+  in order, unaugmented.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  (only for the host topology)
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if config.train.batch_size % process_count:
+    raise DataError(f'train.batch_size: {config.train.batch_size} does not split over {process_count} hosts')
+  datasets, weights = [], []
+  for i, (name, weight) in enumerate(_mixture(config)):
+    member = open_member(config, name, weight, train)
+    ds = grain.MapDataset.source(member.index)[process_index::process_count]
+    if train:
+      ds = ds.shuffle(seed=config.data.seed + i).repeat()
+    datasets.append(ds.random_map(member.loader, seed=config.data.seed + i))
+    weights.append(weight)
+  ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+  it = ds.to_iter_dataset().batch(config.train.batch_size // process_count, drop_remainder=train)
+  if config.data.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  return it
+
+
+def stats_path(config: ml_collections.ConfigDict, name: str) -> str:
+  return os.path.join(episodes.version_dir(config.data.dir, name), normalization.STATS_FILE)

@@ -1,0 +1,113 @@
+"""Meta-World: build with the scripted experts, read batches of the contract, resume exactly."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault('MUJOCO_GL', 'egl')   # before MuJoCo's first import, or it picks GLFW
+pytest.importorskip('metaworld')
+
+from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from dreamzero_jax.datasets import episodes, pipeline  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/tiny.py has 8 frames per chunk at stride 1 but a 4-step horizon; 8 makes them agree.
+TINY = ['video.action_horizon=8']
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'dreamzero_jax.datasets', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def mw_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('mw'))
+  r = run_cli('build', 'metaworld', '--out', out, '--tasks', 'reach-v3,push-v3', '--episodes', '1',
+              '--image_size', '64', '--max_steps', '40')
+  assert r.returncode == 0, r.stderr
+  return out
+
+
+def _config(data_dir, *extra):
+  return config_lib.load_config(os.path.join(REPO, 'configs/tiny.py'),
+                                [f'data.dir={data_dir}', *TINY, *extra])
+
+
+def test_build_records_expert_episodes(mw_dir):
+  ds = episodes.open_dataset(mw_dir, 'metaworld')
+  assert ds.lowdim.episode_id.tolist() == [b'reach-v3/0', b'push-v3/0']
+  rec = ds.source[1]
+  assert rec['instructions'] == [b'push the puck to the goal']
+  assert rec['state'].shape == (41, 4) and len(rec['images']['behindGripper']) == 41
+  assert np.abs(rec['action']).max() <= 1.0 and np.abs(np.diff(rec['state'][:, :3], axis=0)).max() > 0
+
+
+def test_inspect_prints_contract_batches(mw_dir):
+  r = run_cli('inspect', '--config', 'configs/tiny.py', f'--config.data.dir={mw_dir}',
+              *[f'--config.{o}' for o in TINY], '--batches', '2')
+  assert r.returncode == 0, r.stderr
+  lines = [json.loads(line) for line in r.stdout.splitlines()]
+  assert len(lines) == 2
+  for b in lines:
+    assert b['video']['shape'] == [2, 33, 64, 64, 3] and b['video']['dtype'] == 'float32'
+    assert -1.0 <= b['video']['min'] < b['video']['max'] <= 1.0
+    assert b['actions']['shape'] == [2, 32, 32] and -1.0 <= b['actions']['min'] <= b['actions']['max'] <= 1.0
+    assert b['action_mask']['shape'] == [2, 32, 32] and b['state']['shape'] == [2, 4, 64]
+    assert b['chunk_mask']['shape'] == [2, 4] and b['embodiment_id']['min'] == 1
+    assert b['instruction']['dtype'] == 'object'
+
+
+def test_grid_canvas_has_black_bottom_right(mw_dir):
+  cfg = _config(mw_dir)
+  batch = next(iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1)))
+  real = batch['chunk_mask'][0].sum() * 8 + 1
+  assert (batch['video'][0, :real, 32:, 32:] == -1.0).all()
+  assert (batch['video'][0, :real, :32, :32] > -1.0).any()
+  assert not batch['action_mask'][:, :, 4:].any() and batch['action_mask'][0, :8, :4].all()
+
+
+def test_resume_restores_the_exact_batches(mw_dir):
+  cfg = _config(mw_dir)
+  it = iter(pipeline.make_dataset(cfg, process_index=0, process_count=1))
+  for _ in range(2):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  resumed = iter(pipeline.make_dataset(cfg, process_index=0, process_count=1))
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_hosts_see_disjoint_clips(mw_dir):
+  cfg = _config(mw_dir, 'train.batch_size=2')
+  firsts = [next(iter(pipeline.make_dataset(cfg, train=False, process_index=i, process_count=2)))
+            for i in range(2)]
+  assert not np.array_equal(firsts[0]['video'], firsts[1]['video'])
+
+
+def test_config_mismatches_fail_naming_the_field(mw_dir):
+  with pytest.raises(episodes.DataError, match=r'^data\.cameras: .topview.'):
+    pipeline.make_dataset(_config(mw_dir, "data.cameras=('topview',)"), process_index=0, process_count=1)
+  with pytest.raises(episodes.DataError, match=r'^data\.action_dim: config says 7'):
+    pipeline.make_dataset(_config(mw_dir, 'data.action_dim=7'), process_index=0, process_count=1)
+  r = run_cli('inspect', '--config', 'configs/tiny.py', f'--config.data.dir={mw_dir}',
+              '--config.video.action_horizon=4')
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      "error: video.frames_per_chunk (8) * data.frame_stride (1) must equal "
+      "video.action_horizon (4): a chunk's frames and actions must span the same time"]
+
+
+def test_rollouts_are_reproducible():
+  sys.path.insert(0, REPO)
+  from data.metaworld import metaworld_dataset_builder as mw  # pylint: disable=g-import-not-at-top
+  a, b = (mw._run_episode(('reach-v3', 3, 7, 16, 6, 0, 'png')) for _ in range(2))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(a['state'], b['state'])
+  np.testing.assert_array_equal(a['action'], b['action'])
+  assert a['images']['corner'] == b['images']['corner']
