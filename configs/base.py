@@ -84,6 +84,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       smooth=True, savgol_window=7, savgol_polyorder=2,
       gripper_dims=(), gripper_threshold=0.5, gripper_low=0.0, gripper_high=1.0))
 
+  # The policy server's camera images (resized into the canvas quadrants).
+  c.serve = ml_collections.ConfigDict(dict(camera_height=180, camera_width=320))
+
   c.mesh = ml_collections.ConfigDict(dict(
       axes=('data', 'fsdp', 'context', 'tensor'), shape=(1, -1, 1, 1)))
   return c

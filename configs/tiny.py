@@ -27,4 +27,5 @@ def get_config(arg=None):
     c.model.update(dict(in_channels=16, image_dim=0))
   elif arg is not None:
     raise ValueError(f'configs/tiny.py: unknown variant {arg!r} (known: t2v)')
+  c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
   return c

@@ -99,3 +99,19 @@ def compose(frames: list[list[bytes]], layout: str, out: np.ndarray,
       view = np.repeat(view, rep, axis=2)
     pixels_u8[:, row:row + h, col:col + w * rep] = view
   np.take(_TO_FLOAT, pixels_u8, out=out[:num_t], mode='clip')   # 'raise' would buffer
+
+
+def compose_arrays(views: list[np.ndarray], layout: str, height: int, width: int) -> np.ndarray:
+  """Camera frames views[v] uint8 [T, h, w, 3] (any size) -> canvas float32 [T, H, W, 3] in [-1, 1].
+
+  The inference-side twin of `compose`: the policy server receives raw arrays, not encoded bytes.
+  """
+  num_t = views[0].shape[0]
+  pixels_u8 = np.zeros((num_t, height, width, 3), np.uint8)
+  for view, (row, col, h, w, rep) in zip(views, placements(layout, len(views), height, width)):
+    if view.shape[1:3] != (h, w):
+      view = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in view])
+    if rep > 1:
+      view = np.repeat(view, rep, axis=2)
+    pixels_u8[:, row:row + h, col:col + w * rep] = view
+  return _TO_FLOAT[pixels_u8]

@@ -123,6 +123,14 @@ def init_train_state(model: DreamZeroDiT, cfg: ml_collections.ConfigDict, rng: j
                               jax.random.key_data(jax.random.fold_in(rng, 1)), ema)
 
 
+def abstract_train_state(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, TrainState]:
+  """The graph and the TrainState's shapes, without materialising parameters (for restores)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))))
+  state = jax.eval_shape(lambda: init_train_state(build_dit(cfg.model, rngs=nnx.Rngs(0)), cfg,
+                                                  jax.random.key(0))[1])
+  return graphdef, state
+
+
 def make_train_step(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict):
   """(state, LatentBatch) -> (state, metrics); pure, jit it with donated state.
 

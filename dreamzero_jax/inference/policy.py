@@ -1,0 +1,290 @@
+"""The closed-loop policy: observations -> KV cache -> denoised chunk -> robot actions.
+
+An episode holds explicit pytrees: the self-attention KV cache of REAL observed frames, the
+text/image cross-attention K/V (computed once per episode), the VAE's streaming cache and the
+I2V condition. With CFG the cache has batch 2 (prompt, negative prompt) so both branches run in
+one forward. Each piece is a jitted pure function with static shapes; the host loop only moves
+the chunk index, which is why every step reuses one compilation.
+
+Chunks: after reset (the first frame), `step` predicts chunk 0. Each later `step` first writes the
+frames observed while the previous chunk executed (video.frames_per_chunk canvas frames at the
+training stride) into the cache, then predicts the next chunk. When the cache holds
+video.max_chunks chunks it restarts from the newest observed frame as the new frame 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dreamzero_jax import encoders as encoders_lib
+from dreamzero_jax.datasets import canvas, normalization
+from dreamzero_jax.inference import kv_cache, postprocess, samplers
+from dreamzero_jax.models import clip
+from dreamzero_jax.models.dit import DreamZeroDiT
+
+
+@dataclasses.dataclass
+class Episode:
+  """One robot's episode: device pytrees plus host bookkeeping."""
+  cache: kv_cache.KVCache
+  cross_kv: Any
+  vae_cache: Any
+  cond: jax.Array | None      # I2V y for the whole context window [B, F, h, w, 20]
+  chunk: int                  # the chunk `step` predicts next
+  written: int                # chunks whose real frames are in the cache
+  anchor_state: np.ndarray    # raw robot state at the start of the chunk being predicted
+  rng: jax.Array
+  instruction: str
+
+
+class Policy:
+  """DreamZero as a policy for one embodiment (B = 1 per episode, 2 with CFG)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, model: DreamZeroDiT, encoders: encoders_lib.FrozenEncoders,
+               norm_stats: dict):
+    self.cfg = cfg
+    v = cfg.video
+    self.lf = v.frames_per_chunk // v.vae_temporal
+    self.num_frames = 1 + v.max_chunks * v.frames_per_chunk
+    self.latent_hw = (v.height // v.vae_spatial, v.width // v.vae_spatial)
+    self.tokens_per_frame = (self.latent_hw[0] // cfg.model.patch_size[1]) * (self.latent_hw[1] // cfg.model.patch_size[2])
+    self.capacity = (1 + v.max_chunks * self.lf) * self.tokens_per_frame
+    self.with_uncond = samplers.uses_uncond(cfg.sampler)
+    self.batch = 2 if self.with_uncond else 1
+    self.i2v = encoders_lib.uses_i2v_condition(cfg)
+    from dreamzero_jax.datasets import embodiments
+    self.embodiment = embodiments.get(cfg.data.embodiment)
+    self.stats = norm_stats
+    self.prompts = encoders_lib.BatchEncoder(encoders, cfg).prompts
+    self._model_def, self._model_state = nnx.split(model)
+    self._enc_def, self._enc_state = nnx.split(encoders)
+    self._jit()
+
+  # ---- jitted pieces ----------------------------------------------------------------------------
+
+  def _jit(self):
+    cfg, mdef, edef = self.cfg, self._model_def, self._enc_def
+    m = cfg.model
+
+    def start(mstate, estate, frame, text, image_frame):
+      """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache, y)."""
+      model, enc = nnx.merge(mdef, mstate), nnx.merge(edef, estate)
+      latent, vae_cache = enc.vae.encode_stream(enc.vae.init_encode_cache(1, *frame.shape[2:4]), frame)
+      cond = enc.vae.i2v_condition(frame[:, 0], self.num_frames) if self.i2v else None
+      image = clip.encode_first_frame(enc.image, image_frame) if enc.image is not None else None
+      if image is not None:
+        image = jnp.broadcast_to(image, (self.batch, *image.shape[1:]))
+      cross_kv = model.cross_kv(*model.embed_context(text, image))
+      cache = kv_cache.empty_cache(m.num_layers, self.batch, self.capacity, m.num_heads, m.dim // m.num_heads,
+                                   jnp.dtype(m.dtype))
+      dup = lambda x: None if x is None else jnp.broadcast_to(x, (self.batch, *x.shape[1:]))
+      cache = model.write_clean_frames(dup(latent), cache, cross_kv, cond=dup(None if cond is None else cond[:, :1]))
+      return cache, cross_kv, vae_cache, cond
+
+    def write(mstate, estate, cache, cross_kv, vae_cache, cond, frames, chunk):
+      """Observed frames [1, frames_per_chunk, H, W, 3] of chunk `chunk` -> cache, VAE cache."""
+      model, enc = nnx.merge(mdef, mstate), nnx.merge(edef, estate)
+      latents, vae_cache = enc.vae.encode_stream(vae_cache, frames)
+      dup = lambda x: jnp.broadcast_to(x, (self.batch, *x.shape[1:]))
+      c = None
+      if cond is not None:
+        c = dup(jax.lax.dynamic_slice_in_dim(cond, 1 + chunk * self.lf, self.lf, axis=1))
+      cache = model.write_clean_frames(dup(latents), cache, cross_kv, chunk=chunk, cond=c)
+      return cache, vae_cache
+
+    def denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng):
+      """Samples chunk `chunk`: (video latents [1, lf, h, w, C], normalised actions [1, Ha, A])."""
+      model = nnx.merge(mdef, mstate)
+      v = cfg.video
+      h, w = self.latent_hw
+      x_rng, a_rng = jax.random.split(rng)
+      x0 = {'video': jax.random.normal(x_rng, (1, self.lf, h, w, v.latent_channels)),
+            'action': jax.random.normal(a_rng, (1, v.action_horizon, m.action_dim))}
+      c = None if cond is None else jax.lax.dynamic_slice_in_dim(cond, 1 + chunk * self.lf, self.lf, axis=1)
+      emb = jnp.full((self.batch,), embodiment_id, jnp.int32)
+      state_b = jnp.broadcast_to(state_vec, (self.batch, 1, m.state_dim))
+      dup = lambda x: None if x is None else jnp.broadcast_to(x, (self.batch, *x.shape[1:]))
+
+      def velocity(x, t, with_uncond):
+        tt = jnp.full((self.batch,), t, jnp.float32)
+        vid, act = model.denoise(dup(x['video']), tt, dup(x['action']), tt, state_b, emb, chunk, cache, cross_kv,
+                                 dup(c))
+        cond_v = {'video': vid[:1], 'action': act[:1]}
+        return cond_v, (vid[1:] if with_uncond else None)
+
+      out, info = samplers.sample(velocity, x0, cfg.sampler, cfg.train.num_train_timesteps)
+      return out['video'], out['action'], info.num_evaluations
+
+    self._start = jax.jit(start)
+    self._write = jax.jit(write, donate_argnums=(2, 4))
+    self._denoise = jax.jit(denoise)
+
+  # ---- the episode API --------------------------------------------------------------------------
+
+  def _text(self, instruction: str) -> jax.Array:
+    prompts = [instruction] + ([self.cfg.sampler.negative_prompt] if self.with_uncond else [])
+    return jnp.asarray(self.prompts(prompts))
+
+  def reset(self, instruction: str, first_frame: np.ndarray, robot_state: np.ndarray, seed: int = 0) -> Episode:
+    """first_frame: one canvas frame [H, W, 3] in [-1, 1]; robot_state: raw [state_dim]."""
+    frame = jnp.asarray(first_frame, jnp.float32)[None, None]
+    cache, cross_kv, vae_cache, cond = self._start(self._model_state, self._enc_state, frame,
+                                                   self._text(instruction), frame)
+    return Episode(cache, cross_kv, vae_cache, cond, chunk=0, written=0,
+                   anchor_state=np.asarray(robot_state, np.float32), rng=jax.random.key(seed),
+                   instruction=instruction)
+
+  def fork(self, ep: Episode) -> Episode:
+    """An independent copy (observe donates the episode's cache buffers to the update)."""
+    return dataclasses.replace(ep, cache=jax.tree.map(jnp.copy, ep.cache), vae_cache=jax.tree.map(jnp.copy, ep.vae_cache))
+
+  def _normalised_state(self, robot_state: np.ndarray) -> jax.Array:
+    s = normalization.normalize(np.asarray(robot_state, np.float32), self.stats['state'])
+    out = np.zeros((1, 1, self.cfg.model.state_dim), np.float32)
+    out[0, 0, :s.shape[-1]] = s
+    return jnp.asarray(out)
+
+  def observe(self, ep: Episode, frames: np.ndarray, robot_state: np.ndarray) -> Episode:
+    """Writes the REAL frames [frames_per_chunk, H, W, 3] observed while chunk ep.chunk - 1 ran."""
+    want = (self.cfg.video.frames_per_chunk, self.cfg.video.height, self.cfg.video.width, 3)
+    if tuple(frames.shape) != want:
+      raise ValueError(f'observed frames have shape {tuple(frames.shape)}, expected {want}')
+    if ep.written >= ep.chunk:
+      raise ValueError('no predicted chunk is waiting for its observations: call step first')
+    if ep.chunk == self.cfg.video.max_chunks:
+      # The context window is full: restart it from the newest real frame as frame 0.
+      ep = self.reset(ep.instruction, frames[-1], robot_state, seed=int(jax.random.randint(ep.rng, (), 0, 2**30)))
+      return ep
+    cache, vae_cache = self._write(self._model_state, self._enc_state, ep.cache, ep.cross_kv, ep.vae_cache,
+                                   ep.cond, jnp.asarray(frames, jnp.float32)[None], jnp.int32(ep.written))
+    return dataclasses.replace(ep, cache=cache, vae_cache=vae_cache, written=ep.written + 1,
+                               anchor_state=np.asarray(robot_state, np.float32))
+
+  def step(self, ep: Episode) -> tuple[np.ndarray, np.ndarray, Episode, dict]:
+    """Predicts chunk ep.chunk: (raw actions [horizon, action_dim], video latents, episode, info)."""
+    if ep.written != ep.chunk:
+      raise ValueError('the previous chunk\'s observations have not been written: call observe first')
+    rng, sub = jax.random.split(ep.rng)
+    video, actions, evaluations = self._denoise(
+        self._model_state, ep.cache, ep.cross_kv, ep.cond, self._normalised_state(ep.anchor_state),
+        jnp.int32(self.embodiment.id), jnp.int32(ep.chunk), sub)
+    raw = self.postprocess(np.asarray(actions[0]), ep.anchor_state)
+    return raw, np.asarray(video), dataclasses.replace(ep, chunk=ep.chunk + 1, rng=rng), dict(
+        dit_evaluations=int(evaluations))
+
+  def postprocess(self, actions: np.ndarray, anchor_state: np.ndarray) -> np.ndarray:
+    """Normalised padded actions -> raw robot actions (unnormalise, absolute joints, smoothing)."""
+    e, p = self.embodiment, self.cfg.postprocess
+    a = normalization.unnormalize(actions[:, :e.action_dim], self.stats['action'])
+    a = postprocess.relative_to_absolute(a, anchor_state, e.relative_action_dims)
+    if p.smooth:
+      a = postprocess.smooth_actions(a, p.savgol_window, p.savgol_polyorder)
+    if p.gripper_dims:
+      a = postprocess.binarize_dims(a, p.gripper_dims, p.gripper_threshold, p.gripper_low, p.gripper_high)
+    return a.astype(np.float32)
+
+
+# ---- the server backend ---------------------------------------------------------------------------
+
+def _state_fields(embodiment_name: str, state_dim: int) -> dict[str, int]:
+  """Request keys carrying the robot state, in state order (DROID: joints then gripper)."""
+  if embodiment_name == 'droid':
+    return {'observation/joint_position': 7, 'observation/gripper_position': 1}
+  return {'observation/state': state_dim}
+
+
+class PolicyServerBackend:
+  """Adapts Policy to the server's PolicyBackend protocol; owns canvas building and normalisation."""
+
+  def __init__(self, policy: Policy):
+    self.policy = policy
+    cfg = policy.cfg
+    self.cameras = [f'observation/{c}' for c in cfg.data.cameras]
+    self.state_fields = _state_fields(cfg.data.embodiment, policy.embodiment.state_dim)
+    cam_h, cam_w = cfg.serve.camera_height, cfg.serve.camera_width
+    spec = {k: {'shape': [cfg.video.frames_per_chunk, cam_h, cam_w, 3], 'dtype': 'uint8'} for k in self.cameras}
+    spec.update({k: {'shape': [n], 'dtype': 'float32'} for k, n in self.state_fields.items()})
+    e = policy.embodiment
+    self._metadata = dict(observation_spec=spec, action_shape=[cfg.video.action_horizon, e.action_dim],
+                          action_horizon=cfg.video.action_horizon, control_hz=cfg.data.control_hz,
+                          embodiment=e.name, protocol_version=1)
+
+  @property
+  def metadata(self):
+    return self._metadata
+
+  def _canvas(self, observation) -> np.ndarray:
+    cfg = self.policy.cfg
+    return canvas.compose_arrays([observation[k] for k in self.cameras], cfg.data.canvas_layout,
+                                 cfg.video.height, cfg.video.width)
+
+  def _state(self, observation) -> np.ndarray:
+    return np.concatenate([np.asarray(observation[k], np.float32).reshape(-1) for k in self.state_fields])
+
+  def new_session(self, prompt, observation):
+    return self.policy.reset(prompt, self._canvas(observation)[0], self._state(observation))
+
+  def infer(self, session_state, observation):
+    import time
+    t0 = time.perf_counter()
+    frames = self._canvas(observation)
+    t1 = time.perf_counter()
+    ep = session_state
+    if ep.chunk > 0:  # later calls carry the frames observed while the last chunk ran
+      ep = self.policy.observe(ep, frames, self._state(observation))
+    t2 = time.perf_counter()
+    actions, _, ep, _ = self.policy.step(ep)
+    t3 = time.perf_counter()
+    return actions, ep, {'canvas': 1e3 * (t1 - t0), 'observe': 1e3 * (t2 - t1), 'denoise': 1e3 * (t3 - t2)}
+
+
+def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None) -> Policy:
+  """A Policy from a train.py workdir (its newest checkpoint; EMA parameters when present)."""
+  import os
+  from dreamzero_jax import checkpoint
+  from dreamzero_jax.training import trainer
+  if not os.path.isdir(os.path.join(checkpoint_dir, 'checkpoints')):
+    raise ValueError(f'--checkpoint {checkpoint_dir}: not a train.py workdir (no checkpoints/ inside)')
+  ckpt = checkpoint.Checkpointer(checkpoint_dir, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise ValueError(f'--checkpoint {checkpoint_dir}: holds no checkpoint')
+  if config is None:
+    config = _config_from_dict(ckpt.read_config(step))
+  graphdef, abstract = trainer.abstract_train_state(config)
+  state, _, norm_stats = ckpt.restore(step, abstract, config)
+  ckpt.close()
+  params = state.ema if state.ema is not None else state.params
+  if state.frozen is not None:
+    params = trainer.merge_lora(state.frozen, params, config.train.lora_alpha, config.train.lora_rank)
+  dit = nnx.merge(graphdef, params)
+  frozen = encoders_lib.FrozenEncoders(config, rngs=nnx.Rngs(config.seed + 1))
+  if not norm_stats:
+    raise ValueError(f'--checkpoint {checkpoint_dir}: the checkpoint carries no normalisation statistics')
+  return Policy(config, dit, frozen, norm_stats)
+
+
+def _config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """The config stored in a checkpoint (JSON lists back to tuples where the defaults have tuples)."""
+  from configs import base
+  cfg = base.get_base_config()
+
+  def fill(node, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node and isinstance(node[key], ml_collections.ConfigDict):
+        fill(node[key], value)
+      else:
+        node[key] = tuple(value) if isinstance(value, list) else value
+
+  fill(cfg, saved)
+  return cfg
+
+
+def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None) -> PolicyServerBackend:
+  return PolicyServerBackend(load_policy(checkpoint_dir, config))

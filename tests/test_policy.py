@@ -1,0 +1,120 @@
+"""The closed-loop policy: real observations (never its own predictions) drive the next chunk."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dreamzero_jax import encoders
+from dreamzero_jax.config import load_config
+from dreamzero_jax.inference.policy import Policy
+from dreamzero_jax.models.dit import build_dit
+
+STATS = {'state': dict(q01=[-1.0] * 4, q99=[1.0] * 4), 'action': dict(q01=[-2.0] * 4, q99=[2.0] * 4)}
+
+
+def _policy(overrides=()):
+  cfg = load_config('configs/tiny.py', ['video.height=32', 'video.width=32', 'video.max_chunks=2',
+                                        'sampler.num_steps=2', 'sampler.dit_step_mask="11"', *overrides])
+  model = build_dit(cfg.model, rngs=nnx.Rngs(0))
+  # A trained head is not zero: randomise the zero-initialised output layers so outputs react.
+  model.head.kernel.set_value(jax.random.normal(jax.random.key(3), model.head.kernel.shape) * 0.3)
+  return cfg, Policy(cfg, model, encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)), STATS)
+
+
+def _frames(cfg, seed, n):
+  return np.random.default_rng(seed).uniform(-1, 1, (n, cfg.video.height, cfg.video.width, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope='module')
+def cfg_policy():
+  return _policy(['sampler.cfg_scale=5.0'])
+
+
+def test_next_actions_follow_real_observations_not_predicted_frames(cfg_policy):
+  cfg, policy = cfg_policy
+  ep = policy.reset('reach the goal', _frames(cfg, 0, 1)[0], np.zeros(4))
+  # Two different predictions of chunk 0 (different sampling noise)...
+  a0, video0, ep_a, info = policy.step(policy.fork(ep))
+  _, video1, ep_b, _ = policy.step(dataclasses.replace(policy.fork(ep), rng=jax.random.key(99)))
+  assert a0.shape == (cfg.video.action_horizon, 4) and np.isfinite(a0).all()
+  assert info['dit_evaluations'] == 2
+  assert np.abs(video0 - video1).max() > 1e-3
+  # ...followed by the same real frames give the same next chunk: predictions never enter the cache.
+  real = _frames(cfg, 1, cfg.video.frames_per_chunk)
+  ep_a = policy.observe(ep_a, real, np.zeros(4))
+  ep_b = dataclasses.replace(policy.observe(ep_b, real, np.zeros(4)), rng=ep_a.rng)
+  next_a, _, _, _ = policy.step(ep_a)
+  next_b, _, _, _ = policy.step(ep_b)
+  np.testing.assert_array_equal(next_a, next_b)
+  # Different real frames give different next actions.
+  ep_c = policy.observe(dataclasses.replace(policy.fork(ep), chunk=1), _frames(cfg, 2, cfg.video.frames_per_chunk),
+                        np.zeros(4))
+  next_c, _, _, _ = policy.step(dataclasses.replace(ep_c, rng=ep_a.rng))
+  assert np.abs(next_c - next_a).max() > 1e-4
+
+
+def test_context_window_restarts_after_max_chunks(cfg_policy):
+  cfg, policy = cfg_policy
+  ep = policy.reset('push the puck', _frames(cfg, 0, 1)[0], np.zeros(4))
+  for k in range(cfg.video.max_chunks):
+    _, _, ep, _ = policy.step(ep)
+    ep = policy.observe(ep, _frames(cfg, 10 + k, cfg.video.frames_per_chunk), np.zeros(4))
+    assert (ep.chunk, ep.written) == ((k + 1, k + 1) if k + 1 < cfg.video.max_chunks else (0, 0))
+  actions, _, ep, _ = policy.step(ep)   # chunk 0 of the restarted window
+  assert ep.chunk == 1 and np.isfinite(actions).all()
+
+
+def test_out_of_order_calls_are_refused(cfg_policy):
+  cfg, policy = cfg_policy
+  ep = policy.reset('reach', _frames(cfg, 0, 1)[0], np.zeros(4))
+  with pytest.raises(ValueError, match='call step first'):
+    policy.observe(ep, _frames(cfg, 1, cfg.video.frames_per_chunk), np.zeros(4))
+  _, _, ep, _ = policy.step(ep)
+  with pytest.raises(ValueError, match='call observe first'):
+    policy.step(ep)
+  with pytest.raises(ValueError, match='observed frames have shape'):
+    policy.observe(ep, _frames(cfg, 1, 3), np.zeros(4))
+
+
+def test_flash_one_step_runs_without_the_unconditional_branch():
+  cfg, policy = _policy(['sampler.num_steps=1', 'sampler.dit_step_mask="1"', 'sampler.kind="euler"'])
+  assert policy.batch == 1
+  ep = policy.reset('reach', _frames(cfg, 0, 1)[0], np.zeros(4))
+  actions, _, _, info = policy.step(ep)
+  assert info['dit_evaluations'] == 1 and np.isfinite(actions).all()
+
+
+def test_server_runs_a_trained_checkpoint_end_to_end(tmp_path):
+  """train.py workdir -> load_backend -> websocket server -> client: shaped actions, errors survive."""
+  from dreamzero_jax import client as client_lib
+  from dreamzero_jax.inference import policy as policy_lib
+  from dreamzero_jax.training import loop
+  from tests.test_serve import running_server
+  from tests.test_train_loop import ListIterator, synthetic_batches
+  cfg = load_config('configs/tiny.py', ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.steps=1',
+                                        'sampler.num_steps=1', 'sampler.dit_step_mask="1"', 'serve.camera_height=24',
+                                        'serve.camera_width=20'])
+  batches = synthetic_batches(cfg, n=1)
+  assert loop.train(cfg, str(tmp_path), data=ListIterator(batches), norm_stats=STATS) == 0
+  backend = policy_lib.load_backend(str(tmp_path))
+  meta = backend.metadata
+  assert meta['action_shape'] == [8, 4] and meta['embodiment'] == 'metaworld'
+  rng = np.random.default_rng(0)
+
+  def obs(frames):
+    o = {k: rng.integers(0, 255, (frames, 24, 20, 3), dtype=np.uint8) for k in meta['observation_spec']
+         if k != 'observation/state'}
+    o['observation/state'] = np.zeros(4, np.float32)
+    return o
+
+  with running_server(backend, max_sessions=4) as port:
+    with client_lib.PolicyClient('127.0.0.1', port, session_id='s1', timeout_s=120) as c:
+      reply = c.infer({**obs(1), 'prompt': 'reach'})
+      assert reply['actions'].shape == (8, 4) and reply['actions'].dtype == np.float32
+      with pytest.raises(client_lib.PolicyServerError, match='observation/state'):
+        c.infer({**obs(8), 'observation/state': np.zeros(3, np.float32), 'prompt': 'reach'})
+      for _ in range(3):  # past max_chunks: the context window restarts
+        reply = c.infer({**obs(8), 'prompt': 'reach'})
+        assert reply['actions'].shape == (8, 4) and np.isfinite(reply['actions']).all()
