@@ -1,8 +1,9 @@
-"""The default job: `python -m dreamzero_jax.quickstart --out DIR`.
+"""The default job: `python -m dreamzero_jax.quickstart --out DIR` (CPU, minutes, no downloads).
 
-Runs the tiny DreamZero model on a teacher-forcing sequence of random latents on the CPU and
-prints the parameter summary and the output shapes. (The Meta-World build -> train -> closed-loop
-evaluation run replaces this once eval.py lands; see README.)
+1. builds a small Meta-World dataset with the scripted experts (DIR/data),
+2. trains the tiny config on it (DIR/train; rerunning resumes),
+3. evaluates closed loop on seen and unseen tasks through the same policy a robot uses
+   (DIR/eval/report.json and a GIF per task: real frames | predicted frames).
 """
 from __future__ import annotations
 
@@ -12,57 +13,52 @@ import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
-from dreamzero_jax import summary
 from dreamzero_jax.config import load_config, split_config_args
-from dreamzero_jax.models.dit import build_dit
 
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   overrides, rest = split_config_args(argv)
-  parser = argparse.ArgumentParser(prog='python -m dreamzero_jax.quickstart', description=__doc__)
-  parser.add_argument('--config', default='configs/tiny.py')
-  parser.add_argument('--out', default='runs/quickstart')
-  args = parser.parse_args(rest)
-  cfg = load_config(args.config, overrides)
-  summary.main(['--config', args.config, *overrides])
+  p = argparse.ArgumentParser(prog='python -m dreamzero_jax.quickstart', description=__doc__)
+  p.add_argument('--config', default='configs/tiny.py')
+  p.add_argument('--out', default='runs/quickstart')
+  p.add_argument('--tasks', default='reach-v3,push-v3', help='seen (training) tasks')
+  p.add_argument('--unseen_tasks', default='hand-insert-v3', help='held-out tasks (ML45 test)')
+  p.add_argument('--episodes', type=int, default=6, help='expert episodes per task to train on')
+  p.add_argument('--eval_episodes', type=int, default=1)
+  p.add_argument('--eval_steps', type=int, default=96, help='environment steps per evaluation episode')
+  args = p.parse_args(rest)
+  start = time.time()
+  data_dir, workdir, eval_dir = (os.path.join(args.out, d) for d in ('data', 'train', 'eval'))
+  cfg = load_config(args.config, [f'data.dir={data_dir}', *overrides])
+  size = cfg.serve.camera_height
 
-  m, v = cfg.model, cfg.video
-  k = v.max_chunks
-  f = 1 + k * v.frames_per_chunk // v.vae_temporal
-  h, w = v.height // v.vae_spatial, v.width // v.vae_spatial
-  rng = jax.random.split(jax.random.key(cfg.seed), 8)
-  model = build_dit(m, rngs=nnx.Rngs(cfg.seed))
-  inputs = dict(
-      clean=jax.random.normal(rng[0], (1, f, h, w, v.latent_channels)),
-      noisy=jax.random.normal(rng[1], (1, f, h, w, v.latent_channels)),
-      video_t=jnp.full((1, f), 500.0),
-      actions=jax.random.normal(rng[2], (1, k * v.action_horizon, m.action_dim)),
-      action_t=jnp.full((1, k * v.action_horizon), 500.0),
-      state=jax.random.normal(rng[3], (1, k, m.state_dim)),
-      embodiment_id=jnp.zeros((1,), jnp.int32),
-      text=jax.random.normal(rng[4], (1, m.text_len, m.text_dim)),
-      image=jax.random.normal(rng[5], (1, m.image_tokens, m.image_dim)) if m.image_dim else None,
-      cond=jax.random.normal(rng[6], (1, f, h, w, m.in_channels - v.latent_channels))
-      if m.in_channels > v.latent_channels else None)
-  start = time.perf_counter()
-  video_v, action_v = jax.jit(model.teacher_forcing)(**inputs)
-  jax.block_until_ready(action_v)
-  seconds = time.perf_counter() - start
-  report = dict(config=args.config, video_velocity=list(video_v.shape), action_velocity=list(action_v.shape),
-                finite=bool(jnp.isfinite(video_v).all() and jnp.isfinite(action_v).all()),
-                seconds_with_compile=round(seconds, 2), backend=jax.default_backend())
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, 'report.json')
-  with open(path, 'w') as fh:
-    json.dump(report, fh, indent=1)
-  print(json.dumps(report))
-  print(f'report written to {path}')
-  return 0 if report['finite'] else 1
+  from dreamzero_jax.datasets import __main__ as datasets_cli
+  if not os.path.isdir(os.path.join(data_dir, 'metaworld')):
+    print(f'[1/3] building Meta-World data ({args.tasks}, {args.episodes} episodes each) in {data_dir}', flush=True)
+    code = datasets_cli.main(['build', 'metaworld', '--out', data_dir, '--tasks', args.tasks,
+                              '--episodes', str(args.episodes), '--image_size', str(size), '--max_steps', '200'])
+    if code:
+      return code
+  print(f'[2/3] training {args.config} for {cfg.train.steps} steps in {workdir}', flush=True)
+  from dreamzero_jax.training import loop
+  code = loop.train(cfg, workdir)
+  if code:
+    return code
+  print(f'[3/3] closed-loop evaluation in {eval_dir}', flush=True)
+  import eval as eval_cli  # the repository's eval.py
+  code = eval_cli.main(['--checkpoint', workdir, '--out', eval_dir, '--tasks', args.tasks,
+                        '--unseen_tasks', args.unseen_tasks, '--episodes', str(args.eval_episodes),
+                        '--max_steps', str(args.eval_steps)])
+  if code:
+    return code
+  with open(os.path.join(eval_dir, 'report.json')) as fh:
+    report = json.load(fh)
+  print(json.dumps(dict(seen=report['seen'], unseen=report['unseen'], crashed=report['crashed'],
+                        minutes=round((time.time() - start) / 60, 1))))
+  print(f'results: {os.path.join(eval_dir, "report.json")}, GIFs: {", ".join(report["gifs"])}, '
+        f'training curve: {os.path.join(workdir, "metrics.jsonl")} (TensorBoard: {os.path.join(workdir, "tb")})')
+  return 0
 
 
 if __name__ == '__main__':

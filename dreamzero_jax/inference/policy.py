@@ -121,6 +121,10 @@ class Policy:
       out, info = samplers.sample(velocity, x0, cfg.sampler, cfg.train.num_train_timesteps)
       return out['video'], out['action'], info.num_evaluations
 
+    def decode(estate, latents):
+      return nnx.merge(edef, estate).vae.decode(latents)
+
+    self._decode = jax.jit(decode)
     self._start = jax.jit(start)
     self._write = jax.jit(write, donate_argnums=(2, 4))
     self._denoise = jax.jit(denoise)
@@ -178,6 +182,10 @@ class Policy:
     return raw, np.asarray(video), dataclasses.replace(ep, chunk=ep.chunk + 1, rng=rng), dict(
         dit_evaluations=int(evaluations))
 
+  def decode_video(self, latents: np.ndarray) -> np.ndarray:
+    """Predicted latents [1, F, h, w, C] -> frames [T, H, W, 3] in [-1, 1] (for evaluation videos)."""
+    return np.asarray(self._decode(self._enc_state, jnp.asarray(latents))[0])
+
   def postprocess(self, actions: np.ndarray, anchor_state: np.ndarray) -> np.ndarray:
     """Normalised padded actions -> raw robot actions (unnormalise, absolute joints, smoothing)."""
     e, p = self.embodiment, self.cfg.postprocess
@@ -231,6 +239,11 @@ class PolicyServerBackend:
     return self.policy.reset(prompt, self._canvas(observation)[0], self._state(observation))
 
   def infer(self, session_state, observation):
+    actions, ep, timing, _ = self.infer_with_video(session_state, observation)
+    return actions, ep, timing
+
+  def infer_with_video(self, session_state, observation):
+    """infer() plus the predicted video latents of the chunk (for evaluation videos)."""
     import time
     t0 = time.perf_counter()
     frames = self._canvas(observation)
@@ -239,9 +252,9 @@ class PolicyServerBackend:
     if ep.chunk > 0:  # later calls carry the frames observed while the last chunk ran
       ep = self.policy.observe(ep, frames, self._state(observation))
     t2 = time.perf_counter()
-    actions, _, ep, _ = self.policy.step(ep)
+    actions, video, ep, _ = self.policy.step(ep)
     t3 = time.perf_counter()
-    return actions, ep, {'canvas': 1e3 * (t1 - t0), 'observe': 1e3 * (t2 - t1), 'denoise': 1e3 * (t3 - t2)}
+    return actions, ep, {'canvas': 1e3 * (t1 - t0), 'observe': 1e3 * (t2 - t1), 'denoise': 1e3 * (t3 - t2)}, video
 
 
 def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None) -> Policy:

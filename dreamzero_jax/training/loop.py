@@ -89,10 +89,10 @@ class Logger:
     self.jsonl.close()
 
 
-def _norm_stats(cfg):
-  from dreamzero_jax.datasets import normalization, pipeline
-  path = pipeline.stats_path(cfg, cfg.data.name)
-  return normalization.load_stats(path) if os.path.exists(path) else {}
+def _norm_stats(cfg) -> dict:
+  """The statistics that normalise the primary dataset (saved with it, or computed as the pipeline does)."""
+  from dreamzero_jax.datasets import pipeline
+  return pipeline.open_member(cfg, cfg.data.name, 1.0, train=True).loader.stats
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats: dict | None = None,

@@ -1,0 +1,1 @@
+"""Evaluation: closed-loop Meta-World, offline metrics, latency."""

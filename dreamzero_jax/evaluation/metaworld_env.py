@@ -1,0 +1,66 @@
+"""A Meta-World task as the policy sees a robot: camera images + state in, actions out.
+
+Rendering as in the dataset builder (data/metaworld): shadows and multisampling off, images
+flipped upright. Progress is 1 - (object-to-target distance / its initial value), clipped to
+[0, 1], and 1 on success.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+os.environ.setdefault('MUJOCO_GL', 'egl')
+
+
+def ml45_split() -> tuple[list[str], list[str]]:
+  """Meta-World's ML45 (train tasks = seen, test tasks = unseen)."""
+  import metaworld.env_dict as env_dict  # pylint: disable=g-import-not-at-top
+  return list(env_dict.ML45_V3['train']), list(env_dict.ML45_V3['test'])
+
+
+class MetaWorldEnv:
+  """One task instance, seeded; `cameras` rendered at (height, width)."""
+
+  def __init__(self, task: str, seed: int, cameras, height: int, width: int):
+    import metaworld  # pylint: disable=g-import-not-at-top
+    import mujoco  # pylint: disable=g-import-not-at-top
+    self.task, self.cameras = task, tuple(cameras)
+    benchmark = metaworld.MT1(task, seed=seed)
+    self.env = benchmark.train_classes[task]()
+    self.env.set_task(benchmark.train_tasks[seed % len(benchmark.train_tasks)])
+    self.env.model.light_castshadow[:] = 0
+    self.env.model.vis.quality.offsamples = 0
+    self.renderer = mujoco.Renderer(self.env.model, height, width)
+    self.seed = seed
+    self._start_distance = None
+
+  def _observe(self, obs) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    images = {}
+    for cam in self.cameras:
+      self.renderer.update_scene(self.env.data, camera=cam)
+      images[cam] = np.ascontiguousarray(self.renderer.render()[::-1])  # offscreen is upside down
+    return images, np.asarray(obs[:4], np.float32)
+
+  def reset(self):
+    obs, _ = self.env.reset(seed=self.seed)
+    self._start_distance = None
+    return self._observe(obs)
+
+  def step(self, action: np.ndarray):
+    """Returns (images, state, success, progress, done)."""
+    action = np.clip(np.asarray(action, np.float32), -1.0, 1.0)
+    if not np.isfinite(action).all():
+      raise FloatingPointError(f'non-finite action {action.tolist()}')
+    obs, _, terminated, truncated, info = self.env.step(action)
+    success = bool(info.get('success', 0.0))
+    distance = float(info.get('obj_to_target', np.nan))
+    if self._start_distance is None:
+      self._start_distance = max(distance, 1e-6)
+    progress = 1.0 if success else float(np.clip(1.0 - distance / self._start_distance, 0.0, 1.0))
+    images, state = self._observe(obs)
+    return images, state, success, progress if np.isfinite(progress) else 0.0, bool(terminated or truncated)
+
+  def close(self):
+    self.renderer.close()
+    self.env.close()

@@ -1,0 +1,65 @@
+"""eval.py: closed-loop Meta-World through the policy, in-process and through the server."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip('metaworld')
+
+from dreamzero_jax.config import load_config  # noqa: E402
+from dreamzero_jax.evaluation import closed_loop  # noqa: E402
+from dreamzero_jax.inference import policy as policy_lib  # noqa: E402
+from dreamzero_jax.training import loop  # noqa: E402
+from tests.test_policy import STATS  # noqa: E402
+from tests.test_train_loop import ListIterator, synthetic_batches  # noqa: E402
+
+import eval as eval_cli  # noqa: E402
+
+OVERRIDES = ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.steps=1', 'sampler.num_steps=2',
+             'sampler.dit_step_mask="11"', 'sampler.cfg_scale=3.0', 'serve.camera_height=16',
+             'serve.camera_width=16']
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('eval_ckpt'))
+  cfg = load_config('configs/tiny.py', OVERRIDES)
+  assert loop.train(cfg, path, data=ListIterator(synthetic_batches(cfg, n=1)), norm_stats=STATS) == 0
+  return path
+
+
+def test_server_and_in_process_rollouts_take_identical_actions(workdir):
+  backend = policy_lib.load_backend(workdir)
+  cfg = backend.policy.cfg
+  with eval_cli.through_server(backend) as server_factory:
+    via_server = closed_loop.run_episode(server_factory('a'), cfg, 'reach-v3', 'reach the goal position', 3, 20)
+  in_proc = closed_loop.run_episode(eval_cli.in_process(backend)('b'), cfg, 'reach-v3', 'reach the goal position', 3,
+                                    20)
+  assert via_server['failure'] is None and in_proc['failure'] is None
+  assert len(in_proc['actions']) == 20
+  np.testing.assert_array_equal(np.stack(via_server['actions']), np.stack(in_proc['actions']))
+
+
+def test_closed_loop_report_and_gif(workdir, tmp_path):
+  out = str(tmp_path / 'eval')
+  assert eval_cli.main(['--checkpoint', workdir, '--out', out, '--tasks', 'reach-v3', '--unseen_tasks',
+                        'hand-insert-v3', '--episodes', '1', '--max_steps', '16']) == 0
+  report = json.load(open(os.path.join(out, 'report.json')))
+  assert set(report['tasks']) == {'reach-v3', 'hand-insert-v3'}
+  assert report['tasks']['hand-insert-v3']['split'] == 'unseen'
+  for task in report['tasks'].values():
+    assert {'success_rate', 'progress', 'length'} <= set(task) and task['length'] > 0
+  from PIL import Image
+  gif = Image.open(report['gifs'][0])
+  assert gif.n_frames > 1 and gif.size == (64, 32)   # real | predicted, side by side
+
+
+def test_a_crashed_episode_is_a_recorded_failure(workdir):
+  cfg = policy_lib.load_policy(workdir).cfg
+
+  def nan_policy(obs):
+    return np.full((cfg.video.action_horizon, 4), np.nan, np.float32), None
+
+  rec = closed_loop.run_episode(nan_policy, cfg, 'reach-v3', 'reach', 0, 16)
+  assert rec['success'] is False and 'non-finite action' in rec['failure']
