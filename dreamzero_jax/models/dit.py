@@ -431,4 +431,6 @@ class DreamZeroDiT(nnx.Module):
 
 
 def build_dit(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DreamZeroDiT:
-  return DreamZeroDiT(DiTConfig.from_config(model_cfg), rngs=rngs)
+  cfg = DiTConfig.from_config(model_cfg)
+  with layers.param_dtype(cfg.param_dtype):
+    return DreamZeroDiT(cfg, rngs=rngs)

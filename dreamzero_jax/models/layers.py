@@ -14,6 +14,17 @@ Axes = tuple[str | None, ...]
 
 
 _STACK: contextvars.ContextVar[int | None] = contextvars.ContextVar('dreamzero_stack', default=None)
+_PARAM_DTYPE: contextvars.ContextVar = contextvars.ContextVar('dreamzero_param_dtype', default=jnp.float32)
+
+
+@contextlib.contextmanager
+def param_dtype(dtype):
+  """Parameters created inside without an explicit dtype are stored in `dtype` (model.param_dtype)."""
+  token = _PARAM_DTYPE.set(dtype)
+  try:
+    yield
+  finally:
+    _PARAM_DTYPE.reset(token)
 
 
 @contextlib.contextmanager
@@ -64,9 +75,10 @@ ones = Init('ones')
 
 
 def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axes,
-          dtype=jnp.float32) -> nnx.Param:
+          dtype=None) -> nnx.Param:
   """A parameter with its logical axis names (mapped to mesh axes by dreamzero_jax.sharding)."""
   assert len(axes) == len(shape), (shape, axes)
+  dtype = _PARAM_DTYPE.get() if dtype is None else dtype
   stack = _STACK.get()
   if stack is not None:
     shape, axes = (stack, *shape), ('layers', *axes)
@@ -78,7 +90,7 @@ class Dense(nnx.Module):
   """y = x @ kernel + bias, kernel [in, out]."""
 
   def __init__(self, din: int, dout: int, axes: Axes, *, rngs: nnx.Rngs, bias: bool = True,
-               init: Callable | None = None, dtype=jnp.float32):
+               init: Callable | None = None, dtype=None):
     init = init or xavier_uniform
     self.kernel = param(rngs, init, (din, dout), axes, dtype)
     self.bias = param(rngs, zeros, (dout,), (axes[1],), dtype) if bias else None
