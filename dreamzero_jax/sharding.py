@@ -17,10 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
 
 # 14B on a TPU pod (DESIGN.md section 9). Each logical name maps to a mesh axis, a tuple of axes,
-# or None (replicated).
+# or None (replicated). Weights are also split over 'context': its devices hold different tokens of
+# the same examples, so without that they would each keep a full fsdp shard of the weights.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('layers', None),
-    ('embed', 'fsdp'),
+    ('embed', ('fsdp', 'context')),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('kv', None),

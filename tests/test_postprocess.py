@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 
 from dreamzero_jax.inference import executor
+from dreamzero_jax.datasets import normalization
 from dreamzero_jax.inference import postprocess
 
 signal = pytest.importorskip('scipy.signal')
-
-
-def _normalize(raw, q01, q99):
-  """The training-side map, written independently: [q01, q99] -> [-1, 1], clipped."""
-  return np.clip(2 * (raw - q01) / (q99 - q01) - 1, -1, 1)
 
 
 @pytest.mark.parametrize('length, window, polyorder', [(47, 7, 2), (47, 11, 3), (9, 9, 2),
@@ -64,17 +60,18 @@ def test_relative_to_absolute_roundtrip_with_normalisation():
   relative_actions[..., :relative] -= state[:, None, :relative]
   q01 = np.quantile(relative_actions.reshape(-1, 8), 0.0, axis=0)
   q99 = np.quantile(relative_actions.reshape(-1, 8), 1.0, axis=0)
-  model_space = _normalize(relative_actions, q01, q99)
+  summary = dict(q01=q01.tolist(), q99=q99.tolist())
+  model_space = normalization.normalize(relative_actions, summary)   # the pipeline's own map
   # Inference side.
-  raw = postprocess.unnormalize_q01_q99(model_space, q01, q99)
+  raw = normalization.unnormalize(model_space, summary)
   back = postprocess.relative_to_absolute(raw, state, relative)
   np.testing.assert_allclose(back, absolute, atol=1e-5)
 
 
 def test_unnormalize_endpoints_and_clipping_range():
   q01, q99 = np.array([-1.0, 0.0]), np.array([3.0, 0.5])
-  np.testing.assert_allclose(postprocess.unnormalize_q01_q99(np.array([[-1.0, -1.0], [1.0, 1.0],
-                                                                       [0.0, 0.0]]), q01, q99),
+  summary = dict(q01=q01.tolist(), q99=q99.tolist())
+  np.testing.assert_allclose(normalization.unnormalize(np.array([[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]]), summary),
                              [[-1.0, 0.0], [3.0, 0.5], [1.0, 0.25]])
 
 

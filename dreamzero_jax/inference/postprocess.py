@@ -12,13 +12,6 @@ from typing import Sequence
 import numpy as np
 
 
-def unnormalize_q01_q99(x: np.ndarray, q01: np.ndarray, q99: np.ndarray) -> np.ndarray:
-  """Inverse of the training map raw -> 2 (raw - q01) / (q99 - q01) - 1 (clipped to [-1, 1])."""
-  q01 = np.asarray(q01, np.float64)
-  q99 = np.asarray(q99, np.float64)
-  return ((np.asarray(x, np.float64) + 1.0) * 0.5 * (q99 - q01) + q01).astype(np.float32)
-
-
 def relative_to_absolute(actions: np.ndarray, anchor_state: np.ndarray,
                          num_relative_dims: int) -> np.ndarray:
   """Adds the chunk's anchor state to the leading `num_relative_dims` action dims.
