@@ -4,6 +4,8 @@ Every field here is read somewhere; an override of a key that is not here is an 
 """
 import ml_collections
 
+from dreamzero_jax import sharding
+
 # Wan's default negative prompt: the unconditional branch of video CFG.
 WAN_NEGATIVE_PROMPT = (
     '色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，'
@@ -87,6 +89,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The policy server's camera images (resized into the canvas quadrants).
   c.serve = ml_collections.ConfigDict(dict(camera_height=180, camera_width=320))
 
+  # Mesh sizes (one -1 takes the remaining devices) and the logical-axis -> mesh-axis rules.
   c.mesh = ml_collections.ConfigDict(dict(
-      axes=('data', 'fsdp', 'context', 'tensor'), shape=(1, -1, 1, 1)))
+      axes=('data', 'fsdp', 'context', 'tensor'), shape=(1, -1, 1, 1),
+      rules=sharding.DEFAULT_RULES))
   return c

@@ -256,9 +256,13 @@ class DreamZeroDiT(nnx.Module):
 
   def time_embed(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-token timesteps t [B, L] -> (e [B, L, D], e0 [B, L, 6, D]), fp32."""
-    e = self.time_embedding2(jax.nn.silu(self.time_embedding1(time_sinusoid(t, self.cfg.freq_dim))))
-    e0 = self.time_projection(jax.nn.silu(e))
-    return e, e0.reshape(*t.shape, 6, self.cfg.dim)
+    # Constrained like the tokens they modulate: left alone, XLA shards e0 by width and gathers the
+    # batch (3x the memory of the 5B step on a v5p slice).
+    tokens = ('activation_batch', 'activation_length', 'activation_embed')
+    h = sharding.constrain(self.time_embedding1(time_sinusoid(t, self.cfg.freq_dim)), tokens)
+    e = sharding.constrain(self.time_embedding2(jax.nn.silu(h)), tokens)
+    e0 = self.time_projection(jax.nn.silu(e)).reshape(*t.shape, 6, self.cfg.dim)
+    return e, sharding.constrain(e0, ('activation_batch', 'activation_length', None, 'activation_embed'))
 
   def embed_actions(self, actions, t, embodiment_id):
     return self.action_encoder(actions.astype(self.cfg.dtype), t, embodiment_id).astype(jnp.float32)
@@ -284,6 +288,7 @@ class DreamZeroDiT(nnx.Module):
     Returns (hidden [B, L, D], e [B, L, D], (k, v) of x stacked over layers or None).
     """
     e, e0 = self.time_embed(t)
+    x = sharding.constrain(x, ('activation_batch', 'activation_length', 'activation_embed'))
     graphdef, state = nnx.split(self.blocks)
 
     def body(x, xs):

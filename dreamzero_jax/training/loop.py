@@ -18,7 +18,7 @@ from flax import nnx
 
 from dreamzero_jax import checkpoint, encoders
 from dreamzero_jax.models.dit import build_dit
-from dreamzero_jax.training import trainer
+from dreamzero_jax.training import aot, trainer
 
 # bf16 dense peak per chip (datasheet), for MFU.
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
@@ -29,18 +29,9 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-def sequence_length(cfg) -> int:
-  v = cfg.video
-  lf = v.frames_per_chunk // v.vae_temporal
-  tokens_per_frame = (v.height // v.vae_spatial // cfg.model.patch_size[1]) * (
-      v.width // v.vae_spatial // cfg.model.patch_size[2])
-  k = v.max_chunks
-  return 2 * (1 + k * lf) * tokens_per_frame + k * v.action_horizon + k
-
-
 def train_flops(cfg, dit_params: int) -> float:
   """Model FLOPs of one train step: 6 N per token plus dense attention (fwd + bwd)."""
-  tokens = sequence_length(cfg)
+  tokens = aot.sequence_length(cfg)[0]
   m = cfg.model
   attention = 12 * m.num_layers * m.dim * tokens ** 2
   return cfg.train.batch_size * (6 * dit_params * tokens + attention)
@@ -95,6 +86,21 @@ def _norm_stats(cfg) -> dict:
   return pipeline.open_member(cfg, cfg.data.name, 1.0, train=True).loader.stats
 
 
+def _compiled_step(cfg, graphdef, state, encode, data):
+  """The jitted step and how a batch reaches it: one device, or sharded over cfg.mesh (multi-host:
+  each host feeds its own slice of the global batch)."""
+  step = trainer.make_train_step(graphdef, cfg)
+  if jax.device_count() == 1:
+    return jax.jit(step, donate_argnums=0), lambda batch: batch, None
+  from dreamzero_jax import sharding
+  from dreamzero_jax.training import partition
+  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+  state_sh, batch_sh = partition.train_shardings(cfg, mesh, jax.eval_shape(lambda: state),
+                                                 aot.abstract_batch(cfg, cfg.train.batch_size))
+  compiled = partition.shard_train_step(step, mesh, state_sh, batch_sh, partition.config_rules(cfg))
+  return compiled, lambda batch: partition.global_batch(batch, batch_sh), state_sh
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats: dict | None = None,
           stop_at: int | None = None) -> int:
   """Trains towards cfg.train.steps, this run stopping at `stop_at` if given (a later run resumes).
@@ -122,9 +128,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
     if data_state and hasattr(data, 'set_state'):
       data.set_state(data_state)
     print(f'resumed from {workdir} at step {start}')
-  step_fn = jax.jit(trainer.make_train_step(graphdef, cfg), donate_argnums=0)
+  step_fn, to_device, state_sharding = _compiled_step(cfg, graphdef, state, encode, data)
+  if state_sharding is not None:
+    state = jax.device_put(state, state_sharding)
   flops, peak = train_flops(cfg, dit_params), peak_flops()
-  tokens = cfg.train.batch_size * sequence_length(cfg)
+  tokens = cfg.train.batch_size * aot.sequence_length(cfg)[0]
   logger = Logger(workdir, cfg.train.steps)
   logger.bar.update(int(state.step))
   try:
@@ -132,7 +140,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
       batch = next(data)
       check_data_batch(batch, cfg)
       t0 = time.perf_counter()
-      state, metrics = step_fn(state, encode(batch))
+      state, metrics = step_fn(state, to_device(encode(batch)))
       metrics = {k: float(v) for k, v in metrics.items()}
       seconds = time.perf_counter() - t0
       step = int(state.step)

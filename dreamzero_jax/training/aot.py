@@ -1,0 +1,96 @@
+"""Ahead-of-time compilation of the sharded train step for a TPU pod slice, without a TPU.
+
+With libtpu installed (the `[tpu]` extra), jax.experimental.topologies describes a slice such as
+'v5p:4x4x8' as compile-only devices; the step is lowered on abstract inputs over a mesh of them
+and compiled, and XLA's memory analysis says what one device would hold. This is how a config's
+mesh and rules are checked against a chip's HBM before paying for the pod (DESIGN.md section 9).
+
+The step trains the DiT on precomputed latents: the frozen encoders (VAE, umT5, CLIP) are not
+part of it, so their memory is not counted.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dreamzero_jax import sharding
+from dreamzero_jax.training import objective, partition, trainer
+
+GIB = 1024 ** 3
+
+
+def abstract_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> objective.LatentBatch:
+  """ShapeDtypeStructs of one LatentBatch at the config's full clip (K = video.max_chunks chunks)."""
+  m, v = cfg.model, cfg.video
+  k, lf = v.max_chunks, v.frames_per_chunk // v.vae_temporal
+  f, h, w = 1 + k * lf, v.height // v.vae_spatial, v.width // v.vae_spatial
+  arr = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+  cond_channels = m.in_channels - v.latent_channels
+  return objective.LatentBatch(
+      latents=arr(f, h, w, v.latent_channels),
+      cond=arr(f, h, w, cond_channels) if cond_channels else None,
+      text=arr(m.text_len, m.text_dim),
+      image=arr(m.image_tokens, m.image_dim) if m.image_dim else None,
+      actions=arr(k * v.action_horizon, m.action_dim),
+      action_mask=arr(k * v.action_horizon, m.action_dim, dtype=jnp.bool_),
+      state=arr(k, m.state_dim),
+      chunk_mask=arr(k, dtype=jnp.bool_),
+      embodiment_id=arr(dtype=jnp.int32))
+
+
+def sequence_length(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(tokens, tokens padded to model.seq_pad_multiple) of one teacher-forcing sequence."""
+  m, v = cfg.model, cfg.video
+  k, lf = v.max_chunks, v.frames_per_chunk // v.vae_temporal
+  pt, ph, pw = m.patch_size
+  video = ((1 + k * lf) // pt) * (v.height // v.vae_spatial // ph) * (v.width // v.vae_spatial // pw)
+  tokens = 2 * video + k * v.action_horizon + k
+  return tokens, -(-tokens // m.seq_pad_multiple) * m.seq_pad_multiple
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
+  """Compiles the train step for `topology` (e.g. 'v5p:4x4x8') and reports per-device memory.
+
+  The step runs on train.batch_size examples; with train.grad_accum_steps > 1 the optimiser
+  applies an update every that many steps, so the global batch is their product.
+  """
+  from jax.experimental import topologies  # needs libtpu for platform='tpu'
+
+  # libtpu takes a host-wide lock meant for processes that drive real chips; compile-only devices
+  # drive none, so concurrent compiles (pytest -n, several configs at once) are safe.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  devices = topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
+  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
+  graphdef, state = trainer.abstract_train_state(cfg)
+  batch = abstract_batch(cfg, cfg.train.batch_size)
+  state_sh, batch_sh = partition.train_shardings(cfg, mesh, state, batch)
+  step = partition.shard_train_step(trainer.make_train_step(graphdef, cfg), mesh, state_sh, batch_sh,
+                                    partition.config_rules(cfg))
+  start = time.perf_counter()
+  compiled = step.lower(_with_shardings(state, state_sh), _with_shardings(batch, batch_sh)).compile()
+  compile_s = time.perf_counter() - start
+
+  mem = compiled.memory_analysis()
+  gib = lambda n: round(n / GIB, 3)
+  tokens, padded = sequence_length(cfg)
+  return dict(
+      topology=topology, device_kind=devices[0].device_kind, devices=len(devices),
+      mesh=dict(mesh.shape), per_step_batch=cfg.train.batch_size,
+      global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps, tokens=tokens, padded_tokens=padded,
+      num_layers=cfg.model.num_layers, dim=cfg.model.dim, lora_rank=cfg.train.lora_rank,
+      params=sum(x.size for x in jax.tree.leaves(state.params)),
+      argument_gib=gib(mem.argument_size_in_bytes), temp_gib=gib(mem.temp_size_in_bytes),
+      output_gib=gib(mem.output_size_in_bytes), alias_gib=gib(mem.alias_size_in_bytes),
+      # Donated state aliases its output: count those bytes once.
+      total_gib=gib(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                    - mem.alias_size_in_bytes),
+      compile_s=round(compile_s, 1),
+      scope='DiT train step on precomputed latents; frozen VAE/umT5/CLIP encoders not included')

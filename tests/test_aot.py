@@ -1,0 +1,68 @@
+"""Ahead-of-time compile of the sharded train step for a TPU slice, on a machine without a TPU.
+
+Needs libtpu (`pip install -e ".[tpu]"`): it provides the compile-only TPU devices and compiler.
+"""
+import math
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from dreamzero_jax.config import load_config
+from dreamzero_jax.training import aot, partition, trainer
+
+try:
+  import libtpu  # noqa: F401
+  HAVE_LIBTPU = True
+except ImportError:
+  HAVE_LIBTPU = False
+
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason='libtpu is not installed (pip install -e ".[tpu]"): '
+                                'compiling for a TPU topology needs its compiler')
+
+TOPOLOGY = 'v5p:2x2x1'   # 4 chips
+MESH = (1, 2, 1, 2)      # data, fsdp, context, tensor
+# A 2-layer model wide enough that TPU tile padding is negligible next to the sharded arrays.
+OVERRIDES = ['model.dim=512', 'model.num_heads=4', 'model.ffn_dim=1024', 'model.embodiment_hidden=256',
+             'model.text_dim=256', 'model.image_dim=256', f'mesh.shape={MESH}', 'train.batch_size=4']
+
+
+def _per_device_bytes(tree, specs, sizes) -> int:
+  """Bytes one device holds of `tree` under `specs`: each array divided by its shard count."""
+  shards = lambda s: math.prod(sizes[a] for e in s for a in ((e,) if isinstance(e, str) else e or ()))
+  leaves = jax.tree.leaves(jax.tree.map(lambda x, s: x.size * x.dtype.itemsize / shards(s), tree, specs,
+                                        is_leaf=lambda x: isinstance(x, PartitionSpec)))
+  return int(sum(leaves))
+
+
+@needs_libtpu
+def test_compile_only_reports_sharded_memory_for_a_tpu_slice():
+  cfg = load_config('configs/tiny.py', OVERRIDES)
+  report = aot.compile_only(cfg, TOPOLOGY)
+
+  assert report['devices'] == 4 and report['device_kind'].startswith('TPU')
+  assert report['mesh'] == dict(data=1, fsdp=2, context=1, tensor=2)
+  for key in ('argument_gib', 'temp_gib', 'output_gib'):
+    assert report[key] > 0, report
+  assert report['total_gib'] == pytest.approx(
+      report['argument_gib'] + report['temp_gib'] + report['output_gib'] - report['alias_gib'], abs=2e-3)
+  assert report['alias_gib'] > 0.9 * report['output_gib']   # the donated state is updated in place
+  assert 'encoders not included' in report['scope']
+
+  # The arguments are the state and batch as sharded over the mesh, not replicated copies.
+  _, state = trainer.abstract_train_state(cfg)
+  sizes = dict(zip(cfg.mesh.axes, MESH))
+  batch = aot.abstract_batch(cfg, cfg.train.batch_size)
+  want = (_per_device_bytes(state, partition.state_specs(cfg, state, sizes), sizes) +
+          _per_device_bytes(batch, partition.batch_specs(batch, partition.config_rules(cfg), sizes), sizes))
+  assert report['argument_gib'] * aot.GIB == pytest.approx(want, rel=0.1), (report, want / aot.GIB)
+
+
+def test_sequence_length_of_droid_14b():
+  """K=4 chunks on the 352x640 canvas: 2 x 9 x 880 video + 96 action + 4 state tokens (DESIGN.md 4)."""
+  cfg = load_config('configs/dreamzero_14b_droid.py')
+  assert aot.sequence_length(cfg) == (15_940, 16_000)
+  batch = aot.abstract_batch(cfg, 128)
+  assert batch.latents.shape == (128, 9, 44, 80, 16) and batch.cond.shape == (128, 9, 44, 80, 20)
+  assert np.dtype(batch.embodiment_id.dtype) == np.int32
