@@ -63,3 +63,15 @@ def test_a_crashed_episode_is_a_recorded_failure(workdir):
 
   rec = closed_loop.run_episode(nan_policy, cfg, 'reach-v3', 'reach', 0, 16)
   assert rec['success'] is False and 'non-finite action' in rec['failure']
+
+
+def test_offline_metrics_on_held_out_clips(workdir):
+  from dreamzero_jax.evaluation import offline
+  policy = policy_lib.load_policy(workdir)
+  batches = synthetic_batches(policy.cfg, n=2)
+  report = offline.evaluate(policy, iter(batches), max_clips=3)
+  assert report['clips'] == 3
+  assert np.isfinite(report['action_mse']) and report['action_mse'] > 0
+  assert 0 < report['video_psnr_db'] < 100
+  assert offline.psnr(np.zeros(4), np.zeros(4)) == float('inf')
+  assert abs(offline.psnr(np.zeros(4), np.full(4, 2.0)) - 0.0) < 1e-9   # peak-to-peak 2 in [-1, 1]

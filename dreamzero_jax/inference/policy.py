@@ -124,7 +124,11 @@ class Policy:
     def decode(estate, latents):
       return nnx.merge(edef, estate).vae.decode(latents)
 
+    def encode(estate, video):
+      return nnx.merge(edef, estate).vae.encode(video)
+
     self._decode = jax.jit(decode)
+    self._encode = jax.jit(encode)
     self._start = jax.jit(start)
     self._write = jax.jit(write, donate_argnums=(2, 4))
     self._denoise = jax.jit(denoise)
@@ -178,9 +182,14 @@ class Policy:
     video, actions, evaluations = self._denoise(
         self._model_state, ep.cache, ep.cross_kv, ep.cond, self._normalised_state(ep.anchor_state),
         jnp.int32(self.embodiment.id), jnp.int32(ep.chunk), sub)
-    raw = self.postprocess(np.asarray(actions[0]), ep.anchor_state)
+    normalised = np.asarray(actions[0])
+    raw = self.postprocess(normalised, ep.anchor_state)
     return raw, np.asarray(video), dataclasses.replace(ep, chunk=ep.chunk + 1, rng=rng), dict(
-        dit_evaluations=int(evaluations))
+        dit_evaluations=int(evaluations), normalised_actions=normalised)
+
+  def encode_video(self, video: np.ndarray) -> np.ndarray:
+    """Canvas frames [1, 1 + 4k, H, W, 3] in [-1, 1] -> normalised latents [1, 1 + k, h, w, C]."""
+    return np.asarray(self._encode(self._enc_state, jnp.asarray(video, jnp.float32)))
 
   def decode_video(self, latents: np.ndarray) -> np.ndarray:
     """Predicted latents [1, F, h, w, C] -> frames [T, H, W, 3] in [-1, 1] (for evaluation videos)."""
