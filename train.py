@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
-import time
 
-import jax
-import numpy as np
 
 
 def parse(argv):

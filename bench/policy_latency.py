@@ -76,7 +76,7 @@ def main(argv):
   decode_ms = 1e3 * (time.perf_counter() - t) / 20
   device = jax.devices()[0].device_kind
   s = cfg.sampler
-  print(f'| device | config | sampler | VAE encode ms | cache write ms | denoise ms | action decode ms | total ms |')
+  print('| device | config | sampler | VAE encode ms | cache write ms | denoise ms | action decode ms | total ms |')
   print('|---|---|---|---|---|---|---|---|')
   total = vae_ms + write_ms + denoise_ms + decode_ms
   print(f'| {device} | {spec} | {s.kind} {s.num_steps} steps, DiT x{int(evaluations)}, cfg {s.cfg_scale}'

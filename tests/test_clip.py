@@ -2,7 +2,6 @@
 Wan2.1 and open_clip checkpoint names, and the Wan2.1 preprocessing."""
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from flax import nnx
 
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models import clip, weights
+from tests.helpers import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,12 +29,7 @@ def _cfg(geometry='tiny'):
 
 
 def _new_model(cfg, seed=0, dtype=jnp.float32):
-  """A model with random numpy weights: skips the per-shape compiles of jax.random init."""
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: clip.CLIPVision(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
-  rng = np.random.default_rng(seed)
-  return nnx.merge(graphdef, jax.tree.map(
-      lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), state))
+  return random_model(lambda: clip.CLIPVision(cfg, rngs=nnx.Rngs(0), dtype=dtype), seed)
 
 
 @pytest.fixture(scope='module', params=list(GEOMETRIES))

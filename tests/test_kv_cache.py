@@ -7,16 +7,13 @@ from flax import nnx
 from dreamzero_jax.config import load_config
 from dreamzero_jax.inference import kv_cache
 from dreamzero_jax.models.dit import build_dit
+from tests.helpers import random_model
 
 CFG = load_config('configs/tiny.py')
 
 
 def _random_model():
-  model = build_dit(CFG.model, rngs=nnx.Rngs(0))
-  leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  nnx.update(model, jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape) * 0.3 for k, l in zip(keys, leaves)]))
-  return model
+  return random_model(lambda: build_dit(CFG.model, rngs=nnx.Rngs(0)), seed=1)
 
 
 def _rel(a, b):

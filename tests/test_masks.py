@@ -1,5 +1,4 @@
 """Chunk masks: cell-by-cell against DESIGN.md section 5, and what a forward can and cannot see."""
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ from flax import nnx
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models import masks
 from dreamzero_jax.models.dit import build_dit
+from tests.helpers import random_model
 
 CFG = load_config('configs/tiny.py')
 K = 4
@@ -88,12 +88,7 @@ def test_unknown_mask_kind_is_an_error():
 
 
 def _random_model():
-  model = build_dit(CFG.model, rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  nnx.update(model, jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape) * 0.3 for k, l in zip(keys, leaves)]))
-  return model
+  return random_model(lambda: build_dit(CFG.model, rngs=nnx.Rngs(0)), seed=1)
 
 
 def test_backbone_sees_exactly_what_the_mask_allows():

@@ -2,7 +2,6 @@
 import io
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from flax import nnx
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models import text_cache, umt5, weights
 from tests.wan_reference import import_wan
+from tests.helpers import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,12 +33,7 @@ def _cfg(geometry='tiny'):
 
 
 def _new_model(cfg, seed=0, dtype=jnp.float32):
-  """An encoder with random numpy weights: skips the per-shape compiles of jax.random init."""
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: umt5.UMT5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
-  rng = np.random.default_rng(seed)
-  return nnx.merge(graphdef, jax.tree.map(
-      lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), state))
+  return random_model(lambda: umt5.UMT5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype), seed)
 
 
 def _randomize(module: torch.nn.Module, seed: int, head_dim: int) -> None:

@@ -8,7 +8,6 @@ layouts), which is what lets TPU splash attention compile its block-sparse sched
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax

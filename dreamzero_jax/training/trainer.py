@@ -14,9 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from dreamzero_jax import sharding
 from dreamzero_jax.models.dit import DreamZeroDiT, build_dit
 from dreamzero_jax.training import objective
 
