@@ -245,16 +245,21 @@ def test_corrupted_record_is_reported_and_skipped_or_fails(tmp_path, mode):
     assert ids == [b'/raw/episode_0.h5', b'/raw/episode_2.h5']
 
 
-def test_generic_rlds_spec_builds_video_only_data(tmp_path):
+def _build_video_only_rlds(tmp_path, name: str, language: str, out: str):
+  """One RLDS episode built through a spec file that maps no actions (video-only data)."""
   write_rlds(str(tmp_path / 'rlds'), num_episodes=1)
-  spec = dict(name='my_robot', embodiment='droid',
+  spec = dict(name=name, embodiment='droid',
               cameras={cam: f'steps/observation/{cam}' for cam in CAMERAS},
               state=['steps/observation/joint_position', 'steps/observation/gripper_position'],
-              action=[], language=['steps/language_instruction'])
+              action=[], language=[f'steps/{language}'])
   with open(tmp_path / 'spec.json', 'w') as f:
     json.dump(spec, f)
-  r = run_cli('build', 'rlds', '--src', str(tmp_path / 'rlds'), '--spec', str(tmp_path / 'spec.json'),
-              '--out', str(tmp_path / 'out'))
+  return run_cli('build', 'rlds', '--src', str(tmp_path / 'rlds'), '--spec', str(tmp_path / 'spec.json'),
+                 '--out', out)
+
+
+def test_generic_rlds_spec_builds_video_only_data(tmp_path):
+  r = _build_video_only_rlds(tmp_path, 'my_robot', 'language_instruction', str(tmp_path / 'out'))
   assert r.returncode == 0, r.stderr
   cfg = _config(str(tmp_path / 'out'), 'data.name=my_robot')
   batch = next(iter(pipeline.make_dataset(cfg, train=True, process_index=0, process_count=1)))
@@ -266,15 +271,7 @@ def test_generic_rlds_spec_builds_video_only_data(tmp_path):
 def test_mixture_draws_from_both_datasets(droid_dir, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(os.path.join(droid_dir, 'droid'), tmp_path / 'droid')
-  write_rlds(str(tmp_path / 'rlds'), num_episodes=1)
-  spec = dict(name='other', embodiment='droid',
-              cameras={cam: f'steps/observation/{cam}' for cam in CAMERAS},
-              state=['steps/observation/joint_position', 'steps/observation/gripper_position'],
-              action=[], language=['steps/language_instruction_2'])
-  with open(tmp_path / 'spec.json', 'w') as f:
-    json.dump(spec, f)
-  assert run_cli('build', 'rlds', '--src', str(tmp_path / 'rlds'), '--spec', str(tmp_path / 'spec.json'),
-                 '--out', str(tmp_path)).returncode == 0
+  assert _build_video_only_rlds(tmp_path, 'other', 'language_instruction_2', str(tmp_path)).returncode == 0
   cfg = _config(str(tmp_path), 'train.batch_size=8')
   cfg.data.mixture = 'droid:1,other:1'
   batch = next(iter(pipeline.make_dataset(cfg, process_index=0, process_count=1)))

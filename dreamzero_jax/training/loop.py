@@ -85,7 +85,7 @@ def _norm_stats(cfg) -> dict:
   return pipeline.open_member(cfg, cfg.data.name, 1.0, train=True).loader.stats
 
 
-def _compiled_step(cfg, graphdef, state, encode, data):
+def _compiled_step(cfg, graphdef, state):
   """The jitted step and how a batch reaches it: one device, or sharded over cfg.mesh (multi-host:
   each host feeds its own slice of the global batch)."""
   step = trainer.make_train_step(graphdef, cfg)
@@ -127,7 +127,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
     if data_state and hasattr(data, 'set_state'):
       data.set_state(data_state)
     print(f'resumed from {workdir} at step {start}')
-  step_fn, to_device, state_sharding = _compiled_step(cfg, graphdef, state, encode, data)
+  step_fn, to_device, state_sharding = _compiled_step(cfg, graphdef, state)
   if state_sharding is not None:
     state = jax.device_put(state, state_sharding)
   flops, peak = train_flops(cfg, dit_params), peak_flops()
