@@ -40,8 +40,9 @@ def placements(layout: str, num_views: int, height: int, width: int):
 
 
 def decode_view(encoded: bytes, size: tuple[int, int], expect: tuple[int, int],
-                box: tuple[float, float, float, float] | None) -> np.ndarray:
-  """Decodes one frame, crops `box` (fractions of the image) and resizes to `size` (h, w)."""
+                box: tuple[float, float, float, float] | None, table: np.ndarray | None = None) -> np.ndarray:
+  """Decodes one frame, crops `box` (fractions of the image), resizes to `size` (h, w) and maps
+  every pixel value through `table` (uint8 [256]) if given."""
   im = Image.open(io.BytesIO(encoded))
   if (im.size[1], im.size[0]) != tuple(expect):
     raise ValueError(f'{im.size[1]}x{im.size[0]} image, the dataset declares {expect[0]}x{expect[1]}')
@@ -54,9 +55,9 @@ def decode_view(encoded: bytes, size: tuple[int, int], expect: tuple[int, int],
   sx, sy = im.size[0] / full_w, im.size[1] / full_h
   pixel_box = (box[0] * full_w * sx, box[1] * full_h * sy, box[2] * full_w * sx, box[3] * full_h * sy)
   im = im.convert('RGB')
-  if im.size == (size[1], size[0]) and pixel_box == (0, 0, im.size[0], im.size[1]):
-    return np.asarray(im)
-  return np.asarray(im.resize((size[1], size[0]), Image.BILINEAR, box=pixel_box))
+  if im.size != (size[1], size[0]) or pixel_box != (0, 0, im.size[0], im.size[1]):
+    im = im.resize((size[1], size[0]), Image.BILINEAR, box=pixel_box)
+  return np.asarray(im) if table is None else np.take(table, np.asarray(im))
 
 
 def draw_augment(rng: np.random.Generator, aug: Augment, num_views: int):
@@ -71,8 +72,20 @@ def draw_augment(rng: np.random.Generator, aug: Augment, num_views: int):
   return boxes, offsets, gains
 
 
-# uint8 -> [-1, 1]: one table lookup writes the float canvas in a single pass.
-_TO_FLOAT = np.arange(256, dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+def to_float(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1] (x * 2/255 - 1, in float32), into `out` if given."""
+  out = np.multiply(pixels, np.float32(2.0 / 255.0), out=out, dtype=np.float32)
+  return np.subtract(out, np.float32(1.0), out=out)
+
+
+def _paste(pixels: np.ndarray, t, row: int, col: int, view: np.ndarray, rep: int) -> None:
+  """pixels[t, row:row+h, col:col+w*rep] = view with each pixel repeated `rep` times across."""
+  h, w = view.shape[-3:-1]
+  dst = pixels[t, row:row + h, col:col + w * rep]
+  if rep == 1:
+    dst[...] = view
+  else:
+    dst.reshape(*dst.shape[:-2], w, rep, 3)[...] = view[..., None, :]
 
 
 def compose(frames: list[list[bytes]], layout: str, out: np.ndarray,
@@ -90,15 +103,14 @@ def compose(frames: list[list[bytes]], layout: str, out: np.ndarray,
   else:
     boxes, offsets, gains = draw_augment(rng, aug, len(frames))
   for v, (row, col, h, w, rep) in enumerate(places):
-    view = np.stack([decode_view(f, (h, w), image_shapes[v], boxes[v]) for f in frames[v]])
+    table = None
     if offsets[v] or gains[v] != 1.0:
       # Colour jitter in pixel space (gain about mid-grey, offset in [-1, 1] units), clipped.
       jitter = np.clip((np.arange(256) - 127.5) * gains[v] + 127.5 + offsets[v] * 127.5, 0, 255)
-      view = np.round(jitter).astype(np.uint8)[view]
-    if rep > 1:
-      view = np.repeat(view, rep, axis=2)
-    pixels_u8[:, row:row + h, col:col + w * rep] = view
-  np.take(_TO_FLOAT, pixels_u8, out=out[:num_t], mode='clip')   # 'raise' would buffer
+      table = np.round(jitter).astype(np.uint8)
+    for t, f in enumerate(frames[v]):
+      _paste(pixels_u8, t, row, col, decode_view(f, (h, w), image_shapes[v], boxes[v], table), rep)
+  to_float(pixels_u8, out=out[:num_t])
 
 
 def compose_arrays(views: list[np.ndarray], layout: str, height: int, width: int) -> np.ndarray:
@@ -111,7 +123,5 @@ def compose_arrays(views: list[np.ndarray], layout: str, height: int, width: int
   for view, (row, col, h, w, rep) in zip(views, placements(layout, len(views), height, width)):
     if view.shape[1:3] != (h, w):
       view = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in view])
-    if rep > 1:
-      view = np.repeat(view, rep, axis=2)
-    pixels_u8[:, row:row + h, col:col + w * rep] = view
-  return _TO_FLOAT[pixels_u8]
+    _paste(pixels_u8, slice(None), row, col, view, rep)
+  return to_float(pixels_u8)

@@ -5,6 +5,12 @@ FALLBACK[impl] to the first one that supports the platform, dtype and mask at tr
 supports everything and ends every chain. Layout: q [B, Lq, H, Dh], k/v [B, Lk, H, Dh]; mask is
 None or boolean [Lq, Lk] / [B, Lq, Lk] (True = may attend). Masks here are static (built from token
 layouts), which is what lets TPU splash attention compile its block-sparse schedule.
+
+The 'xla' path materialises fp32 scores [B, H, Lq, Lk]: for a 14B training clip (16,000 tokens, 40
+heads) that is 41 GB per example, forward and again in the backward recompute. With block_q > 0
+it walks the queries in blocks of that many rows (lax.map, each block rematerialised in the
+backward pass), so only [B, H, block_q, Lk] scores live at once, on any backend and under any
+sharding GSPMD can propagate (batch, heads), at the cost of a loop the fused kernels do not need.
 """
 from __future__ import annotations
 
@@ -34,26 +40,52 @@ def _platform() -> str:
   return jax.default_backend()
 
 
-@register('xla', supports=lambda q, mask: True)
-def xla_attention(q, k, v, mask=None):
-  """Softmax attention with fp32 logits and softmax, output in q's dtype."""
+def _expand_mask(mask):
+  mask = jnp.asarray(mask)
+  return mask[None, None] if mask.ndim == 2 else mask[:, None]
+
+
+def _dense_attention(q, k, v, mask=None):
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
-    mask = jnp.asarray(mask)
-    mask = mask[None, None] if mask.ndim == 2 else mask[:, None]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(_expand_mask(mask), logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v,
                     preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-@register('cudnn', supports=lambda q, mask: _platform() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16))
-def cudnn_attention(q, k, v, mask=None):
+@register('xla', supports=lambda q, mask: True)
+def xla_attention(q, k, v, mask=None, block_q: int = 0):
+  """Softmax attention with fp32 logits and softmax, output in q's dtype; query-blocked if block_q."""
+  b, lq, h, d = q.shape
+  if not block_q or lq <= block_q:
+    return _dense_attention(q, k, v, mask)
+  nb = -(-lq // block_q)
+  pad = nb * block_q - lq
+  # Padded query rows attend to everything (a fully masked row would be all -inf) and are dropped.
+  qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nb, block_q, h, d)
+  xs = [jnp.moveaxis(qb, 1, 0)]
   if mask is not None:
     mask = jnp.asarray(mask)
-    mask = mask[None, None] if mask.ndim == 2 else mask[:, None]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
+    rows = [(0, pad, 0), (0, 0, 0)] if mask.ndim == 2 else [(0, 0, 0), (0, pad, 0), (0, 0, 0)]
+    mask = jax.lax.pad(mask, jnp.array(True), rows)
+    mask = mask.reshape(nb, block_q, -1) if mask.ndim == 2 else jnp.moveaxis(
+        mask.reshape(b, nb, block_q, -1), 1, 0)
+    xs.append(mask)
+
+  @jax.checkpoint
+  def one_block(x):
+    return _dense_attention(x[0], k, v, x[1] if len(x) > 1 else None)
+
+  out = jax.lax.map(one_block, xs)  # [nb, B, block_q, H, Dh]
+  return jnp.moveaxis(out, 0, 1).reshape(b, nb * block_q, h, d)[:, :lq]
+
+
+@register('cudnn', supports=lambda q, mask: _platform() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16))
+def cudnn_attention(q, k, v, mask=None):
+  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else _expand_mask(mask),
+                                      implementation='cudnn')
 
 
 def _splash_supported(q, mask) -> bool:
@@ -85,5 +117,13 @@ def resolve(impl: str, q: jax.Array, mask=None) -> str:
   return 'xla'
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask=None, *, impl: str = 'xla') -> jax.Array:
-  return _REGISTRY[resolve(impl, q, mask)][0](q, k, v, mask)
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask=None, *, impl: str = 'xla',
+           block_q: int = 0) -> jax.Array:
+  """Attention through the first supported implementation of impl's chain.
+
+  block_q bounds the 'xla' path's score memory (see the module docstring); fused kernels ignore it.
+  """
+  name = resolve(impl, q, mask)
+  if name == 'xla':
+    return xla_attention(q, k, v, mask, block_q=block_q)
+  return _REGISTRY[name][0](q, k, v, mask)

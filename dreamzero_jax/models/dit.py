@@ -59,6 +59,7 @@ class DiTConfig:
   scan_layers: bool
   remat_policy: str
   attention: str
+  attention_block_q: int
   attention_mask: str
   seq_pad_multiple: int
 
@@ -103,7 +104,7 @@ class SelfAttention(nnx.Module):
     if past_kv is not None:
       keys = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
       values = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
-    out = attention.attend(q, keys, values, mask, impl=self.cfg.attention)
+    out = attention.attend(q, keys, values, mask, impl=self.cfg.attention, block_q=self.cfg.attention_block_q)
     out = checkpoint_name(out, 'self_attn_out')
     return self.o(out.reshape(*x.shape[:-1], -1)), (k, v)
 

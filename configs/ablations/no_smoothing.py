@@ -1,0 +1,9 @@
+"""Raw action chunks: no 2x upsample + Savitzky-Golay + downsample (paper: smoothing; DESIGN.md section 7)."""
+from configs import ablations
+
+BASELINE = 'dreamzero_14b_droid'
+CHANGES = {'postprocess.smooth': False}
+
+
+def get_config(arg=None):
+  return ablations.derive(BASELINE, CHANGES, arg)
