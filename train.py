@@ -21,6 +21,8 @@ def parse(argv):
   p.add_argument('--compile_only', action='store_true', help='compile the train step for --topology and exit')
   p.add_argument('--topology', default='', help='TPU topology for --compile_only, e.g. v5p:4x4x8')
   p.add_argument('--stop_at_step', type=int, help='end this run at this step (checkpointed; rerun to resume)')
+  p.add_argument('--max_minutes', type=float,
+                 help='end this run after this many wall-clock minutes (checkpointed; rerun to resume)')
   args = p.parse_args(rest)
   if not args.compile_only and not args.workdir:
     p.error('--workdir is required (unless --compile_only)')
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     return 0
   from dreamzero_jax.training import loop
   try:
-    return loop.train(cfg, args.workdir, stop_at=args.stop_at_step)
+    return loop.train(cfg, args.workdir, stop_at=args.stop_at_step, max_minutes=args.max_minutes)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

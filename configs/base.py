@@ -28,7 +28,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       action_dim=32, state_dim=64, embodiment_hidden=1024, num_embodiments=1,
       dtype='bfloat16', param_dtype='float32',
       scan_layers=True, remat_policy='nothing_saveable',
-      attention='xla',           # first choice; the registry falls back (attention.py)
+      attention='auto',          # splash on TPU, cuDNN on GPU, else XLA; or name one (attention.py)
       attention_block_q=1024,    # XLA path: queries in blocks of this many (bounds score memory); 0 = all
       attention_mask='block_causal',  # or 'bidirectional' (the AR-vs-bidirectional ablation)
       seq_pad_multiple=128,      # pad token sequences to a multiple (cuDNN flash backward needs it)

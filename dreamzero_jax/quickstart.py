@@ -22,12 +22,20 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog='python -m dreamzero_jax.quickstart', description=__doc__)
   p.add_argument('--config', default='configs/tiny.py')
   p.add_argument('--out', default='runs/quickstart')
-  p.add_argument('--tasks', default='reach-v3,push-v3', help='seen (training) tasks')
-  p.add_argument('--unseen_tasks', default='hand-insert-v3', help='held-out tasks (ML45 test)')
+  p.add_argument('--tasks', default='reach-v3,push-v3',
+                 help='seen (training) tasks, comma-separated; "ml45" = the 45 ML45 train tasks')
+  p.add_argument('--unseen_tasks', default='hand-insert-v3',
+                 help='held-out tasks, comma-separated; "ml45" = the 5 ML45 test tasks')
   p.add_argument('--episodes', type=int, default=6, help='expert episodes per task to train on')
   p.add_argument('--eval_episodes', type=int, default=1)
   p.add_argument('--eval_steps', type=int, default=96, help='environment steps per evaluation episode')
+  p.add_argument('--max_minutes', type=float, help='wall-clock budget of the training stage (resumable)')
   args = p.parse_args(rest)
+  if 'ml45' in (args.tasks, args.unseen_tasks):
+    from dreamzero_jax.evaluation import metaworld_env
+    train_tasks, test_tasks = metaworld_env.ml45_split()
+    args.tasks = ','.join(train_tasks) if args.tasks == 'ml45' else args.tasks
+    args.unseen_tasks = ','.join(test_tasks) if args.unseen_tasks == 'ml45' else args.unseen_tasks
   start = time.time()
   data_dir, workdir, eval_dir = (os.path.join(args.out, d) for d in ('data', 'train', 'eval'))
   cfg = load_config(args.config, [f'data.dir={data_dir}', *overrides])
@@ -42,7 +50,7 @@ def main(argv=None) -> int:
       return code
   print(f'[2/3] training {args.config} for {cfg.train.steps} steps in {workdir}', flush=True)
   from dreamzero_jax.training import loop
-  code = loop.train(cfg, workdir)
+  code = loop.train(cfg, workdir, max_minutes=args.max_minutes)
   if code:
     return code
   print(f'[3/3] closed-loop evaluation in {eval_dir}', flush=True)

@@ -81,6 +81,11 @@ def use_mesh_rules(mesh: Mesh, rules=DEFAULT_RULES):
     _CONTEXT.reset(token)
 
 
+def current():
+  """(mesh, rules) installed by use_mesh_rules, or None."""
+  return _CONTEXT.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names (no-op without mesh rules)."""
   ctx = _CONTEXT.get()

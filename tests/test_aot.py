@@ -66,3 +66,16 @@ def test_sequence_length_of_droid_14b():
   batch = aot.abstract_batch(cfg, 128)
   assert batch.latents.shape == (128, 9, 44, 80, 16) and batch.cond.shape == (128, 9, 44, 80, 20)
   assert np.dtype(batch.embodiment_id.dtype) == np.int32
+
+
+@needs_libtpu
+def test_compile_for_tpu_uses_splash_attention_on_a_cpu_host():
+  # The registry takes the platform from the mesh's devices (TPU here), not the CPU backend:
+  # self-attention (128-multiple lengths and head_dim) compiles to the splash kernel inside
+  # shard_map; the 8-token text cross-attention falls back to XLA.
+  cfg = load_config('configs/tiny.py', OVERRIDES + ['model.seq_pad_multiple=128'])
+  assert cfg.model.attention == 'auto'
+  report = aot.compile_only(cfg, TOPOLOGY)
+  assert report['attention'] == ['splash', 'xla'], report
+  assert aot.compile_only(load_config('configs/tiny.py', OVERRIDES + ['model.attention="xla"']),
+                          TOPOLOGY)['attention'] == ['xla']

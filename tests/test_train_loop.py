@@ -99,3 +99,17 @@ def test_batch_with_wrong_shape_is_refused_naming_the_field(tmp_path):
   batches[0]['state'] = batches[0]['state'][:, :1]
   with pytest.raises(ValueError, match=r"batch\['state'\] has shape \(2, 1, 64\), the config expects \(2, 2, 64\)"):
     loop.train(cfg, str(tmp_path), data=ListIterator(batches))
+
+
+def test_time_budget_checkpoints_and_stops_then_resumes(tmp_path, capsys):
+  # A zero-minute budget: the first step crosses it, is checkpointed (off the every-2 schedule),
+  # and the run ends; the next run resumes from it.
+  cfg = load_config('configs/tiny.py', CFG_OVERRIDES)
+  batches = synthetic_batches(cfg)
+  assert loop.train(cfg, str(tmp_path), data=ListIterator(batches), max_minutes=0.0) == 0
+  assert 'time budget of 0.0 min reached at step 1' in capsys.readouterr().out
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert ckpt.latest_step() == 1
+  ckpt.close()
+  assert loop.train(cfg, str(tmp_path), data=ListIterator(batches)) == 0
+  assert 'resumed from' in capsys.readouterr().out

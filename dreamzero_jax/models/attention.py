@@ -2,9 +2,13 @@
 
 `attend(q, k, v, mask, impl=...)` tries the requested implementation and falls back along
 FALLBACK[impl] to the first one that supports the platform, dtype and mask at trace time; 'xla'
-supports everything and ends every chain. Layout: q [B, Lq, H, Dh], k/v [B, Lk, H, Dh]; mask is
-None or boolean [Lq, Lk] / [B, Lq, Lk] (True = may attend). Masks here are static (built from token
-layouts), which is what lets TPU splash attention compile its block-sparse schedule.
+supports everything and ends every chain. 'auto' (the default) is TPU splash attention on TPUs,
+cuDNN flash attention on GPUs and XLA elsewhere. The platform is that of the active mesh's devices
+(sharding.use_mesh_rules), so an ahead-of-time compile for a TPU slice on a CPU host uses splash.
+
+Layout: q [B, Lq, H, Dh], k/v [B, Lk, H, Dh]; mask is None or boolean [Lq, Lk] / [B, Lq, Lk]
+(True = may attend). Masks here are static (built from token layouts), which is what lets TPU
+splash attention compile its block-sparse schedule.
 
 The 'xla' path materialises fp32 scores [B, H, Lq, Lk]: for a 14B training clip (16,000 tokens, 40
 heads) that is 41 GB per example, forward and again in the backward recompute. With block_q > 0
@@ -14,19 +18,40 @@ sharding GSPMD can propagate (batch, heads), at the cost of a loop the fused ker
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
+
+from dreamzero_jax import sharding
 
 AttentionFn = Callable[..., jax.Array]
+# supports(q, k, mask) says at trace time whether an implementation can run these inputs.
 _REGISTRY: dict[str, tuple[AttentionFn, Callable[..., bool]]] = {}
 FALLBACK = {
+    'auto': ('splash', 'cudnn', 'xla'),  # the fused kernel of the platform, else XLA
     'cudnn': ('cudnn', 'xla'),
     'splash': ('splash', 'xla'),
     'xla': ('xla',),
 }
+
+
+_USED: contextvars.ContextVar = contextvars.ContextVar('dreamzero_attention_used', default=None)
+
+
+@contextlib.contextmanager
+def record():
+  """Collects the names of the implementations `attend` resolves to while tracing inside."""
+  names: set[str] = set()
+  token = _USED.set(names)
+  try:
+    yield names
+  finally:
+    _USED.reset(token)
 
 
 def register(name: str, supports: Callable[..., bool]):
@@ -37,7 +62,10 @@ def register(name: str, supports: Callable[..., bool]):
 
 
 def _platform() -> str:
-  return jax.default_backend()
+  """The platform the code is being traced for: the devices of the active mesh (which, for an
+  ahead-of-time compile, are TPU devices while the host backend is the CPU), else the backend."""
+  ctx = sharding.current()
+  return ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
 
 
 def _expand_mask(mask):
@@ -55,7 +83,7 @@ def _dense_attention(q, k, v, mask=None):
                     preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-@register('xla', supports=lambda q, mask: True)
+@register('xla', supports=lambda q, k, mask: True)
 def xla_attention(q, k, v, mask=None, block_q: int = 0):
   """Softmax attention with fp32 logits and softmax, output in q's dtype; query-blocked if block_q."""
   b, lq, h, d = q.shape
@@ -82,37 +110,73 @@ def xla_attention(q, k, v, mask=None, block_q: int = 0):
   return jnp.moveaxis(out, 0, 1).reshape(b, nb * block_q, h, d)[:, :lq]
 
 
-@register('cudnn', supports=lambda q, mask: _platform() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16))
+@register('cudnn', supports=lambda q, k, mask: _platform() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16))
 def cudnn_attention(q, k, v, mask=None):
   return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else _expand_mask(mask),
                                       implementation='cudnn')
 
 
-def _splash_supported(q, mask) -> bool:
-  # Splash needs the mask as a host array (static), one mask for the batch, block-friendly lengths.
+def _splash_layout():
+  """(batch spec entry, heads spec entry, batch shards, head shards) of q under the active mesh
+  rules, or None when the sequence itself is split (context parallel: not handled here)."""
+  ctx = sharding.current()
+  if ctx is None:
+    return (None, None, 1, 1)
+  mesh, rules = ctx
+  batch, length, heads, _ = sharding.logical_to_spec(
+      ('activation_batch', 'activation_length', 'activation_heads', None), rules)
+  size = lambda entry: int(np.prod([mesh.shape[a] for a in (
+      () if entry is None else (entry,) if isinstance(entry, str) else entry)]))
+  if size(length) != 1:
+    return None
+  return (batch, heads, size(batch), size(heads))
+
+
+def _splash_supported(q, k, mask) -> bool:
+  # Splash takes the mask as a host array (static: its block-sparse schedule is built at trace
+  # time), one mask for the batch, 128-multiple lengths and head_dim, whole local batch and heads.
+  layout = _splash_layout()
   return (_platform() == 'tpu' and (mask is None or (isinstance(mask, np.ndarray) and mask.ndim == 2))
-          and q.shape[1] % 128 == 0)
+          and q.shape[1] % 128 == 0 and k.shape[1] % 128 == 0 and q.shape[-1] % 128 == 0
+          and layout is not None and q.shape[0] % layout[2] == 0 and q.shape[2] % layout[3] == 0)
 
 
 @register('splash', supports=_splash_supported)
-def splash_attention(q, k, v, mask=None):
+def splash_attention(q, k, v, mask=None, *, interpret: bool = False):
+  """TPU splash attention (Pallas), per device under the active mesh through shard_map.
+
+  Each device runs the kernel on its examples and heads (batch and heads are split as the rules
+  split activations; K/V follow q). `interpret` runs the kernel in the Pallas interpreter (tests
+  on the CPU).
+  """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   _, lq, h, d = q.shape
   lk = k.shape[1]
+  batch, heads, _, head_shards = _splash_layout()
   base = sm.FullMask((lq, lk)) if mask is None else sm.NumpyMask(np.asarray(mask))
-  kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * h), head_shards=1, q_seq_shards=1)
-  to_bhld = lambda x: jnp.swapaxes(x, 1, 2)
-  out = jax.vmap(kernel)(to_bhld(q) * d ** -0.5, to_bhld(k), to_bhld(v))
-  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+  kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * (h // head_shards)), head_shards=1,
+                              q_seq_shards=1, interpret=interpret)
+
+  def local(q, k, v):
+    to_bhld = lambda x: jnp.swapaxes(x, 1, 2)
+    out = jax.vmap(kernel)(to_bhld(q) * d ** -0.5, to_bhld(k), to_bhld(v))
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+  ctx = sharding.current()
+  if ctx is None:
+    return local(q, k, v)
+  spec = PartitionSpec(batch, None, heads, None)
+  return jax.shard_map(local, mesh=ctx[0], in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
 
 
-def resolve(impl: str, q: jax.Array, mask=None) -> str:
+def resolve(impl: str, q: jax.Array, k: jax.Array, mask=None) -> str:
   """The first implementation of impl's fallback chain that supports these inputs."""
   if impl not in FALLBACK:
     raise ValueError(f'unknown attention implementation {impl!r} (known: {", ".join(FALLBACK)})')
   for name in FALLBACK[impl]:
-    if _REGISTRY[name][1](q, mask):
+    if _REGISTRY[name][1](q, k, mask):
       return name
   return 'xla'
 
@@ -123,7 +187,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask=None, *, impl: str = '
 
   block_q bounds the 'xla' path's score memory (see the module docstring); fused kernels ignore it.
   """
-  name = resolve(impl, q, mask)
+  name = resolve(impl, q, k, mask)
+  if (used := _USED.get()) is not None:
+    used.add(name)
   if name == 'xla':
     return xla_attention(q, k, v, mask, block_q=block_q)
   return _REGISTRY[name][0](q, k, v, mask)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dreamzero_jax import sharding
+from dreamzero_jax.models import attention
 from dreamzero_jax.training import objective, partition, trainer
 
 GIB = 1024 ** 3
@@ -75,7 +76,9 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
   step = partition.shard_train_step(trainer.make_train_step(graphdef, cfg), mesh, state_sh, batch_sh,
                                     partition.config_rules(cfg))
   start = time.perf_counter()
-  compiled = step.lower(_with_shardings(state, state_sh), _with_shardings(batch, batch_sh)).compile()
+  with attention.record() as attention_used:
+    lowered = step.lower(_with_shardings(state, state_sh), _with_shardings(batch, batch_sh))
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
 
   mem = compiled.memory_analysis()
@@ -92,5 +95,5 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
       # Donated state aliases its output: count those bytes once.
       total_gib=gib(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                     - mem.alias_size_in_bytes),
-      compile_s=round(compile_s, 1),
+      attention=sorted(attention_used), compile_s=round(compile_s, 1),
       scope='DiT train step on precomputed latents; frozen VAE/umT5/CLIP encoders not included')

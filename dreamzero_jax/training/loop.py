@@ -101,13 +101,17 @@ def _compiled_step(cfg, graphdef, state):
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats: dict | None = None,
-          stop_at: int | None = None) -> int:
+          stop_at: int | None = None, max_minutes: float | None = None) -> int:
   """Trains towards cfg.train.steps, this run stopping at `stop_at` if given (a later run resumes).
+
+  `max_minutes`: a wall-clock budget for this run (set-up and compilation included); the step that
+  crosses it is checkpointed and the run ends there, to be resumed by a later one.
 
   `data`: an iterator of batches and `norm_stats` the statistics that normalised them (default:
   the grain pipeline over data.dir and that dataset's stats).
   """
   last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+  deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
   os.makedirs(workdir, exist_ok=True)
   if data is None:
     from dreamzero_jax.datasets import pipeline
@@ -153,9 +157,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
       logger.bar.update(1)
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:
         logger.log(step, metrics)
-      if step % cfg.train.checkpoint_every == 0 or step == last:
+      out_of_time = deadline is not None and time.monotonic() > deadline
+      if step % cfg.train.checkpoint_every == 0 or step == last or out_of_time:
         data_state = data.get_state() if hasattr(data, 'get_state') else None
         ckpt.save(step, state, cfg, data_state, norm_stats)
+      if out_of_time:
+        print(f'time budget of {max_minutes} min reached at step {step}; rerun to resume')
+        break
   except NonFiniteLossError as e:
     print(f'error: {e}')
     return 3
