@@ -78,9 +78,14 @@ class PolicyServer:
     start = time.perf_counter()
     observation = backend_lib.validate_observation(self._spec, request, session is None)
     prompt = request['prompt']
+    if session is not None and backend_lib.restarts_episode(self._spec, observation):
+      # A 1-frame call starts a new episode from that frame (its prompt may be new); the old KV
+      # cache is freed before the new one is built, as with reset.
+      self._sessions.pop(session_id, None)
+      session = None
     if session is not None and prompt != session.prompt:
       raise ValueError(f'prompt: changed within session {session_id}; a new instruction starts a '
-                       'new episode (send reset: true with 1 frame)')
+                       'new episode (send 1 frame, or reset: true)')
     timing['validate'] = _ms(time.perf_counter() - start)
     try:
       state = session.state if session else self._backend.new_session(prompt, observation)

@@ -20,6 +20,7 @@ from websockets.sync import client as ws_client
 from dreamzero_jax import client as client_lib
 from dreamzero_jax import msgpack_numpy
 from dreamzero_jax import serve
+from dreamzero_jax.inference import backend as backend_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAMERAS = ('observation/exterior_image_1_left', 'observation/exterior_image_2_left',
@@ -219,14 +220,35 @@ def test_reset_prompt_change_and_frame_counts(server):
       client.infer(observation(FRAMES))  # a new session starts from 1 frame
     assert client.infer(observation(1))['actions'][0, 0] == 0
     assert client.infer(observation(FRAMES))['actions'][0, 0] == 1
-    with pytest.raises(client_lib.PolicyServerError, match='frames, expected 4'):
-      client.infer(observation(1))
+    assert client.infer(observation(FRAMES // 2))['actions'][0, 0] == 2   # official-client stride
+    with pytest.raises(client_lib.PolicyServerError, match='^observation/exterior_image_1_left: 3 frames, '
+                       'expected 4 \\(or a divisor of 4'):
+      client.infer(observation(3))
     with pytest.raises(client_lib.PolicyServerError, match='^prompt: changed'):
       client.infer({**observation(FRAMES), 'prompt': 'open the drawer'})
+    assert client.infer(observation(1))['actions'][0, 0] == 0   # 1 frame restarts the episode
+    assert client.infer(observation(FRAMES))['actions'][0, 0] == 1
+    # A new instruction with 1 frame is a new episode too; so is reset.
+    assert client.infer({**observation(1), 'prompt': 'open the drawer'})['actions'][0, 0] == 0
+    assert client.infer({**observation(FRAMES), 'prompt': 'open the drawer'})['actions'][0, 0] == 1
     client.reset()
     assert client.infer({**observation(1), 'prompt': 'open the drawer'})['actions'][0, 0] == 0
     assert client.infer({**observation(FRAMES), 'prompt': 'open the drawer'}
                         )['actions'][0, 0] == 1
+
+
+def test_fewer_frames_are_repeated_to_the_training_stride():
+  spec = CountingBackend.metadata['observation_spec']
+  request = {**observation(2), 'session_id': 's'}
+  got = backend_lib.validate_observation(spec, request, first_call=False)
+  for key in CAMERAS:
+    assert got[key].shape == (FRAMES, HEIGHT, WIDTH, 3)
+    np.testing.assert_array_equal(got[key], request[key][[0, 0, 1, 1]])
+  mixed = {**request, CAMERAS[1]: request[CAMERAS[1]][:1]}
+  with pytest.raises(ValueError, match=f'^{CAMERAS[1]}: 1 frames, but {CAMERAS[0]} has 2'):
+    backend_lib.validate_observation(spec, mixed, first_call=False)
+  assert backend_lib.restarts_episode(spec, backend_lib.validate_observation(
+      spec, {**observation(1), 'session_id': 's'}, first_call=False))
 
 
 def test_sessions_survive_reconnect(server):

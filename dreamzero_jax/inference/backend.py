@@ -6,7 +6,12 @@ sampler). Keeping the seam this small lets the server be tested without a model.
 
 Observation spec entries are {'shape': [...], 'dtype': str}. An entry of shape [T, H, W, 3] and
 dtype uint8 is a camera stream: the first call of a session sends 1 frame (HxWx3 or 1xHxWx3),
-later calls send all T frames (DESIGN.md section 7: DROID sends 1 frame, then 4).
+later calls send the T frames observed while the last chunk ran, at the training stride. Clients
+built for the official server send fewer frames over the same chunk (DESIGN.md section 7: 1 frame,
+then 4, where our DROID model trains on 8 a chunk): n frames with n dividing T are accepted and
+each is repeated T/n times, which puts every frame at or just before its training position. A
+later call of 1 frame restarts the episode from it (DESIGN.md section 7: the cache resets on a
+1-frame input). All cameras of a request send the same number of frames.
 """
 from __future__ import annotations
 
@@ -67,8 +72,7 @@ def request_bytes(spec: Mapping[str, Mapping[str, Any]]) -> int:
   return sum(int(np.prod(e['shape'])) * np.dtype(e['dtype']).itemsize for e in spec.values())
 
 
-def _check_camera(key: str, value: np.ndarray, shape: tuple[int, ...], first_call: bool
-                  ) -> np.ndarray:
+def _check_camera(key: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if value.dtype != np.uint8:
     raise ValueError(f'{key}: dtype {value.dtype}, expected uint8')
   if value.ndim == 3:
@@ -76,11 +80,27 @@ def _check_camera(key: str, value: np.ndarray, shape: tuple[int, ...], first_cal
   if value.ndim != 4 or value.shape[1:] != shape[1:]:
     raise ValueError(f'{key}: image shape {value.shape}, expected '
                      f'{"x".join(map(str, shape[1:]))} (HxWx3) or TxHxWx3')
-  frames = 1 if first_call else shape[0]
-  if value.shape[0] != frames:
-    raise ValueError(f'{key}: {value.shape[0]} frames, expected {frames} (a session sends 1 frame '
-                     f'on its first call or with reset, then {shape[0]})')
   return value
+
+
+def _frames_to_stride(key: str, value: np.ndarray, frames: int, first_call: bool) -> np.ndarray:
+  """A camera's n frames as the call's canonical count: 1 on a first call or restart, else T."""
+  n = value.shape[0]
+  if first_call and n != 1:
+    raise ValueError(f'{key}: {n} frames, expected 1 (a session sends 1 frame on its first call '
+                     f'or with reset, then {frames})')
+  if n == 1 or n == frames:
+    return value
+  if n > frames or frames % n:
+    raise ValueError(f'{key}: {n} frames, expected {frames} (or a divisor of {frames}: each frame is '
+                     f'repeated to the training stride; 1 frame restarts the episode)')
+  return np.repeat(value, frames // n, axis=0)
+
+
+def restarts_episode(spec: Mapping[str, Mapping[str, Any]], observation: Mapping[str, np.ndarray]) -> bool:
+  """Whether a later call's validated observation is a 1-frame restart."""
+  cameras = [k for k, entry in spec.items() if is_camera(entry)]
+  return bool(cameras) and observation[cameras[0]].shape[0] == 1
 
 
 def _check_vector(key: str, value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype
@@ -108,7 +128,7 @@ def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping
       raise ValueError(f'{field}: missing')
     if not isinstance(request[field], str) or not request[field]:
       raise ValueError(f'{field}: expected a non-empty string, got {request[field]!r:.40}')
-  observation = {}
+  observation, first_camera = {}, None
   for key, entry in spec.items():
     if key not in request:
       raise ValueError(f'{key}: missing')
@@ -118,7 +138,13 @@ def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping
       raise ValueError(f'{key}: not an array ({e})') from e
     shape = tuple(entry['shape'])
     if is_camera(entry):
-      observation[key] = _check_camera(key, value, shape, first_call)
+      value = _check_camera(key, value, shape)
+      if first_camera is None:
+        first_camera = (key, value.shape[0])
+      elif value.shape[0] != first_camera[1]:
+        raise ValueError(f'{key}: {value.shape[0]} frames, but {first_camera[0]} has {first_camera[1]} '
+                         '(all cameras send the same number)')
+      observation[key] = _frames_to_stride(key, value, shape[0], first_call)
     else:
       observation[key] = _check_vector(key, value, shape, np.dtype(entry['dtype']))
   return observation
