@@ -23,11 +23,10 @@ def _import_config_module(path: str):
     raise ConfigError(f'config file not found: {path}')
   # Config files import their siblings as `configs.<name>`: the directory holding the `configs`
   # package (the repository root, also for configs/ablations/*.py) must be importable.
-  folder = os.path.dirname(os.path.abspath(path))
+  folder = here = os.path.dirname(os.path.abspath(path))
   while os.path.basename(folder) != 'configs' and os.path.dirname(folder) != folder:
     folder = os.path.dirname(folder)
-  root = os.path.dirname(folder if os.path.basename(folder) == 'configs' else os.path.dirname(
-      os.path.abspath(path)))
+  root = os.path.dirname(folder if os.path.basename(folder) == 'configs' else here)
   if root not in sys.path:
     sys.path.insert(0, root)
   name = '_dreamzero_config_' + os.path.splitext(os.path.basename(path))[0]
