@@ -80,6 +80,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict(dict(
       kind='unipc', num_steps=16, shift=5.0, cfg_scale=5.0,
       dit_step_mask='1110001000100111', dynamic_skip=False,
+      cfg_parallel=False,        # True: the CFG branches on two devices (one each), not batched on one
       negative_prompt=WAN_NEGATIVE_PROMPT))
 
   # Action post-processing (DESIGN.md section 7): 2x upsample, Savitzky-Golay, downsample.

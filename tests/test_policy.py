@@ -1,5 +1,8 @@
 """The closed-loop policy: real observations (never its own predictions) drive the next chunk."""
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -118,3 +121,45 @@ def test_server_runs_a_trained_checkpoint_end_to_end(tmp_path):
       for _ in range(3):  # past max_chunks: the context window restarts
         reply = c.infer({**obs(8), 'prompt': 'reach'})
         assert reply['actions'].shape == (8, 4) and np.isfinite(reply['actions']).all()
+
+
+def test_cfg_parallel_needs_an_unconditional_branch_and_two_devices():
+  with pytest.raises(ValueError, match='sampler.cfg_parallel needs 2 devices, found 1'):
+    _policy(['sampler.cfg_scale=5.0', 'sampler.cfg_parallel=True'])
+  with pytest.raises(ValueError, match='no unconditional branch'):
+    _policy(['sampler.cfg_scale=1.0', 'sampler.cfg_parallel=True'])
+
+
+def test_cfg_branches_on_two_devices_equal_the_batched_forward():
+  # Two fake CPU devices must exist before JAX starts: run this file as a script in a fresh process.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+  out = subprocess.run([sys.executable, __file__, '--cfg-parallel'], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert 'cfg parallel ok' in out.stdout
+
+
+def _cfg_parallel_check():
+  rollouts = []
+  for parallel in (False, True):
+    cfg, policy = _policy(['sampler.cfg_scale=5.0', f'sampler.cfg_parallel={parallel}'])
+    ep = policy.reset('reach the goal', _frames(cfg, 0, 1)[0], np.zeros(4))
+    a0, v0, ep, _ = policy.step(ep)
+    ep = policy.observe(ep, _frames(cfg, 1, cfg.video.frames_per_chunk), np.full(4, 0.1))
+    a1, v1, ep, _ = policy.step(ep)
+    rollouts.append((a0, v0, a1, v1))
+    if parallel:
+      # Each device holds one branch of the cache: batch 1 of 2 per shard, on two devices.
+      assert len(ep.cache.k.sharding.device_set) == 2
+      assert {s.data.shape[1] for s in ep.cache.k.addressable_shards} == {1}
+  for want, got in zip(*rollouts):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  print('cfg parallel ok')
+
+
+if __name__ == '__main__':
+  if sys.argv[1:] == ['--cfg-parallel']:
+    jax.config.update('jax_default_matmul_precision', 'highest')
+    _cfg_parallel_check()

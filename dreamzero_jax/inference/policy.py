@@ -3,8 +3,11 @@
 An episode holds explicit pytrees: the self-attention KV cache of REAL observed frames, the
 text/image cross-attention K/V (computed once per episode), the VAE's streaming cache and the
 I2V condition. With CFG the cache has batch 2 (prompt, negative prompt) so both branches run in
-one forward. Each piece is a jitted pure function with static shapes; the host loop only moves
-the chunk index, which is why every step reuses one compilation.
+one forward; with sampler.cfg_parallel the two branches run on two devices instead (the paper's
+CFG parallelism: parameters replicated, every batch-2 array split by its batch axis, so each device
+holds one branch's cache and runs one branch's forward; only the guided video crosses devices).
+Each piece is a jitted pure function with static shapes; the host loop only moves the chunk
+index, which is why every step reuses one compilation.
 
 Chunks: after reset (the first frame), `step` predicts chunk 0. Each later `step` first writes the
 frames observed while the previous chunk executed (video.frames_per_chunk canvas frames at the
@@ -23,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from dreamzero_jax import encoders as encoders_lib
+from dreamzero_jax import sharding
 from dreamzero_jax.datasets import canvas, normalization
 from dreamzero_jax.inference import kv_cache, postprocess, samplers
 from dreamzero_jax.models import clip
@@ -64,13 +68,32 @@ class Policy:
     self.prompts = encoders_lib.BatchEncoder(encoders, cfg).prompts
     self._model_def, self._model_state = nnx.split(model)
     self._enc_def, self._enc_state = nnx.split(encoders)
+    self.mesh = self._cfg_mesh() if cfg.sampler.cfg_parallel else None
+    if self.mesh is not None:
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      self._model_state = jax.device_put(self._model_state, replicated)
+      self._enc_state = jax.device_put(self._enc_state, replicated)
     self._jit()
+
+  def _cfg_mesh(self):
+    """A (data=2) mesh for sampler.cfg_parallel: the conditional branch on device 0, the
+    unconditional one on device 1 (the rules map activation_batch to data)."""
+    if not self.with_uncond:
+      raise ValueError('sampler.cfg_parallel runs the CFG branches on two devices, but this sampler has '
+                       'no unconditional branch (sampler.cfg_scale is 1 or sampler.num_steps is 1)')
+    devices = jax.devices()
+    if len(devices) < 2:
+      raise ValueError(f'sampler.cfg_parallel needs 2 devices, found {len(devices)} ({devices[0].platform})')
+    return sharding.make_mesh((2, 1, 1, 1), devices=devices[:2])
 
   # ---- jitted pieces ----------------------------------------------------------------------------
 
   def _jit(self):
     cfg, mdef, edef = self.cfg, self._model_def, self._enc_def
     m = cfg.model
+    # Batch-2 episode arrays [layers, B, ...] split over the CFG devices (no-op without a mesh).
+    by_branch = lambda tree: jax.tree.map(
+        lambda x: sharding.constrain(x, (None, 'activation_batch', *([None] * (x.ndim - 2)))), tree)
 
     def start(mstate, estate, frame, text, image_frame):
       """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache, y)."""
@@ -84,8 +107,9 @@ class Policy:
       cache = kv_cache.empty_cache(m.num_layers, self.batch, self.capacity, m.num_heads, m.dim // m.num_heads,
                                    jnp.dtype(m.dtype))
       dup = lambda x: None if x is None else jnp.broadcast_to(x, (self.batch, *x.shape[1:]))
+      cross_kv = by_branch(cross_kv)
       cache = model.write_clean_frames(dup(latent), cache, cross_kv, cond=dup(None if cond is None else cond[:, :1]))
-      return cache, cross_kv, vae_cache, cond
+      return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), cross_kv, vae_cache, cond
 
     def write(mstate, estate, cache, cross_kv, vae_cache, cond, frames, chunk):
       """Observed frames [1, frames_per_chunk, H, W, 3] of chunk `chunk` -> cache, VAE cache."""
@@ -96,7 +120,7 @@ class Policy:
       if cond is not None:
         c = dup(jax.lax.dynamic_slice_in_dim(cond, 1 + chunk * self.lf, self.lf, axis=1))
       cache = model.write_clean_frames(dup(latents), cache, cross_kv, chunk=chunk, cond=c)
-      return cache, vae_cache
+      return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), vae_cache
 
     def denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng):
       """Samples chunk `chunk`: (video latents [1, lf, h, w, C], normalised actions [1, Ha, A])."""
@@ -127,11 +151,20 @@ class Policy:
     def encode(estate, video):
       return nnx.merge(edef, estate).vae.encode(video)
 
+    def traced_under_mesh(fn):
+      if self.mesh is None:
+        return fn
+
+      def wrapped(*args):
+        with sharding.use_mesh_rules(self.mesh):
+          return fn(*args)
+      return wrapped
+
     self._decode = jax.jit(decode)
     self._encode = jax.jit(encode)
-    self._start = jax.jit(start)
-    self._write = jax.jit(write, donate_argnums=(2, 4))
-    self._denoise = jax.jit(denoise)
+    self._start = jax.jit(traced_under_mesh(start))
+    self._write = jax.jit(traced_under_mesh(write), donate_argnums=(2, 4))
+    self._denoise = jax.jit(traced_under_mesh(denoise))
 
   # ---- the episode API --------------------------------------------------------------------------
 
