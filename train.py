@@ -21,12 +21,32 @@ def parse(argv):
   p.add_argument('--compile_only', action='store_true', help='compile the train step for --topology and exit')
   p.add_argument('--topology', default='', help='TPU topology for --compile_only, e.g. v5p:4x4x8')
   p.add_argument('--stop_at_step', type=int, help='end this run at this step (checkpointed; rerun to resume)')
+  p.add_argument('--multihost', action='store_true',
+                 help='one process per host: jax.distributed.initialize (TPU pods and SLURM are detected; '
+                      'elsewhere give --coordinator, --num_processes and --process_id)')
+  p.add_argument('--coordinator', help='host:port of process 0 (with --multihost)')
+  p.add_argument('--num_processes', type=int, help='processes in the job (with --multihost)')
+  p.add_argument('--process_id', type=int, help="this process's index (with --multihost)")
   p.add_argument('--max_minutes', type=float,
                  help='end this run after this many wall-clock minutes (checkpointed; rerun to resume)')
   args = p.parse_args(rest)
   if not args.compile_only and not args.workdir:
     p.error('--workdir is required (unless --compile_only)')
+  if not args.multihost and any(x is not None for x in (args.coordinator, args.num_processes, args.process_id)):
+    p.error('--coordinator, --num_processes and --process_id need --multihost')
   return args, overrides
+
+
+def initialize_multihost(coordinator=None, num_processes=None, process_id=None) -> None:
+  """jax.distributed.initialize before anything touches a device; each process then feeds its
+  slice of the global batch (pipeline.make_dataset shards by jax.process_index())."""
+  import os
+
+  import jax
+  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only clusters and tests
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
 
 
 def main(argv=None) -> int:
@@ -42,6 +62,8 @@ def main(argv=None) -> int:
     from dreamzero_jax.training import aot
     print(json.dumps(aot.compile_only(cfg, args.topology)))
     return 0
+  if args.multihost:
+    initialize_multihost(args.coordinator, args.num_processes, args.process_id)
   from dreamzero_jax.training import loop
   try:
     return loop.train(cfg, args.workdir, stop_at=args.stop_at_step, max_minutes=args.max_minutes)

@@ -91,6 +91,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The policy server's camera images (resized into the canvas quadrants).
   c.serve = ml_collections.ConfigDict(dict(camera_height=180, camera_width=320))
 
+  # Pretrained weights: a `python -m dreamzero_jax.convert` output (Wan2.1/2.2 or DreamZero release).
+  # Training in a fresh workdir starts the DiT from it, and the frozen VAE / umT5 / CLIP are its
+  # weights wherever they run (training, evaluation, serving: the path travels in the checkpoint's
+  # config). '' = random initialisation (toy configs and tests).
+  c.init = ml_collections.ConfigDict(dict(converted=''))
+
   # Mesh sizes (one -1 takes the remaining devices) and the logical-axis -> mesh-axis rules.
   c.mesh = ml_collections.ConfigDict(dict(
       axes=('data', 'fsdp', 'context', 'tensor'), shape=(1, -1, 1, 1),

@@ -360,10 +360,12 @@ def config_differences(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]
   return diffs
 
 
-def load_converted(directory: str, cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
+def load_converted(directory: str, cfg: ml_collections.ConfigDict,
+                   parts: tuple[str, ...] = ('dit', 'encoders')) -> tuple[dict | None, dict | None]:
   """(DiT params, encoder params) as nnx.Param pure dicts of numpy arrays, from a `convert` output.
 
-  Refuses a checkpoint converted for a config whose model / vae / text_encoder / image_encoder differ.
+  Only `parts` are read (None for the others). Refuses a checkpoint converted for a config whose
+  model / vae / text_encoder / image_encoder differ.
   """
   config_path = os.path.join(directory, 'config.json')
   if not os.path.isfile(config_path):
@@ -372,17 +374,17 @@ def load_converted(directory: str, cfg: ml_collections.ConfigDict) -> tuple[dict
     diffs = config_differences(json.load(f), cfg)
   if diffs:
     raise IncompatibleCheckpointError(f'{directory} was converted for another config: ' + '; '.join(diffs))
-  abstract = abstract_params(cfg)
+  abstract = {k: v for k, v in abstract_params(cfg).items() if k in parts}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
   restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
       os.path.join(os.path.abspath(directory), 'params'),
-      args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+      args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, transforms={}))
   wrong = ['/'.join(map(str, path)) + f': {tuple(got.shape)} vs {tuple(want.shape)}'
            for (path, want), got in zip(_flat(abstract).items(), _flat(restored).values())
            if tuple(got.shape) != tuple(want.shape)]
   if wrong:
     raise IncompatibleCheckpointError(f'{directory}: parameters of another shape: ' + '; '.join(wrong))
-  return restored['dit'], restored['encoders']
+  return restored.get('dit'), restored.get('encoders')
 
 
 def _return_freed_tensors_to_the_os() -> None:

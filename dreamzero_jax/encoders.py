@@ -71,6 +71,33 @@ class FrozenEncoders(nnx.Module):
     self.image = clip.CLIPVision(cfg.image_encoder, rngs=rngs) if cfg.model.image_dim else None
 
 
+def _with_params(abstract: nnx.Module, params: dict) -> nnx.Module:
+  """An abstract (nnx.eval_shape) module filled with a pure dict of parameter arrays."""
+  graphdef, state = nnx.split(abstract)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)
+
+
+def build_frozen_encoders(cfg: ml_collections.ConfigDict) -> FrozenEncoders:
+  """The frozen VAE / umT5 / CLIP: the weights of cfg.init.converted (a `convert` output), or
+  random ones drawn at cfg.seed + 1 when it is '' (toy configs and tests)."""
+  if not cfg.init.converted:
+    return FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
+  from dreamzero_jax import convert
+  _, params = convert.load_converted(cfg.init.converted, cfg, parts=('encoders',))
+  return _with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), params)
+
+
+def initial_dit(cfg: ml_collections.ConfigDict):
+  """The DiT a fresh training run starts from: cfg.init.converted's weights, or random at cfg.seed."""
+  from dreamzero_jax.models.dit import build_dit
+  if not cfg.init.converted:
+    return build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  from dreamzero_jax import convert
+  params, _ = convert.load_converted(cfg.init.converted, cfg, parts=('dit',))
+  return _with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), params)
+
+
 class BatchEncoder:
   """Turns data batches (the pipeline's contract) into LatentBatch, caching prompt embeddings."""
 

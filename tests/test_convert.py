@@ -185,6 +185,32 @@ def test_official_names_convert_to_the_reference_outputs(refs, official, officia
 
 
 @TINY_CLIP
+def test_training_and_serving_use_the_converted_weights(refs, official, official_params, tmp_path):
+  # init.converted: a fresh run starts the DiT from the converted weights (lr 0 keeps them), the
+  # frozen encoders are the converted ones in training and in the policy loaded from the workdir.
+  from dreamzero_jax import encoders
+  from dreamzero_jax.inference.policy import load_policy
+  from dreamzero_jax.training import loop
+  from tests.test_train_loop import ListIterator, synthetic_batches
+  cfg = _cfg(f'init.converted={official}', 'train.steps=1', 'train.lr=0.0', 'train.warmup_fraction=0.0',
+             'video.max_chunks=2', 'video.height=32', 'video.width=32')
+  want_dit, want_enc = official_params
+  same = lambda got, want: jax.tree.map(np.testing.assert_array_equal, got, want)
+  same(nnx.state(encoders.build_frozen_encoders(cfg), nnx.Param).to_pure_dict(), want_enc)
+  stats = {'state': dict(q01=[-1.0] * 4, q99=[1.0] * 4), 'action': dict(q01=[-1.0] * 4, q99=[1.0] * 4)}
+  workdir = str(tmp_path / 'run')
+  assert loop.train(cfg, workdir, data=ListIterator(synthetic_batches(cfg)), norm_stats=stats) == 0
+  policy = load_policy(workdir)
+  assert policy.cfg.init.converted == official
+  same(policy._model_state.to_pure_dict(), want_dit)
+  same(policy._enc_state.to_pure_dict(), want_enc)
+  # Without it, the encoders are random (and differ from the converted ones).
+  random = nnx.state(encoders.build_frozen_encoders(_cfg()), nnx.Param).to_pure_dict()
+  assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(random['vae']), jax.tree.leaves(want_enc['vae']))
+                 if np.asarray(a).std() > 0)
+
+
+@TINY_CLIP
 def test_diffusers_names_and_sharded_safetensors(refs, official_params):
   out = os.path.join(refs.dir, 'converted_diffusers')
   convert.convert(refs.cfg, refs.diffusers_sources, out)

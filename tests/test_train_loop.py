@@ -131,22 +131,65 @@ def test_sharded_loop_on_four_devices_resumes_and_matches_one_device(tmp_path):
   cfg = load_config('configs/tiny.py', CFG_OVERRIDES + SHARDED_OVERRIDES)
   assert loop.train(cfg, str(tmp_path / 'single'), data=ListIterator(synthetic_batches(cfg))) == 0
   # The sharded checkpoint restores onto one device (train on a mesh, serve on one accelerator).
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  _, abstract = trainer.abstract_train_state(cfg)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
-  ckpt = checkpoint.Checkpointer(str(tmp_path / 'sharded'))
-  state, _, _ = ckpt.restore(ckpt.latest_step(), abstract, cfg)
-  ckpt.close()
-  assert int(state.step) == 2
   # Sharded reductions sum in another order, and Adam's first steps (lr 1e-2, each moving every
   # weight by up to 1e-2) turn fp32 rounding of near-zero gradients into differences of 1e-6 to
   # 3e-5 in a few weights: allow 1e-4, 0.5% of the two updates; a wrong batch slice, a lost step
   # or a bad restore moves weights by the update size itself.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4),
-               state.params, _params(str(tmp_path / 'single')))
+               _restored_params(str(tmp_path / 'sharded'), cfg), _params(str(tmp_path / 'single')))
 
 
 SHARDED_OVERRIDES = ['train.steps=2', 'mesh.shape=(1,2,1,2)']
+
+
+def _restored_params(workdir, cfg):
+  """A (possibly sharded, multi-host) checkpoint's parameters restored onto this one device."""
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  _, abstract = trainer.abstract_train_state(cfg)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
+  ckpt = checkpoint.Checkpointer(workdir)
+  state, _, _ = ckpt.restore(ckpt.latest_step(), abstract, cfg)
+  ckpt.close()
+  assert int(state.step) == cfg.train.steps
+  return state.params
+
+
+def test_two_host_loop_matches_one_device(tmp_path):
+  # Two processes (2 fake devices each) joined by jax.distributed on localhost, each feeding its
+  # half of every global batch, as on a TPU pod: 1 step, stop, resume to 2, then compare.
+  import socket
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+  procs = [subprocess.Popen([sys.executable, __file__, '--multihost-loop', str(tmp_path / 'hosts'), str(port),
+                             str(i)], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+    assert 'two-host loop ok' in out
+  cfg = load_config('configs/tiny.py', CFG_OVERRIDES + SHARDED_OVERRIDES)
+  assert loop.train(cfg, str(tmp_path / 'single'), data=ListIterator(synthetic_batches(cfg))) == 0
+  # Tolerance: see the four-device test.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4),
+               _restored_params(str(tmp_path / 'hosts'), cfg), _params(str(tmp_path / 'single')))
+  with open(tmp_path / 'hosts' / 'metrics.jsonl') as f:   # written once, by process 0
+    assert len(f.read().splitlines()) == cfg.train.steps // cfg.train.log_every + 1
+
+
+def _two_host_loop(workdir, port, process_id):
+  import train
+  train.initialize_multihost(f'localhost:{port}', 2, process_id)
+  cfg = load_config('configs/tiny.py', CFG_OVERRIDES + SHARDED_OVERRIDES)
+  assert (jax.process_count(), jax.device_count()) == (2, 4)
+  half = cfg.train.batch_size // 2
+  local = [{k: v[process_id * half:(process_id + 1) * half] for k, v in b.items()} for b in synthetic_batches(cfg)]
+  assert loop.train(cfg, workdir, data=ListIterator(local), stop_at=1) == 0
+  assert loop.train(cfg, workdir, data=ListIterator(local)) == 0
+  print('two-host loop ok')
 
 
 def _sharded_loop(workdir):
@@ -159,6 +202,8 @@ def _sharded_loop(workdir):
 
 
 if __name__ == '__main__':
+  jax.config.update('jax_default_matmul_precision', 'highest')
   if sys.argv[1] == '--sharded-loop':
-    jax.config.update('jax_default_matmul_precision', 'highest')
     _sharded_loop(sys.argv[2])
+  elif sys.argv[1] == '--multihost-loop':
+    _two_host_loop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

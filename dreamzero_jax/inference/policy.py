@@ -319,7 +319,7 @@ def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = 
   if state.frozen is not None:
     params = trainer.merge_lora(state.frozen, params, config.train.lora_alpha, config.train.lora_rank)
   dit = nnx.merge(graphdef, params)
-  frozen = encoders_lib.FrozenEncoders(config, rngs=nnx.Rngs(config.seed + 1))
+  frozen = encoders_lib.build_frozen_encoders(config)
   if not norm_stats:
     raise ValueError(f'--checkpoint {checkpoint_dir}: the checkpoint carries no normalisation statistics')
   return Policy(config, dit, frozen, norm_stats)

@@ -13,10 +13,8 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from dreamzero_jax import checkpoint, encoders
-from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.training import aot, trainer
 
 # bf16 dense peak per chip (datasheet), for MFU.
@@ -59,14 +57,20 @@ def check_data_batch(batch: dict, cfg) -> None:
 
 
 class Logger:
+  """Console progress bar, TensorBoard and metrics.jsonl; only process 0 of a multi-host job
+  writes (the others keep a silent bar)."""
+
   def __init__(self, workdir: str, total: int):
     from tensorboardX import SummaryWriter
     import tqdm
-    self.writer = SummaryWriter(os.path.join(workdir, 'tb'))
-    self.bar = tqdm.tqdm(total=total, dynamic_ncols=True, desc='train')
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self.primary = jax.process_index() == 0
+    self.writer = SummaryWriter(os.path.join(workdir, 'tb')) if self.primary else None
+    self.bar = tqdm.tqdm(total=total, dynamic_ncols=True, desc='train', disable=not self.primary)
+    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if self.primary else None
 
   def log(self, step: int, metrics: dict) -> None:
+    if not self.primary:
+      return
     for k, v in metrics.items():
       self.writer.add_scalar(f'train/{k}', v, step)
     self.jsonl.write(json.dumps(dict(step=step, **metrics)) + '\n')
@@ -75,8 +79,9 @@ class Logger:
 
   def close(self):
     self.bar.close()
-    self.writer.close()
-    self.jsonl.close()
+    if self.primary:
+      self.writer.close()
+      self.jsonl.close()
 
 
 def _norm_stats(cfg) -> dict:
@@ -117,23 +122,28 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
     from dreamzero_jax.datasets import pipeline
     data = iter(pipeline.make_dataset(cfg, train=True))
     norm_stats = _norm_stats(cfg)
-  model = build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))
-  frozen = encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
-  encode = encoders.BatchEncoder(frozen, cfg)
-  graphdef, state = trainer.init_train_state(model, cfg, jax.random.key(cfg.seed))
-  dit_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.full_params(state, cfg.train)))
-  del model
+  encode = encoders.BatchEncoder(encoders.build_frozen_encoders(cfg), cfg)
+  graphdef, abstract = trainer.abstract_train_state(cfg)
+  dit_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.full_params(abstract, cfg.train)))
+  step_fn, to_device, state_sharding = _compiled_step(cfg, graphdef, abstract)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
-    state, data_state, norm_stats = ckpt.restore(start, state, cfg)
+    # Straight into the step's shardings: each process reads only the shards it holds.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                          state_sharding if state_sharding is not None else jax.tree.map(lambda _: one, abstract))
+    state, data_state, norm_stats = ckpt.restore(start, target, cfg)
     if data_state and hasattr(data, 'set_state'):
       data.set_state(data_state)
     print(f'resumed from {workdir} at step {start}')
-  step_fn, to_device, state_sharding = _compiled_step(cfg, graphdef, state)
-  if state_sharding is not None:
-    state = jax.device_put(state, state_sharding)
+  else:
+    if cfg.init.converted:
+      print(f'starting from the converted weights in {cfg.init.converted}')
+    _, state = trainer.init_train_state(encoders.initial_dit(cfg), cfg, jax.random.key(cfg.seed))
+    if state_sharding is not None:
+      state = jax.device_put(state, state_sharding)
   flops, peak = train_flops(cfg, dit_params), peak_flops()
   tokens = cfg.train.batch_size * aot.sequence_length(cfg)[0]
   logger = Logger(workdir, cfg.train.steps)
