@@ -139,6 +139,13 @@ def test_sharded_loop_on_four_devices_resumes_and_matches_one_device(tmp_path):
                _restored_params(str(tmp_path / 'sharded'), cfg), _params(str(tmp_path / 'single')))
 
 
+def test_multihost_flags_need_multihost(capsys):
+  import train
+  with pytest.raises(SystemExit):
+    train.main(['--config', 'configs/tiny.py', '--workdir', '/tmp/unused', '--process_id', '1'])
+  assert '--coordinator, --num_processes and --process_id need --multihost' in capsys.readouterr().err
+
+
 SHARDED_OVERRIDES = ['train.steps=2', 'mesh.shape=(1,2,1,2)']
 
 
