@@ -176,7 +176,10 @@ def run(backend: backend_lib.PolicyBackend, host: str, port: int, max_sessions: 
 def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   overrides, rest = config_lib.split_config_args(argv)
   parser = argparse.ArgumentParser(prog='python -m dreamzero_jax.serve', description=__doc__)
-  parser.add_argument('--checkpoint', required=True, help='checkpoint directory')
+  parser.add_argument('--checkpoint', required=True,
+                      help='a train.py workdir, or a `python -m dreamzero_jax.convert` output')
+  parser.add_argument('--norm_stats', help='norm_stats.json (`python -m dreamzero_jax.datasets stats`): '
+                      "replaces the checkpoint's; required for a converted checkpoint")
   parser.add_argument('--config', help='configs/NAME.py[:ARG]; default: the checkpoint\'s own')
   parser.add_argument('--port', type=int, default=8000)
   parser.add_argument('--host', default='127.0.0.1')
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f'--max_sessions must be >= 1, got {args.max_sessions}')
     config = config_lib.load_config(args.config, overrides) if args.config else None
     from dreamzero_jax.inference import policy  # imports JAX: only once the inputs look sane
-    backend = policy.load_backend(args.checkpoint, config)
+    backend = policy.load_backend(args.checkpoint, config, args.norm_stats)
     run(backend, args.host, args.port, args.max_sessions)
   except (ValueError, OSError) as e:  # ConfigError is a ValueError; OSError: port in use
     print(f'error: {e}', file=sys.stderr)

@@ -211,6 +211,35 @@ def test_training_and_serving_use_the_converted_weights(refs, official, official
 
 
 @TINY_CLIP
+def test_a_converted_checkpoint_serves_with_norm_stats(refs, official, official_params, tmp_path):
+  from dreamzero_jax.datasets import normalization
+  from dreamzero_jax.inference import policy as policy_lib
+  with pytest.raises(ValueError, match='carries no normalisation statistics: pass --norm_stats'):
+    policy_lib.load_backend(official)
+  from dreamzero_jax.datasets.episodes import LowDim
+  rng = np.random.default_rng(0)
+  lowdim = LowDim(episode_id=np.array([b'e0']), offsets=np.array([0, 40]),
+                  state=rng.standard_normal((40, 4)).astype(np.float32),
+                  action=rng.standard_normal((40, 4)).astype(np.float32), language=np.zeros((40, 1), np.int32),
+                  has_action=np.array([True]), success=np.array([True]))
+  stats = normalization.compute_stats(lowdim, refs.cfg.video.action_horizon, refs.cfg.data.relative_action_dims)
+  path = str(tmp_path / 'norm_stats.json')
+  normalization.save_stats(stats, path)
+  backend = policy_lib.load_backend(official, norm_stats_path=path)
+  jax.tree.map(np.testing.assert_array_equal, backend.policy._model_state.to_pure_dict(), official_params[0])
+  jax.tree.map(np.testing.assert_array_equal, backend.policy._enc_state.to_pure_dict(), official_params[1])
+  spec = backend.metadata['observation_spec']
+  first = {k: np.zeros([1, *e['shape'][1:]], e['dtype']) if len(e['shape']) == 4 else np.zeros(e['shape'], e['dtype'])
+           for k, e in spec.items()}
+  actions, _, _ = backend.infer(backend.new_session('reach the goal', first), first)
+  assert actions.shape == tuple(backend.metadata['action_shape']) and np.isfinite(actions).all()
+  bad = str(tmp_path / 'bad_stats.json')
+  normalization.save_stats({**stats, 'state': {k: v[:3] for k, v in stats['state'].items()}}, bad)
+  with pytest.raises(ValueError, match='state.q01 has 3 dims, the embodiment has 4'):
+    policy_lib.load_backend(official, norm_stats_path=bad)
+
+
+@TINY_CLIP
 def test_diffusers_names_and_sharded_safetensors(refs, official_params):
   out = os.path.join(refs.dir, 'converted_diffusers')
   convert.convert(refs.cfg, refs.diffusers_sources, out)

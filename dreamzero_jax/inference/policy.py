@@ -299,30 +299,54 @@ class PolicyServerBackend:
     return actions, ep, {'canvas': 1e3 * (t1 - t0), 'observe': 1e3 * (t2 - t1), 'denoise': 1e3 * (t3 - t2)}, video
 
 
-def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None) -> Policy:
-  """A Policy from a train.py workdir (its newest checkpoint; EMA parameters when present)."""
+def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
+                norm_stats_path: str | None = None) -> Policy:
+  """A Policy from a train.py workdir (its newest checkpoint; EMA parameters when present), or from
+  a `python -m dreamzero_jax.convert` output (an official release, served as converted).
+
+  `norm_stats_path`: a norm_stats.json (`python -m dreamzero_jax.datasets stats` writes one) used
+  instead of the checkpoint's; required for a converted checkpoint, which carries none.
+  """
+  import json
   import os
   from dreamzero_jax import checkpoint
+  from dreamzero_jax.datasets import embodiments
   from dreamzero_jax.training import trainer
-  if not os.path.isdir(os.path.join(checkpoint_dir, 'checkpoints')):
-    raise ValueError(f'--checkpoint {checkpoint_dir}: not a train.py workdir (no checkpoints/ inside)')
-  ckpt = checkpoint.Checkpointer(checkpoint_dir, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise ValueError(f'--checkpoint {checkpoint_dir}: holds no checkpoint')
-  if config is None:
-    config = _config_from_dict(ckpt.read_config(step))
-  graphdef, abstract = trainer.abstract_train_state(config)
-  state, _, norm_stats = ckpt.restore(step, abstract, config)
-  ckpt.close()
-  params = state.ema if state.ema is not None else state.params
-  if state.frozen is not None:
-    params = trainer.merge_lora(state.frozen, params, config.train.lora_alpha, config.train.lora_rank)
-  dit = nnx.merge(graphdef, params)
-  frozen = encoders_lib.build_frozen_encoders(config)
-  if not norm_stats:
+  stats = normalization.load_stats(norm_stats_path) if norm_stats_path else None
+  if os.path.isdir(os.path.join(checkpoint_dir, 'checkpoints')):
+    ckpt = checkpoint.Checkpointer(checkpoint_dir, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f'--checkpoint {checkpoint_dir}: holds no checkpoint')
+    if config is None:
+      config = _config_from_dict(ckpt.read_config(step))
+    graphdef, abstract = trainer.abstract_train_state(config)
+    state, _, saved_stats = ckpt.restore(step, abstract, config)
+    ckpt.close()
+    params = state.ema if state.ema is not None else state.params
+    if state.frozen is not None:
+      params = trainer.merge_lora(state.frozen, params, config.train.lora_alpha, config.train.lora_rank)
+    dit = nnx.merge(graphdef, params)
+    stats = stats or saved_stats
+  elif os.path.isfile(os.path.join(checkpoint_dir, 'config.json')):
+    if config is None:
+      with open(os.path.join(checkpoint_dir, 'config.json')) as f:
+        config = _config_from_dict(json.load(f))
+    config.init.converted = os.path.abspath(checkpoint_dir)
+    dit = encoders_lib.initial_dit(config)
+    if stats is None:
+      raise ValueError(f'--checkpoint {checkpoint_dir}: a converted checkpoint carries no normalisation '
+                       'statistics: pass --norm_stats (python -m dreamzero_jax.datasets stats writes one)')
+  else:
+    raise ValueError(f'--checkpoint {checkpoint_dir}: neither a train.py workdir (checkpoints/) nor a '
+                     'converted checkpoint (config.json)')
+  if not stats:
     raise ValueError(f'--checkpoint {checkpoint_dir}: the checkpoint carries no normalisation statistics')
-  return Policy(config, dit, frozen, norm_stats)
+  if norm_stats_path:  # a checkpoint's own were checked against the dataset when training began
+    e = embodiments.get(config.data.embodiment)
+    normalization.check_stats(stats, e.state_dim, e.action_dim, config.video.action_horizon,
+                              config.data.relative_action_dims, norm_stats_path)
+  return Policy(config, dit, encoders_lib.build_frozen_encoders(config), stats)
 
 
 def _config_from_dict(saved: dict) -> ml_collections.ConfigDict:
@@ -341,5 +365,6 @@ def _config_from_dict(saved: dict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None) -> PolicyServerBackend:
-  return PolicyServerBackend(load_policy(checkpoint_dir, config))
+def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
+                 norm_stats_path: str | None = None) -> PolicyServerBackend:
+  return PolicyServerBackend(load_policy(checkpoint_dir, config, norm_stats_path))
