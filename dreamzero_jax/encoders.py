@@ -88,14 +88,23 @@ def build_frozen_encoders(cfg: ml_collections.ConfigDict) -> FrozenEncoders:
   return _with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), params)
 
 
+def initial_dit_params(cfg: ml_collections.ConfigDict) -> dict:
+  """The DiT parameters (pure dict) a fresh run starts from: cfg.init.converted's weights as host
+  numpy arrays (placed by the caller, e.g. straight into a pod's shards), or random at cfg.seed."""
+  from dreamzero_jax.models.dit import build_dit
+  if not cfg.init.converted:
+    return nnx.state(build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))).to_pure_dict()
+  from dreamzero_jax import convert
+  params, _ = convert.load_converted(cfg.init.converted, cfg, parts=('dit',))
+  return params
+
+
 def initial_dit(cfg: ml_collections.ConfigDict):
-  """The DiT a fresh training run starts from: cfg.init.converted's weights, or random at cfg.seed."""
+  """The DiT module of initial_dit_params on the default device."""
   from dreamzero_jax.models.dit import build_dit
   if not cfg.init.converted:
     return build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))
-  from dreamzero_jax import convert
-  params, _ = convert.load_converted(cfg.init.converted, cfg, parts=('dit',))
-  return _with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), params)
+  return _with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))
 
 
 class BatchEncoder:

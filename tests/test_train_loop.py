@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from dreamzero_jax import checkpoint
 from dreamzero_jax.config import load_config
+from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.training import loop, trainer
 
 CFG_OVERRIDES = ['train.steps=4', 'train.checkpoint_every=2', 'train.lr=1e-2', 'train.warmup_fraction=0.0',
@@ -137,6 +139,20 @@ def test_sharded_loop_on_four_devices_resumes_and_matches_one_device(tmp_path):
   # or a bad restore moves weights by the update size itself.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4),
                _restored_params(str(tmp_path / 'sharded'), cfg), _params(str(tmp_path / 'single')))
+
+
+def test_lora_with_ema_trains_and_resumes_keeping_the_base_frozen(tmp_path):
+  cfg = load_config('configs/tiny.py', CFG_OVERRIDES + ['train.steps=2', 'train.lora_rank=2', 'train.ema_decay=0.9'])
+  batches = synthetic_batches(cfg)
+  assert loop.train(cfg, str(tmp_path), data=ListIterator(batches), stop_at=1) == 0
+  assert loop.train(cfg, str(tmp_path), data=ListIterator(batches)) == 0
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  raw = ckpt.manager.restore(ckpt.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  ckpt.close()
+  fresh = nnx.state(build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))).to_pure_dict()
+  jax.tree.map(np.testing.assert_array_equal, raw['state']['frozen'], fresh)   # the base never moves
+  lora = jax.tree.leaves(raw['state']['params'])
+  assert lora and all(np.isfinite(x).all() for x in lora) and 'ema' in raw['state']
 
 
 def test_multihost_flags_need_multihost(capsys):

@@ -11,6 +11,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -124,7 +125,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
     norm_stats = _norm_stats(cfg)
   encode = encoders.BatchEncoder(encoders.build_frozen_encoders(cfg), cfg)
   graphdef, abstract = trainer.abstract_train_state(cfg)
-  dit_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.full_params(abstract, cfg.train)))
+  dit_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      jax.eval_shape(lambda s: trainer.full_params(s, cfg.train), abstract)))
   step_fn, to_device, state_sharding = _compiled_step(cfg, graphdef, abstract)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
@@ -141,9 +143,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   else:
     if cfg.init.converted:
       print(f'starting from the converted weights in {cfg.init.converted}')
-    _, state = trainer.init_train_state(encoders.initial_dit(cfg), cfg, jax.random.key(cfg.seed))
-    if state_sharding is not None:
-      state = jax.device_put(state, state_sharding)
+    params, key = encoders.initial_dit_params(cfg), jax.random.key(cfg.seed)
+    if state_sharding is None:
+      state = trainer.state_from_params(jax.tree.map(jnp.asarray, params), cfg, key)
+    else:
+      # Parameters go straight into their shards and the optimiser state is built there: no
+      # device ever holds the whole state (14B: ~200 GB in fp32 with AdamW).
+      base = state_sharding.frozen if cfg.train.lora_rank > 0 else state_sharding.params
+      state = jax.jit(lambda p, k: trainer.state_from_params(p, cfg, k), out_shardings=state_sharding)(
+          jax.device_put(params, base), key)
   flops, peak = train_flops(cfg, dit_params), peak_flops()
   tokens = cfg.train.batch_size * aot.sequence_length(cfg)[0]
   logger = Logger(workdir, cfg.train.steps)

@@ -112,13 +112,20 @@ def full_params(state: TrainState, cfg_train) -> Params:
 def init_train_state(model: DreamZeroDiT, cfg: ml_collections.ConfigDict, rng: jax.Array
                      ) -> tuple[nnx.GraphDef, TrainState]:
   graphdef, params = model_params(model)
+  return graphdef, state_from_params(params, cfg, rng)
+
+
+def state_from_params(params: Params, cfg: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+  """The step-0 TrainState around the DiT's parameters (pure, so it can be jitted with output
+  shardings: a pod builds the optimiser state directly in its shards)."""
   frozen = None
   if cfg.train.lora_rank > 0:
     frozen, params = params, init_lora(params, cfg.train.lora_targets, cfg.train.lora_rank, rng)
   tx = make_optimizer(cfg.train)
-  ema = params if cfg.train.ema_decay > 0 else None
-  return graphdef, TrainState(jnp.zeros((), jnp.int32), params, frozen, tx.init(params),
-                              jax.random.key_data(jax.random.fold_in(rng, 1)), ema)
+  # A copy, not the same buffers: the train step donates the state, and a buffer cannot be donated twice.
+  ema = jax.tree.map(jnp.copy, params) if cfg.train.ema_decay > 0 else None
+  return TrainState(jnp.zeros((), jnp.int32), params, frozen, tx.init(params),
+                    jax.random.key_data(jax.random.fold_in(rng, 1)), ema)
 
 
 def abstract_train_state(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, TrainState]:
