@@ -1,6 +1,4 @@
-"""The attention registry: query-blocked XLA attention equals the dense computation, values and grads."""
-import os
-import subprocess
+"""The attention registry: blocked XLA attention and the splash kernel against a numpy reference."""
 import sys
 
 import jax
@@ -9,8 +7,7 @@ import numpy as np
 import pytest
 
 from dreamzero_jax.models import attention
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 
 def _inputs(lq=37, lk=45, b=2, h=3, d=8, seed=0):
@@ -103,12 +100,7 @@ def test_auto_resolves_to_xla_on_the_cpu():
 
 def test_splash_under_a_mesh_runs_per_device():
   # 8 fake devices must be set before JAX starts: run this file as a script in a fresh process.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
-  out = subprocess.run([sys.executable, __file__, '--sharded-splash'], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert 'sharded splash ok' in out.stdout
+  helpers.run_with_fake_devices(__file__, ['--sharded-splash'], 8, 'sharded splash ok', timeout=600)
 
 
 def _sharded_splash_check():

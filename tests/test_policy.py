@@ -1,7 +1,5 @@
 """The closed-loop policy: real observations (never its own predictions) drive the next chunk."""
 import dataclasses
-import os
-import subprocess
 import sys
 
 import jax
@@ -13,6 +11,7 @@ from dreamzero_jax import encoders
 from dreamzero_jax.config import load_config
 from dreamzero_jax.inference.policy import Policy
 from dreamzero_jax.models.dit import build_dit
+from tests import helpers
 
 STATS = {'state': dict(q01=[-1.0] * 4, q99=[1.0] * 4), 'action': dict(q01=[-2.0] * 4, q99=[2.0] * 4)}
 
@@ -132,13 +131,7 @@ def test_cfg_parallel_needs_an_unconditional_branch_and_two_devices():
 
 def test_cfg_branches_on_two_devices_equal_the_batched_forward():
   # Two fake CPU devices must exist before JAX starts: run this file as a script in a fresh process.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
-  out = subprocess.run([sys.executable, __file__, '--cfg-parallel'], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert 'cfg parallel ok' in out.stdout
+  helpers.run_with_fake_devices(__file__, ['--cfg-parallel'], 2, 'cfg parallel ok')
 
 
 def _cfg_parallel_check():

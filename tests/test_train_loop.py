@@ -13,6 +13,7 @@ from dreamzero_jax import checkpoint
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.training import loop, trainer
+from tests import helpers
 
 CFG_OVERRIDES = ['train.steps=4', 'train.checkpoint_every=2', 'train.lr=1e-2', 'train.warmup_fraction=0.0',
                  'video.max_chunks=2', 'video.height=32', 'video.width=32']
@@ -123,13 +124,8 @@ def test_sharded_loop_on_four_devices_resumes_and_matches_one_device(tmp_path):
   # The multi-device path of train.py (mesh from cfg.mesh, sharded state, global batches, sharded
   # checkpoints restored onto the mesh) in a fresh process with 4 fake devices: 1 step, stop,
   # resume to 2; then the same 2 steps here on one device.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
-  out = subprocess.run([sys.executable, __file__, '--sharded-loop', str(tmp_path / 'sharded')], env=env,
-                       cwd=root, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert 'resumed from' in out.stdout and 'sharded loop ok' in out.stdout
+  out = helpers.run_with_fake_devices(__file__, ['--sharded-loop', tmp_path / 'sharded'], 4, 'sharded loop ok')
+  assert 'resumed from' in out
   cfg = load_config('configs/tiny.py', CFG_OVERRIDES + SHARDED_OVERRIDES)
   assert loop.train(cfg, str(tmp_path / 'single'), data=ListIterator(synthetic_batches(cfg))) == 0
   # The sharded checkpoint restores onto one device (train on a mesh, serve on one accelerator).
@@ -181,14 +177,12 @@ def test_two_host_loop_matches_one_device(tmp_path):
   # Two processes (2 fake devices each) joined by jax.distributed on localhost, each feeding its
   # half of every global batch, as on a TPU pod: 1 step, stop, resume to 2, then compare.
   import socket
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
   procs = [subprocess.Popen([sys.executable, __file__, '--multihost-loop', str(tmp_path / 'hosts'), str(port),
-                             str(i)], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(i)], env=helpers.fake_devices_env(2), cwd=helpers.ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=900)[0] for p in procs]
   for p, out in zip(procs, outs):
