@@ -48,6 +48,7 @@ def test_compile_only_reports_sharded_memory_for_a_tpu_slice():
   assert report['total_gib'] == pytest.approx(
       report['argument_gib'] + report['temp_gib'] + report['output_gib'] - report['alias_gib'], abs=2e-3)
   assert report['alias_gib'] > 0.9 * report['output_gib']   # the donated state is updated in place
+  assert report['attention'] == ['xla']   # tiny's 324-token sequence is no splash block multiple
   assert 'encoders not included' in report['scope']
 
   # The arguments are the state and batch as sharded over the mesh, not replicated copies.
@@ -77,5 +78,3 @@ def test_compile_for_tpu_uses_splash_attention_on_a_cpu_host():
   assert cfg.model.attention == 'auto'
   report = aot.compile_only(cfg, TOPOLOGY)
   assert report['attention'] == ['splash', 'xla'], report
-  assert aot.compile_only(load_config('configs/tiny.py', OVERRIDES + ['model.attention="xla"']),
-                          TOPOLOGY)['attention'] == ['xla']

@@ -120,6 +120,7 @@ def test_time_budget_checkpoints_and_stops_then_resumes(tmp_path, capsys):
   assert 'resumed from' in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the two-host test below covers the same path and more
 def test_sharded_loop_on_four_devices_resumes_and_matches_one_device(tmp_path):
   # The multi-device path of train.py (mesh from cfg.mesh, sharded state, global batches, sharded
   # checkpoints restored onto the mesh) in a fresh process with 4 fake devices: 1 step, stop,
