@@ -39,19 +39,23 @@ def _jsonable(x):
   return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-  """`field: checkpoint value vs config value` for every compatibility field that differs."""
+def config_differences(saved: dict, current: ml_collections.ConfigDict,
+                       fields: tuple[str, ...] = COMPATIBILITY_FIELDS, ignore: tuple[str, ...] = ()) -> list[str]:
+  """`field: checkpoint value vs config value` for every field under `fields` (dotted names of
+  values or whole sections) that differs, except those in `ignore`."""
   now = _jsonable(current.to_dict())
   diffs = []
 
   def walk(prefix, a, b):
+    if prefix in ignore:
+      return
     if isinstance(a, dict) and isinstance(b, dict):
       for key in sorted(set(a) | set(b)):
         walk(f'{prefix}.{key}', a.get(key), b.get(key))
     elif a != b:
       diffs.append(f'{prefix}: {a!r} (checkpoint) vs {b!r} (config)')
 
-  for field in COMPATIBILITY_FIELDS:
+  for field in fields:
     walk(field, _get(saved, field), _get(now, field))
   return diffs
 

@@ -33,6 +33,7 @@ import tensorstore as ts
 from flax import nnx
 
 from dreamzero_jax import torch_files
+from dreamzero_jax import checkpoint
 from dreamzero_jax.checkpoint import IncompatibleCheckpointError
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.encoders import FrozenEncoders
@@ -340,26 +341,6 @@ def convert(cfg: ml_collections.ConfigDict, sources: Iterable[str], out: str, *,
     raise
 
 
-def _field(tree: dict, dotted: str):
-  for part in dotted.split('.'):
-    tree = tree.get(part) if isinstance(tree, dict) else None
-  return tree
-
-
-def config_differences(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
-  """`field: checkpoint vs config` for every parameter-affecting field of the checked sections that differs."""
-  now = json.loads(cfg.to_json())
-  diffs = []
-  for section in CHECKED_SECTIONS:
-    fields = set(saved.get(section, {})) | set(now.get(section, {}))
-    for name in sorted(fields):
-      dotted = f'{section}.{name}'
-      a, b = _field(saved, dotted), _field(now, dotted)
-      if dotted not in RUNTIME_FIELDS and a != b:
-        diffs.append(f'{dotted}: {a!r} (checkpoint) vs {b!r} (config)')
-  return diffs
-
-
 def load_converted(directory: str, cfg: ml_collections.ConfigDict,
                    parts: tuple[str, ...] = ('dit', 'encoders')) -> tuple[dict | None, dict | None]:
   """(DiT params, encoder params) as nnx.Param pure dicts of numpy arrays, from a `convert` output.
@@ -371,7 +352,7 @@ def load_converted(directory: str, cfg: ml_collections.ConfigDict,
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'{directory} is not a converted checkpoint (no config.json)')
   with open(config_path) as f:
-    diffs = config_differences(json.load(f), cfg)
+    diffs = checkpoint.config_differences(json.load(f), cfg, CHECKED_SECTIONS, ignore=RUNTIME_FIELDS)
   if diffs:
     raise IncompatibleCheckpointError(f'{directory} was converted for another config: ' + '; '.join(diffs))
   abstract = {k: v for k, v in abstract_params(cfg).items() if k in parts}

@@ -102,8 +102,6 @@ def initial_dit_params(cfg: ml_collections.ConfigDict) -> dict:
 def initial_dit(cfg: ml_collections.ConfigDict):
   """The DiT module of initial_dit_params on the default device."""
   from dreamzero_jax.models.dit import build_dit
-  if not cfg.init.converted:
-    return build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))
   return _with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))
 
 

@@ -94,6 +94,10 @@ class Policy:
     # Batch-2 episode arrays [layers, B, ...] split over the CFG devices (no-op without a mesh).
     by_branch = lambda tree: jax.tree.map(
         lambda x: sharding.constrain(x, (None, 'activation_batch', *([None] * (x.ndim - 2)))), tree)
+    # Batch-1 inputs repeated for the CFG batch; the I2V condition y of chunk `chunk`'s latent frames.
+    dup = lambda x: None if x is None else jnp.broadcast_to(x, (self.batch, *x.shape[1:]))
+    chunk_cond = lambda cond, chunk: None if cond is None else jax.lax.dynamic_slice_in_dim(
+        cond, 1 + chunk * self.lf, self.lf, axis=1)
 
     def start(mstate, estate, frame, text, image_frame):
       """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache, y)."""
@@ -106,7 +110,6 @@ class Policy:
       cross_kv = model.cross_kv(*model.embed_context(text, image))
       cache = kv_cache.empty_cache(m.num_layers, self.batch, self.capacity, m.num_heads, m.dim // m.num_heads,
                                    jnp.dtype(m.dtype))
-      dup = lambda x: None if x is None else jnp.broadcast_to(x, (self.batch, *x.shape[1:]))
       cross_kv = by_branch(cross_kv)
       cache = model.write_clean_frames(dup(latent), cache, cross_kv, cond=dup(None if cond is None else cond[:, :1]))
       return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), cross_kv, vae_cache, cond
@@ -115,11 +118,7 @@ class Policy:
       """Observed frames [1, frames_per_chunk, H, W, 3] of chunk `chunk` -> cache, VAE cache."""
       model, enc = nnx.merge(mdef, mstate), nnx.merge(edef, estate)
       latents, vae_cache = enc.vae.encode_stream(vae_cache, frames)
-      dup = lambda x: jnp.broadcast_to(x, (self.batch, *x.shape[1:]))
-      c = None
-      if cond is not None:
-        c = dup(jax.lax.dynamic_slice_in_dim(cond, 1 + chunk * self.lf, self.lf, axis=1))
-      cache = model.write_clean_frames(dup(latents), cache, cross_kv, chunk=chunk, cond=c)
+      cache = model.write_clean_frames(dup(latents), cache, cross_kv, chunk=chunk, cond=dup(chunk_cond(cond, chunk)))
       return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), vae_cache
 
     def denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng):
@@ -130,10 +129,9 @@ class Policy:
       x_rng, a_rng = jax.random.split(rng)
       x0 = {'video': jax.random.normal(x_rng, (1, self.lf, h, w, v.latent_channels)),
             'action': jax.random.normal(a_rng, (1, v.action_horizon, m.action_dim))}
-      c = None if cond is None else jax.lax.dynamic_slice_in_dim(cond, 1 + chunk * self.lf, self.lf, axis=1)
+      c = chunk_cond(cond, chunk)
       emb = jnp.full((self.batch,), embodiment_id, jnp.int32)
       state_b = jnp.broadcast_to(state_vec, (self.batch, 1, m.state_dim))
-      dup = lambda x: None if x is None else jnp.broadcast_to(x, (self.batch, *x.shape[1:]))
 
       def velocity(x, t, with_uncond):
         tt = jnp.full((self.batch,), t, jnp.float32)

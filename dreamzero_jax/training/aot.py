@@ -53,7 +53,8 @@ def sequence_length(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
   return tokens, -(-tokens // m.seq_pad_multiple) * m.seq_pad_multiple
 
 
-def _with_shardings(abstract, shardings):
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` carrying `shardings` (a matching pytree)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
@@ -77,7 +78,7 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
                                     partition.config_rules(cfg))
   start = time.perf_counter()
   with attention.record() as attention_used:
-    lowered = step.lower(_with_shardings(state, state_sh), _with_shardings(batch, batch_sh))
+    lowered = step.lower(with_shardings(state, state_sh), with_shardings(batch, batch_sh))
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
 

@@ -91,7 +91,7 @@ def _norm_stats(cfg) -> dict:
   return pipeline.open_member(cfg, cfg.data.name, 1.0, train=True).loader.stats
 
 
-def _compiled_step(cfg, graphdef, state):
+def _compiled_step(cfg, graphdef, abstract_state):
   """The jitted step and how a batch reaches it: one device, or sharded over cfg.mesh (multi-host:
   each host feeds its own slice of the global batch)."""
   step = trainer.make_train_step(graphdef, cfg)
@@ -100,7 +100,7 @@ def _compiled_step(cfg, graphdef, state):
   from dreamzero_jax import sharding
   from dreamzero_jax.training import partition
   mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-  state_sh, batch_sh = partition.train_shardings(cfg, mesh, jax.eval_shape(lambda: state),
+  state_sh, batch_sh = partition.train_shardings(cfg, mesh, abstract_state,
                                                  aot.abstract_batch(cfg, cfg.train.batch_size))
   compiled = partition.shard_train_step(step, mesh, state_sh, batch_sh, partition.config_rules(cfg))
   return compiled, lambda batch: partition.global_batch(batch, batch_sh), state_sh
@@ -134,8 +134,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   if start is not None:
     # Straight into the step's shardings: each process reads only the shards it holds.
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-                          state_sharding if state_sharding is not None else jax.tree.map(lambda _: one, abstract))
+    target = aot.with_shardings(abstract, state_sharding if state_sharding is not None else
+                                jax.tree.map(lambda _: one, abstract))
     state, data_state, norm_stats = ckpt.restore(start, target, cfg)
     if data_state and hasattr(data, 'set_state'):
       data.set_state(data_state)
