@@ -55,28 +55,20 @@ def instruction(task: str) -> str:
 def _run_episode(args: tuple[str, int, int, int, int, int, str]) -> dict[str, Any]:
   """One expert rollout with every camera rendered at each step (runs in a worker process)."""
   task, index, seed, size, max_steps, tail, image_format = args
-  import metaworld  # pylint: disable=g-import-not-at-top  (the [sim] extra; import in workers)
-  import mujoco  # pylint: disable=g-import-not-at-top
+  # The [sim] extra, imported in the worker processes.
   from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
+  from dreamzero_jax.evaluation.metaworld_env import MetaWorldEnv  # pylint: disable=g-import-not-at-top
   cameras = embodiments.get('metaworld').cameras
-  benchmark = metaworld.MT1(task, seed=seed)
-  env = benchmark.train_classes[task]()
-  env.set_task(benchmark.train_tasks[index % len(benchmark.train_tasks)])
-  # Shadows and multisampling cost 5-40x render time in software GL and teach nothing at this size.
-  env.model.light_castshadow[:] = 0
-  env.model.vis.quality.offsamples = 0
-  renderer = mujoco.Renderer(env.model, size, size)
+  sim = MetaWorldEnv(task, seed, cameras, size, size, task_index=index)
+  env = sim.env
   policy = ENV_POLICY_MAP[task]()
   obs, _ = env.reset(seed=seed + index)
   states, actions, images = [], [], {c: [] for c in cameras}
   success, steps_after_success = False, 0
   def observe(o):
     states.append(np.asarray(o[:4], np.float32))
-    for cam in cameras:
-      renderer.update_scene(env.data, camera=cam)
-      # MuJoCo's offscreen buffer comes out upside down.
-      images[cam].append(episodes.encode_image(np.ascontiguousarray(renderer.render()[::-1]),
-                                               image_format))
+    for cam, image in sim.render().items():
+      images[cam].append(episodes.encode_image(image, image_format))
   observe(obs)
   for _ in range(max_steps):
     action = np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)
@@ -87,8 +79,7 @@ def _run_episode(args: tuple[str, int, int, int, int, int, str]) -> dict[str, An
     steps_after_success += success
     if terminated or truncated or steps_after_success > tail:
       break
-  renderer.close()
-  env.close()
+  sim.close()
   actions.append(np.zeros(4, np.float32))  # no action follows the last observation
   t = len(states)
   return dict(episode_id=f'{task}/{index}'.encode(), images=images, state=np.stack(states),

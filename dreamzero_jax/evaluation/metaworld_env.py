@@ -1,7 +1,7 @@
 """A Meta-World task as the policy sees a robot: camera images + state in, actions out.
 
-Rendering as in the dataset builder (data/metaworld): shadows and multisampling off, images
-flipped upright. Progress is 1 - (object-to-target distance / its initial value), clipped to
+The dataset builder (data/metaworld) renders its expert episodes through the same class: shadows
+and multisampling off, images flipped upright. Progress is 1 - (object-to-target distance / its initial value), clipped to
 [0, 1], and 1 on success.
 """
 from __future__ import annotations
@@ -20,27 +20,34 @@ def ml45_split() -> tuple[list[str], list[str]]:
 
 
 class MetaWorldEnv:
-  """One task instance, seeded; `cameras` rendered at (height, width)."""
+  """One task instance, seeded; `cameras` rendered at (height, width). The task variant is
+  train_tasks[task_index] (default: the seed), of MT1(task, seed=seed)."""
 
-  def __init__(self, task: str, seed: int, cameras, height: int, width: int):
+  def __init__(self, task: str, seed: int, cameras, height: int, width: int, task_index: int | None = None):
     import metaworld  # pylint: disable=g-import-not-at-top
     import mujoco  # pylint: disable=g-import-not-at-top
     self.task, self.cameras = task, tuple(cameras)
     benchmark = metaworld.MT1(task, seed=seed)
     self.env = benchmark.train_classes[task]()
-    self.env.set_task(benchmark.train_tasks[seed % len(benchmark.train_tasks)])
+    index = seed if task_index is None else task_index
+    self.env.set_task(benchmark.train_tasks[index % len(benchmark.train_tasks)])
+    # Shadows and multisampling cost 5-40x render time in software GL and teach nothing at this size.
     self.env.model.light_castshadow[:] = 0
     self.env.model.vis.quality.offsamples = 0
     self.renderer = mujoco.Renderer(self.env.model, height, width)
     self.seed = seed
     self._start_distance = None
 
-  def _observe(self, obs) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  def render(self) -> dict[str, np.ndarray]:
+    """Every camera's current image, uint8 [height, width, 3]."""
     images = {}
     for cam in self.cameras:
       self.renderer.update_scene(self.env.data, camera=cam)
       images[cam] = np.ascontiguousarray(self.renderer.render()[::-1])  # offscreen is upside down
-    return images, np.asarray(obs[:4], np.float32)
+    return images
+
+  def _observe(self, obs) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    return self.render(), np.asarray(obs[:4], np.float32)
 
   def reset(self):
     obs, _ = self.env.reset(seed=self.seed)
