@@ -71,7 +71,7 @@ class FrozenEncoders(nnx.Module):
     self.image = clip.CLIPVision(cfg.image_encoder, rngs=rngs) if cfg.model.image_dim else None
 
 
-def _with_params(abstract: nnx.Module, params: dict) -> nnx.Module:
+def with_params(abstract: nnx.Module, params: dict) -> nnx.Module:
   """An abstract (nnx.eval_shape) module filled with a pure dict of parameter arrays."""
   graphdef, state = nnx.split(abstract)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
@@ -85,7 +85,7 @@ def build_frozen_encoders(cfg: ml_collections.ConfigDict) -> FrozenEncoders:
     return FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
   from dreamzero_jax import convert
   _, params = convert.load_converted(cfg.init.converted, cfg, parts=('encoders',))
-  return _with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), params)
+  return with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), params)
 
 
 def initial_dit_params(cfg: ml_collections.ConfigDict) -> dict:
@@ -102,7 +102,7 @@ def initial_dit_params(cfg: ml_collections.ConfigDict) -> dict:
 def initial_dit(cfg: ml_collections.ConfigDict):
   """The DiT module of initial_dit_params on the default device."""
   from dreamzero_jax.models.dit import build_dit
-  return _with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))
+  return with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))
 
 
 class BatchEncoder:

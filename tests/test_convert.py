@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 from dreamzero_jax import convert, torch_files
 from dreamzero_jax.checkpoint import IncompatibleCheckpointError
 from dreamzero_jax.config import load_config
-from dreamzero_jax.encoders import FrozenEncoders
+from dreamzero_jax.encoders import FrozenEncoders, with_params
 from dreamzero_jax.models import dit_weights
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.models.weights import WeightMismatchError
@@ -131,15 +131,9 @@ def official_params(refs, official):
   return convert.load_converted(official, refs.cfg)
 
 
-def _merged(abstract_module, params):
-  graphdef, state = nnx.split(abstract_module)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
-
-
 def _models(cfg, dit_params, enc_params):
-  dit = _merged(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), dit_params)
-  encoders = _merged(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), enc_params)
+  dit = with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), dit_params)
+  encoders = with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), enc_params)
   return dit, encoders
 
 
