@@ -31,6 +31,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       attention='auto',          # splash on TPU, cuDNN on GPU, else XLA; or name one (attention.py)
       attention_block_q=1024,    # XLA path: queries in blocks of this many (bounds score memory); 0 = all
       attention_mask='block_causal',  # or 'bidirectional' (the AR-vs-bidirectional ablation)
+      # State queries at inference: 'all' = the official cached forward (the whole cache and every new
+      # token); 'self' = as in training (cached rollout == teacher-forcing forward). docs/fidelity.md.
+      inference_state_attention='all',
       seq_pad_multiple=128,      # pad token sequences to a multiple (cuDNN flash backward needs it)
   ))
 
@@ -72,7 +75,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       lr=1e-5, warmup_fraction=0.05, b1=0.95, b2=0.999, weight_decay=1e-5, grad_clip=1.0,
       timestep_schedule='shared',  # 'shared' | 'decoupled' | 'flash'
       video_loss_weight=1.0, action_loss_weight=1.0, num_train_timesteps=1000, shift=5.0,
+      # An update averages the gradients of grad_accum_steps micro-batches of batch_size (the
+      # global batch is their product); train.steps, the lr schedule and EMA count updates.
       grad_accum_steps=1, ema_decay=0.0,
+      # Action MSE divided by 'padded' = every padded action element of every sample (the official
+      # trainer: ~4x lighter than 'valid' for DROID's 8 of 32 dims) or 'valid' = the masked elements.
+      action_loss_norm='padded',
       lora_rank=0,               # 0 = full fine-tuning (the paper); > 0 trains LoRA factors only
       lora_alpha=4.0, lora_targets='q,k,v,o,ffn',
       log_every=10))

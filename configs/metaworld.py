@@ -24,7 +24,8 @@ def get_config(arg=None):
   c.vae.update(dict(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
   c.text_encoder.update(dict(vocab_size=384, dim=16, ffn_dim=32, num_heads=2, num_layers=2,
                              num_buckets=8, max_distance=16))
-  c.train.update(dict(steps=20_000, batch_size=16, checkpoint_every=1000, lr=1e-4))
+  # Trained from scratch: the action loss is averaged over its 4 real dims, not the 32 padded ones.
+  c.train.update(dict(steps=20_000, batch_size=16, checkpoint_every=1000, lr=1e-4, action_loss_norm='valid'))
   c.sampler.update(dict(num_steps=4, dit_step_mask='1111', cfg_scale=1.0))
   c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
   return c

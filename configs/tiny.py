@@ -21,7 +21,8 @@ def get_config(arg=None):
                      cameras=('corner', 'corner2', 'behindGripper'), canvas_layout='grid',
                      control_hz=80, frame_stride=1, action_dim=4, state_dim=4,
                      relative_action_dims=0))
-  c.train.update(dict(steps=100, batch_size=2, checkpoint_every=50, lr=1e-3, log_every=10))
+  c.train.update(dict(steps=100, batch_size=2, checkpoint_every=50, lr=1e-3, log_every=10,
+                     action_loss_norm='valid'))  # trained from scratch (the default job)
   c.sampler.update(dict(num_steps=4, dit_step_mask='1111'))
   if arg == 't2v':
     c.model.update(dict(in_channels=16, image_dim=0))

@@ -9,7 +9,8 @@ from dreamzero_jax.inference import kv_cache
 from dreamzero_jax.models.dit import build_dit
 from tests.helpers import random_model
 
-CFG = load_config('configs/tiny.py')
+# The training-consistent rule for state queries: under it the cache rollout IS the masked forward.
+CFG = load_config('configs/tiny.py', ['model.inference_state_attention=self'])
 
 
 def _random_model():

@@ -20,8 +20,11 @@ def _policy(overrides=()):
   cfg = load_config('configs/tiny.py', ['video.height=32', 'video.width=32', 'video.max_chunks=2',
                                         'sampler.num_steps=2', 'sampler.dit_step_mask="11"', *overrides])
   model = build_dit(cfg.model, rngs=nnx.Rngs(0))
-  # A trained head is not zero: randomise the zero-initialised output layers so outputs react.
+  # A trained head is not zero: randomise the zero-initialised output layers so outputs react, and
+  # give the action decoder's last layer trained-like (not 0.02-init) weights for the same reason.
   model.head.kernel.set_value(jax.random.normal(jax.random.key(3), model.head.kernel.shape) * 0.3)
+  out = model.action_decoder.layer2.kernel
+  out.set_value(jax.random.normal(jax.random.key(4), out.shape) * 0.3)
   return cfg, Policy(cfg, model, encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)), STATS)
 
 

@@ -10,14 +10,15 @@ from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.training import objective, trainer
 
 
-def fixed_batch(cfg, batch_size=2, seed=0):
+def fixed_batch(cfg, batch_size=2, seed=0, full=False):
+  """A random LatentBatch; unless `full`, example 0 is one chunk short (padded and masked)."""
   m, v = cfg.model, cfg.video
   k, lf = v.max_chunks, v.frames_per_chunk // v.vae_temporal
   f, h, w = 1 + k * lf, v.height // v.vae_spatial, v.width // v.vae_spatial
   rng = np.random.default_rng(seed)
   arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   chunk_mask = np.ones((batch_size, k), bool)
-  chunk_mask[0, -1] = False  # a clip with one chunk fewer: padded and masked
+  chunk_mask[0, -1] = full  # a clip with one chunk fewer: padded and masked
   action_mask = np.zeros((batch_size, k * v.action_horizon, m.action_dim), bool)
   action_mask[..., :cfg.data.action_dim] = np.repeat(chunk_mask, v.action_horizon, 1)[..., None]
   return objective.LatentBatch(
@@ -27,7 +28,7 @@ def fixed_batch(cfg, batch_size=2, seed=0):
       image=arr(batch_size, m.image_tokens, m.image_dim) if m.image_dim else None,
       actions=jnp.clip(arr(batch_size, k * v.action_horizon, m.action_dim), -1, 1) * action_mask,
       action_mask=jnp.asarray(action_mask), state=arr(batch_size, k, m.state_dim),
-      chunk_mask=jnp.asarray(chunk_mask), embodiment_id=jnp.asarray([0, 1][:batch_size], jnp.int32))
+      chunk_mask=jnp.asarray(chunk_mask), embodiment_id=jnp.asarray(np.arange(batch_size) % 2, jnp.int32))
 
 
 def _setup(overrides=()):
@@ -85,14 +86,27 @@ def test_ema_follows_the_parameters():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.ema, want)
 
 
-def test_gradient_accumulation_applies_every_k_steps():
-  cfg, _, state, step = _setup(['train.grad_accum_steps=2', 'train.lr=1e-2', 'train.warmup_fraction=0.0'])
-  p0 = jax.tree.map(np.asarray, state.params)
-  state, _ = step(state, fixed_batch(cfg))
-  jax.tree.map(np.testing.assert_array_equal, state.params, p0)    # accumulated, not applied
-  state, _ = step(state, fixed_batch(cfg, seed=1))
-  changed = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), state.params, p0)
-  assert changed['blocks']['ffn1']['kernel']
+def test_gradient_accumulation_equals_one_update_of_the_whole_batch():
+  """k micro-batches of b then one update == one update of k*b: parameters, applied lr and EMA
+  after 3 updates (the schedule and EMA count updates, each example keeps its noise)."""
+  common = ['train.lr=1e-2', 'train.warmup_fraction=0.5', 'train.steps=6', 'train.ema_decay=0.5']
+  runs = {}
+  for accum, micro in ((2, 2), (1, 4)):
+    cfg, _, state, step = _setup(common + [f'train.grad_accum_steps={accum}', f'train.batch_size={micro}'])
+    lrs = []
+    for i in range(3):
+      state, metrics = step(state, fixed_batch(cfg, batch_size=4, seed=i, full=True))
+      lrs.append(float(metrics['lr']))
+    runs[accum] = state, lrs, cfg
+  (s2, lr2, cfg), (s1, lr1, _) = runs[2], runs[1]
+  assert int(s2.step) == int(s1.step) == 3
+  schedule = trainer.learning_rate(cfg.train)
+  np.testing.assert_allclose(lr2, [float(schedule(i)) for i in range(3)], rtol=1e-6)   # what was applied
+  np.testing.assert_allclose(lr2, lr1, rtol=1e-6)
+  assert lr2[0] == 0.0 < lr2[1]   # warmup counts updates: 3 of 6 steps
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  jax.tree.map(close, s2.params, s1.params)
+  jax.tree.map(close, s2.ema, s1.ema)
 
 
 @pytest.mark.slow

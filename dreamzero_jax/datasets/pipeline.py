@@ -204,8 +204,10 @@ def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (only for the host topology)
     process_index, process_count = jax.process_index(), jax.process_count()
-  if config.train.batch_size % process_count:
-    raise DataError(f'train.batch_size: {config.train.batch_size} does not split over {process_count} hosts')
+  # One optimiser update's examples (micro-batches of train.batch_size x train.grad_accum_steps).
+  batch_size = config.train.batch_size * config.train.grad_accum_steps
+  if batch_size % process_count:
+    raise DataError(f'train.batch_size: {batch_size} examples per update do not split over {process_count} hosts')
   datasets, weights = [], []
   for i, (name, weight) in enumerate(_mixture(config)):
     member = open_member(config, name, weight, train)
@@ -215,7 +217,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
     datasets.append(ds.random_map(member.loader, seed=config.data.seed + i))
     weights.append(weight)
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-  it = ds.to_iter_dataset().batch(config.train.batch_size // process_count, drop_remainder=train)
+  it = ds.to_iter_dataset().batch(batch_size // process_count, drop_remainder=train)
   if config.data.num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return it

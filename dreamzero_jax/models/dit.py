@@ -61,6 +61,7 @@ class DiTConfig:
   attention: str
   attention_block_q: int
   attention_mask: str
+  inference_state_attention: str
   seq_pad_multiple: int
 
   @property
@@ -75,6 +76,9 @@ class DiTConfig:
     kw['param_dtype'] = jnp.dtype(kw['param_dtype'])
     if kw['dim'] % kw['num_heads'] or (kw['dim'] // kw['num_heads']) % 2:
       raise ValueError(f'model.dim {kw["dim"]} must split into num_heads {kw["num_heads"]} even heads')
+    if kw['inference_state_attention'] not in masks.INFERENCE_STATE_ATTENTION:
+      raise ValueError(f'model.inference_state_attention {kw["inference_state_attention"]!r} unknown '
+                       f'(known: {", ".join(masks.INFERENCE_STATE_ATTENTION)})')
     if kw['remat_policy'] not in REMAT_POLICIES:
       raise ValueError(f'model.remat_policy {kw["remat_policy"]!r} unknown (known: {", ".join(REMAT_POLICIES)})')
     return cls(**kw)
@@ -191,6 +195,18 @@ def time_sinusoid(t: jax.Array, dim: int) -> jax.Array:
   freqs = jnp.asarray(np.power(10000.0, -np.arange(half, dtype=np.float64) / half), jnp.float32)
   angles = t.astype(jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], -1)
+
+
+def teacher_forcing_timesteps(video_t: jax.Array, action_t: jax.Array, tokens_per_frame: int,
+                              num_chunks: int) -> jax.Array:
+  """Per-token t [B, L] of [clean video | noisy video | actions | states]: clean tokens 0, noisy
+  frames video_t [B, F], actions action_t [B, K*Ha], and the state token of chunk k chunk k's
+  action timestep (the official DiT's timestep_action[:, ::horizon]), not 0."""
+  b, f = video_t.shape
+  horizon = action_t.shape[1] // num_chunks
+  return jnp.concatenate([jnp.zeros((b, f * tokens_per_frame)),
+                          jnp.repeat(video_t.astype(jnp.float32), tokens_per_frame, 1),
+                          action_t.astype(jnp.float32), action_t[:, ::horizon].astype(jnp.float32)], 1)
 
 
 class DreamZeroDiT(nnx.Module):
@@ -341,7 +357,8 @@ class DreamZeroDiT(nnx.Module):
 
     clean, noisy: latents [B, F, H, W, C] with F = 1 + K * latent_frames_per_chunk; video_t [B, F]
     timesteps of the noisy frames (clean frames run at t=0); actions [B, K*Ha, A] noisy, action_t
-    [B, K*Ha]; state [B, K, S]; cond: the I2V condition y [B, F, H, W, 20] appended to both copies.
+    [B, K*Ha] (constant within a chunk; chunk k's state token runs at it); state [B, K, S]; cond:
+    the I2V condition y [B, F, H, W, 20] appended to both copies.
     Returns (video velocity [B, F, H, W, C_out], action velocity [B, K*Ha, A]).
     """
     b, f, hh, ww, _ = clean.shape
@@ -357,8 +374,7 @@ class DreamZeroDiT(nnx.Module):
     x = jnp.concatenate([self.embed_video(clean), self.embed_video(noisy),
                          self.embed_actions(actions, action_t, embodiment_id),
                          self.embed_state(state, embodiment_id)], 1)
-    t = jnp.concatenate([jnp.zeros((b, n)), jnp.repeat(video_t.astype(jnp.float32), n // f, 1),
-                         action_t.astype(jnp.float32), jnp.zeros((b, k))], 1)
+    t = teacher_forcing_timesteps(video_t, action_t, n // f, k)
     hd, theta = self.cfg.head_dim, self.cfg.rope_theta
     video_angles = rope.video_angles(*grid, hd, theta)
     angles = jnp.concatenate([video_angles, video_angles, rope.linear_angles(jnp.arange(k * ha), hd, theta),
@@ -410,8 +426,8 @@ class DreamZeroDiT(nnx.Module):
               cond=None):
     """One velocity evaluation for chunk `chunk` against the cache of earlier real frames.
 
-    noisy [B, lf, H, W, C] latents of the chunk, video_t [B], actions [B, Ha, A], action_t [B],
-    state [B, 1, S]. Returns (video velocity [B, lf, H, W, C_out], action velocity [B, Ha, A]).
+    noisy [B, lf, H, W, C] latents of the chunk, video_t [B], actions [B, Ha, A], action_t [B] (also
+    the state token's), state [B, 1, S]. State queries see what model.inference_state_attention says. Returns (video velocity [B, lf, H, W, C_out], action velocity [B, Ha, A]).
     """
     b, lf, hh, ww, _ = noisy.shape
     ha = actions.shape[1]
@@ -423,14 +439,15 @@ class DreamZeroDiT(nnx.Module):
         self.embed_actions(actions, jnp.broadcast_to(action_t[:, None], (b, ha)), embodiment_id),
         self.embed_state(state, embodiment_id)], 1)
     t = jnp.concatenate([jnp.broadcast_to(video_t[:, None], (b, n)), jnp.broadcast_to(action_t[:, None], (b, ha)),
-                         jnp.zeros((b, state.shape[1]))], 1).astype(jnp.float32)
+                         jnp.broadcast_to(action_t[:, None], (b, state.shape[1]))], 1).astype(jnp.float32)
     hd, theta = self.cfg.head_dim, self.cfg.rope_theta
     angles = jnp.concatenate([
         rope.video_angles(*grid, hd, theta, 1 + chunk * lf),
         rope.linear_angles(chunk * ha + jnp.arange(ha), hd, theta),
         rope.linear_angles(chunk + jnp.arange(state.shape[1]), hd, theta)], 0)
     queries = masks.inference_layout(0, lf, grid[1] * grid[2], ha, state.shape[1]).shifted(chunk)
-    mask = masks.attention_mask(queries, masks.TokenLayout.concat(cache.layout, queries), self.cfg.attention_mask)
+    mask = masks.attention_mask(queries, masks.TokenLayout.concat(cache.layout, queries), self.cfg.attention_mask,
+                                self.cfg.inference_state_attention)
     hidden, e, _ = self.backbone(x, t, angles, mask, cross_kv=cross_kv, past_kv=(cache.k, cache.v))
     video_v = self.unpatchify(self.video_head(hidden[:, :n], e[:, :n]), grid)
     return video_v, self.action_head(hidden[:, n:n + ha], embodiment_id)

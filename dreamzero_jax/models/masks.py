@@ -68,6 +68,18 @@ BIDIRECTIONAL_RULES: tuple[Rule, ...] = (
 
 RULES = {'block_causal': BLOCK_CAUSAL_RULES, 'bidirectional': BIDIRECTIONAL_RULES}
 
+# What a state query sees when a chunk is denoised against the KV cache (model.inference_state_attention):
+# 'self': itself only, as in training (the cached rollout then equals the teacher-forcing forward);
+# 'all': the official release's cached forward, one unmasked attention in which the state token,
+#   like the chunk's noisy video and actions, sees the whole cache and every new token
+#   (docs/fidelity.md). Only the block-causal rules have a cache to read; bidirectional is unchanged.
+INFERENCE_STATE_ATTENTION = ('all', 'self')
+_STATE_SEES_ALL: tuple[Rule, ...] = (
+    Rule(Group.STATE, Group.CLEAN0, 'any'),
+    Rule(Group.STATE, Group.CLEAN, 'before'),
+    *(Rule(Group.STATE, k, 'same') for k in (Group.NOISY, Group.ACTION)),
+)
+
 
 class TokenLayout(NamedTuple):
   """Per-token group and chunk ids of a sequence (numpy: layouts are static)."""
@@ -154,7 +166,15 @@ def mask_from_rules(queries: TokenLayout, keys: TokenLayout,
   return mask
 
 
-def attention_mask(queries: TokenLayout, keys: TokenLayout, kind: str = 'block_causal'):
+def attention_mask(queries: TokenLayout, keys: TokenLayout, kind: str = 'block_causal',
+                   state_attention: str = 'self'):
+  """The mask of `kind`; `state_attention` ('self' | 'all') is the inference rule for state queries."""
   if kind not in RULES:
     raise ValueError(f'unknown attention mask kind {kind!r} (known: {", ".join(RULES)})')
-  return mask_from_rules(queries, keys, RULES[kind])
+  if state_attention not in INFERENCE_STATE_ATTENTION:
+    raise ValueError(f'model.inference_state_attention={state_attention!r}: expected one of '
+                     f'{", ".join(INFERENCE_STATE_ATTENTION)}')
+  rules = RULES[kind]
+  if state_attention == 'all' and kind == 'block_causal':
+    rules = rules + _STATE_SEES_ALL
+  return mask_from_rules(queries, keys, rules)

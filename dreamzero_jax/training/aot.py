@@ -61,8 +61,8 @@ def with_shardings(abstract, shardings):
 def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
   """Compiles the train step for `topology` (e.g. 'v5p:4x4x8') and reports per-device memory.
 
-  The step runs on train.batch_size examples; with train.grad_accum_steps > 1 the optimiser
-  applies an update every that many steps, so the global batch is their product.
+  The step is one optimiser update over train.batch_size x train.grad_accum_steps examples, run as
+  grad_accum_steps micro-batches of train.batch_size.
   """
   from jax.experimental import topologies  # needs libtpu for platform='tpu'
 
@@ -72,7 +72,7 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
   devices = topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
   mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
   graphdef, state = trainer.abstract_train_state(cfg)
-  batch = abstract_batch(cfg, cfg.train.batch_size)
+  batch = abstract_batch(cfg, trainer.update_batch_size(cfg.train))
   state_sh, batch_sh = partition.train_shardings(cfg, mesh, state, batch)
   step = partition.shard_train_step(trainer.make_train_step(graphdef, cfg), mesh, state_sh, batch_sh,
                                     partition.config_rules(cfg))
@@ -88,7 +88,7 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
   return dict(
       topology=topology, device_kind=devices[0].device_kind, devices=len(devices),
       mesh=dict(mesh.shape), per_step_batch=cfg.train.batch_size,
-      global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps, tokens=tokens, padded_tokens=padded,
+      global_batch=trainer.update_batch_size(cfg.train), tokens=tokens, padded_tokens=padded,
       num_layers=cfg.model.num_layers, dim=cfg.model.dim, lora_rank=cfg.train.lora_rank,
       params=sum(x.size for x in jax.tree.leaves(state.params)),
       argument_gib=gib(mem.argument_size_in_bytes), temp_gib=gib(mem.temp_size_in_bytes),

@@ -32,7 +32,7 @@ def train_flops(cfg, dit_params: int) -> float:
   tokens = aot.sequence_length(cfg)[0]
   m = cfg.model
   attention = 12 * m.num_layers * m.dim * tokens ** 2
-  return cfg.train.batch_size * (6 * dit_params * tokens + attention)
+  return trainer.update_batch_size(cfg.train) * (6 * dit_params * tokens + attention)
 
 
 def peak_flops() -> float | None:
@@ -45,7 +45,7 @@ def peak_flops() -> float | None:
 
 def check_data_batch(batch: dict, cfg) -> None:
   """The pipeline's batch against the config, with the field named on a mismatch."""
-  v, m, b = cfg.video, cfg.model, cfg.train.batch_size // jax.process_count()
+  v, m, b = cfg.video, cfg.model, trainer.update_batch_size(cfg.train) // jax.process_count()
   k = v.max_chunks
   want = {'video': (b, 1 + k * v.frames_per_chunk, v.height, v.width, 3),
           'actions': (b, k * v.action_horizon, m.action_dim), 'action_mask': (b, k * v.action_horizon, m.action_dim),
@@ -101,7 +101,7 @@ def _compiled_step(cfg, graphdef, abstract_state):
   from dreamzero_jax.training import partition
   mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
   state_sh, batch_sh = partition.train_shardings(cfg, mesh, abstract_state,
-                                                 aot.abstract_batch(cfg, cfg.train.batch_size))
+                                                 aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
   compiled = partition.shard_train_step(step, mesh, state_sh, batch_sh, partition.config_rules(cfg))
   return compiled, lambda batch: partition.global_batch(batch, batch_sh), state_sh
 
@@ -153,7 +153,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
       state = jax.jit(lambda p, k: trainer.state_from_params(p, cfg, k), out_shardings=state_sharding)(
           jax.device_put(params, base), key)
   flops, peak = train_flops(cfg, dit_params), peak_flops()
-  tokens = cfg.train.batch_size * aot.sequence_length(cfg)[0]
+  tokens = trainer.update_batch_size(cfg.train) * aot.sequence_length(cfg)[0]
   logger = Logger(workdir, cfg.train.steps)
   logger.bar.update(int(state.step))
   try:
@@ -169,7 +169,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
       if bad or not np.isfinite(metrics['loss']):
         raise NonFiniteLossError(f'step {step}: {", ".join(bad) or "loss is " + str(metrics["loss"])}; stopping, '
                                  f'the last good checkpoint is step {ckpt.latest_step()}')
-      metrics.update(samples_per_s=cfg.train.batch_size / seconds, tokens_per_s=tokens / seconds)
+      metrics.update(samples_per_s=trainer.update_batch_size(cfg.train) / seconds, tokens_per_s=tokens / seconds)
       if peak:
         metrics['mfu'] = flops / seconds / peak
       logger.bar.update(1)

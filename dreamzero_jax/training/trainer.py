@@ -39,12 +39,14 @@ def learning_rate(cfg_train: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(cfg_train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  tx = optax.chain(
+  return optax.chain(
       optax.clip_by_global_norm(cfg_train.grad_clip),
       optax.adamw(learning_rate(cfg_train), b1=cfg_train.b1, b2=cfg_train.b2, weight_decay=cfg_train.weight_decay))
-  if cfg_train.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=cfg_train.grad_accum_steps)
-  return tx
+
+
+def update_batch_size(cfg_train: ml_collections.ConfigDict) -> int:
+  """Examples in one optimiser update (global): batch_size per micro-batch x grad_accum_steps."""
+  return cfg_train.batch_size * cfg_train.grad_accum_steps
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------
@@ -151,16 +153,45 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict):
 
 
 def make_update(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict):
-  """(state, LatentBatch, rng) -> (state, metrics): one optimiser update with the given noise."""
+  """(state, LatentBatch, rng) -> (state, metrics): one optimiser update with the given noise.
+
+  The batch holds update_batch_size examples. With train.grad_accum_steps = k > 1 it is run as k
+  micro-batches of train.batch_size (micro-batch i takes examples i, i + k, ...: a batch sharded
+  by rows stays sharded) whose gradients and metrics are averaged before the one update. Each
+  example keeps its noise (objective.example_noise), so with equally sized masks the update equals
+  one over the whole batch at once.
+  """
   tx = make_optimizer(cfg.train)
   schedule = learning_rate(cfg.train)
+  k = cfg.train.grad_accum_steps
 
-  def loss_fn(params, frozen, batch, rng):
+  def loss_fn(params, frozen, batch, rng, index):
     full = params if frozen is None else merge_lora(frozen, params, cfg.train.lora_alpha, cfg.train.lora_rank)
-    return objective.flow_matching_loss(nnx.merge(graphdef, full), batch, rng, cfg.train)
+    return objective.flow_matching_loss(nnx.merge(graphdef, full), batch, rng, cfg.train, index)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def gradients(params, frozen, batch, rng):
+    rows = batch.latents.shape[0]
+    if k == 1:
+      (_, metrics), grads = grad_fn(params, frozen, batch, rng, jnp.arange(rows))
+      return grads, metrics
+    if rows % k:
+      raise ValueError(f'a batch of {rows} examples does not split into train.grad_accum_steps={k} micro-batches')
+    micro = jax.tree.map(lambda x: x.reshape(rows // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+    index = jnp.arange(rows).reshape(rows // k, k).T
+
+    def body(acc, xs):
+      mb, idx = xs
+      (_, metrics), grads = grad_fn(params, frozen, mb, rng, idx)
+      return jax.tree.map(lambda a, g: a + g / k, acc, (grads, metrics)), None
+
+    (_, metrics), grads = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng, index[0])
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads, metrics))
+    return jax.lax.scan(body, zeros, (micro, index))[0]
 
   def update(state: TrainState, batch: objective.LatentBatch, rng: jax.Array):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen, batch, rng)
+    grads, metrics = gradients(state.params, state.frozen, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
