@@ -6,11 +6,13 @@ import ml_collections
 
 from dreamzero_jax import sharding
 
-# Wan's default negative prompt: the unconditional branch of video CFG.
-WAN_NEGATIVE_PROMPT = (
-    '色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，'
-    '丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，'
-    '杂乱的背景，三条腿，背景人很多，倒着走')
+# The official DreamZero negative prompt (dreamzero_cotrain.py): the unconditional branch of video
+# CFG. (Wan's own default is a Chinese prompt; DreamZero trained and serves with this English one.)
+DREAMZERO_NEGATIVE_PROMPT = (
+    'Vibrant colors, overexposed, static, blurry details, text, subtitles, style, artwork, painting, '
+    'image, still, grayscale, dull, worst quality, low quality, JPEG artifacts, ugly, mutilated, extra '
+    'fingers, bad hands, bad face, deformed, disfigured, mutated limbs, fused fingers, stagnant image, '
+    'cluttered background, three legs, many people in the background, walking backwards.')
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -62,11 +64,16 @@ def get_base_config() -> ml_collections.ConfigDict:
       cameras=('wrist_image_left', 'exterior_image_1_left', 'exterior_image_2_left'),
       canvas_layout='droid',     # 'droid' (wrist on top row) or 'grid' (DESIGN.md section 4)
       control_hz=15, frame_stride=3, action_dim=8, state_dim=8,
-      relative_action_dims=7,    # leading action dims taken relative to the chunk's anchor state
+      relative_action_dims=tuple(range(7)),  # action dims taken relative to the anchor state's same dim
+      prompt_template='',        # '' = the embodiment's (embodiments.PROMPT_TEMPLATES), or a name / text
       num_workers=0, seed=0,
       idle_threshold=1e-3,       # a chunk moving less than this (state and action units) is idle
-      augment_crop_scale=0.9,    # training crops keep at least this fraction of each side
-      augment_brightness=0.1, augment_contrast=0.1,
+      # Views as the release prepares them (its transform/video.py): each view cropped to this
+      # fraction of each side, at a random place in training and centred in evaluation and serving;
+      # then in training torchvision-style colour jitter (factors drawn from [1-x, 1+x], hue shift
+      # from [-h, h]), drawn once per view and clip.
+      augment_crop_scale=0.95,
+      augment_brightness=0.3, augment_contrast=0.4, augment_saturation=0.5, augment_hue=0.08,
       on_corrupt='fail',         # 'fail' or 'skip' a record whose images do not decode
       mixture=''))               # 'name:weight,...' datasets under data.dir; '' = data.name alone
 
@@ -89,7 +96,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       kind='unipc', num_steps=16, shift=5.0, cfg_scale=5.0,
       dit_step_mask='1110001000100111', dynamic_skip=False,
       cfg_parallel=False,        # True: the CFG branches on two devices (one each), not batched on one
-      negative_prompt=WAN_NEGATIVE_PROMPT))
+      negative_prompt=DREAMZERO_NEGATIVE_PROMPT))
 
   # Action post-processing (DESIGN.md section 7): 2x upsample, Savitzky-Golay, downsample.
   c.postprocess = ml_collections.ConfigDict(dict(

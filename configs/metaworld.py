@@ -18,7 +18,10 @@ def get_config(arg=None):
   c.data.update(dict(dir='', name='metaworld', embodiment='metaworld',
                      cameras=('corner', 'corner2', 'behindGripper'), canvas_layout='grid',
                      control_hz=80, frame_stride=2, action_dim=4, state_dim=4,
-                     relative_action_dims=0))
+                     relative_action_dims=(),
+                     # No crop: the 64x64 views are small; mild jitter as before.
+                     augment_crop_scale=1.0, augment_brightness=0.1, augment_contrast=0.1,
+                     augment_saturation=0.0, augment_hue=0.0))
   # Frozen encoders at small widths (no pretrained weights are downloaded: they stay random and
   # frozen, fixed feature maps the DiT learns to read).
   c.vae.update(dict(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1))

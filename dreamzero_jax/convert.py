@@ -9,8 +9,11 @@ Names are checked before any data is read: a tensor we have no place for, a para
 or (while streaming) a tensor of the wrong shape refuses the conversion naming every offending key.
 The output appears at DIR only when complete: it is written into DIR.tmp-* and renamed at the end.
 
-DIR holds config.json (the config converted for) and params/, an Orbax PyTree checkpoint
-{'dit': ..., 'encoders': ...} of the nnx.Param pure dicts, which `load_converted` restores.
+DIR holds config.json (the config converted for), manifest.json (the components converted and the rows
+of the per-embodiment action/state tables a DreamZero checkpoint filled) and params/, an Orbax PyTree
+checkpoint {'dit': ..., 'encoders': ...} of the nnx.Param pure dicts, which `load_converted` restores.
+`--components dit,vae,text,image` picks what to convert (default: what the sources hold): a DiT-only
+release converts alone, and the config of an absent component is never read.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from dreamzero_jax import torch_files
 from dreamzero_jax import checkpoint
 from dreamzero_jax.checkpoint import IncompatibleCheckpointError
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
-from dreamzero_jax.encoders import FrozenEncoders
+from dreamzero_jax.datasets import embodiments
 from dreamzero_jax.models import clip, dit_weights, dreamzero_weights, umt5, vae
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.models.weights import Target, WeightMismatchError
@@ -56,7 +59,9 @@ PREFIXES = ('action_head.image_encoder.model.', 'action_head.text_encoder.', 'ac
 RUNTIME_FIELDS = ('model.dtype', 'model.scan_layers', 'model.remat_policy', 'model.attention',
                   'model.attention_mask', 'model.inference_state_attention', 'model.seq_pad_multiple',
                   'text_encoder.tokenizer')
-CHECKED_SECTIONS = ('model', 'vae', 'text_encoder', 'image_encoder')
+# The config section each component's parameters depend on (the only ones compared at load).
+SECTIONS = {'dit': 'model', 'vae': 'vae', 'text': 'text_encoder', 'image': 'image_encoder'}
+MANIFEST = 'manifest.json'
 CHUNK_BYTES = 64 << 20   # output chunk (and write block) size: bounds the write buffers
 _M_MMAP_THRESHOLD = -3   # glibc mallopt parameter
 LISTED = 50              # offending names an error message lists
@@ -134,12 +139,27 @@ class Slot:
   dtype: np.dtype
 
 
-def abstract_params(cfg: ml_collections.ConfigDict) -> dict[str, dict]:
-  """{'dit': ..., 'encoders': ...}: the nnx.Param pure dicts as ShapeDtypeStructs (nothing allocated)."""
-  dit = nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))
-  encoders = nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0)))
-  return {'dit': nnx.state(dit, nnx.Param).to_pure_dict(),
-          'encoders': nnx.state(encoders, nnx.Param).to_pure_dict()}
+def config_components(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The components a model of this config has (no CLIP without an image branch)."""
+  return ('dit', 'vae', 'text') + (('image',) if cfg.model.image_dim else ())
+
+
+def abstract_params(cfg: ml_collections.ConfigDict, components: Iterable[str] | None = None) -> dict[str, dict]:
+  """{'dit': ..., 'encoders': {'vae', 'text', 'image'}}: the nnx.Param pure dicts of `components`
+  (default: all the config has) as ShapeDtypeStructs (nothing allocated). The encoders are built one
+  by one, so an absent component's config is never read."""
+  components = set(config_components(cfg) if components is None else components)
+  shape = lambda make: nnx.state(nnx.eval_shape(make), nnx.Param).to_pure_dict()
+  out: dict[str, dict] = {}
+  if 'dit' in components:
+    out['dit'] = shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))
+  makers = {'vae': lambda: vae.WanVAE(cfg.vae, rngs=nnx.Rngs(0)),
+            'text': lambda: umt5.UMT5Encoder(cfg.text_encoder, rngs=nnx.Rngs(0)),
+            'image': lambda: clip.CLIPVision(cfg.image_encoder, rngs=nnx.Rngs(0))}
+  encoders = {name: shape(make) for name, make in makers.items() if name in components}
+  if encoders:
+    out['encoders'] = encoders
+  return out
 
 
 def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -299,6 +319,8 @@ def _stream(groups: list[Group], params: dict[str, dict[tuple, Slot]], store: Pa
 def _initialise_rest(params: dict[str, dict[tuple, Slot]], filled: dict[str, dict[tuple, set]],
                      store: ParamStore, seed: int) -> None:
   """Rows of DreamZero's tables that no checkpoint filled get the model's own initial values."""
+  if 'dit' not in params:
+    return
   dit = params['dit']
   modules = sorted({path[:-1] for path in dit if _may_stay('dit', path)})
   for module in modules:
@@ -312,22 +334,64 @@ def _initialise_rest(params: dict[str, dict[tuple, Slot]], filled: dict[str, dic
         store.write(('dit',) + module + (name,), row, fresh[name][row])
 
 
-def convert(cfg: ml_collections.ConfigDict, sources: Iterable[str], out: str, *, embodiment_id: int = 0) -> None:
-  """Converts `sources` into a checkpoint for `cfg` at `out` (which must not exist)."""
+def _choose(cfg: ml_collections.ConfigDict, groups: list[Group], components: Iterable[str] | None) -> set[str]:
+  """The components to convert: those named (each must be in the config and in a source), or those
+  the sources hold."""
+  have = set(config_components(cfg))
+  held = {g.fmt.component for g in groups if g.fmt is not None}
+  if components is None:
+    chosen = held & have
+    if not chosen:
+      raise WeightMismatchError('no --src holds a component of this config (' + ', '.join(sorted(have)) + ')')
+    return chosen
+  chosen = set(components)
+  for name in sorted(chosen):
+    if name not in COMPONENTS:
+      raise ValueError(f'--components: unknown component {name!r} (known: {", ".join(COMPONENTS)})')
+    if name not in have:
+      raise ValueError(f'--components: {name} is not part of this config (model.image_dim=0 has no image encoder)')
+    if name not in held:
+      raise WeightMismatchError(f'--components: no --src holds {COMPONENTS[name][1]} ({name})')
+  return chosen
+
+
+def _filled_rows(filled: dict[str, dict[tuple, set]]) -> list[int]:
+  """Rows of the per-embodiment action/state tables that the sources filled."""
+  rows = set()
+  for path, layers in filled.get('dit', {}).items():
+    if dit_weights.is_dreamzero_key(path):
+      rows |= layers - {None}
+  return sorted(rows)
+
+
+def convert(cfg: ml_collections.ConfigDict, sources: Iterable[str], out: str, *,
+            embodiment_id: int | None = None, components: Iterable[str] | None = None) -> None:
+  """Converts `sources` into a checkpoint for `cfg` at `out` (which must not exist).
+
+  `embodiment_id`: the row of the action/state tables a DreamZero checkpoint's single shared set goes
+  into (default: the row of the config's data.embodiment, the one its policy reads). `components`:
+  what to convert (default: what the sources hold).
+  """
   out = os.path.abspath(out)
   if os.path.exists(out):
     raise FileExistsError(f'--out {out} already exists (the converter never overwrites)')
+  if embodiment_id is None:
+    embodiment_id = embodiments.get(cfg.data.embodiment).id
   if not 0 <= embodiment_id < cfg.model.num_embodiments:
     raise ValueError(f'--embodiment_id={embodiment_id} outside model.num_embodiments={cfg.model.num_embodiments}')
-  abstract = abstract_params(cfg)
-  params = _component_params(abstract)
   groups = read_sources(sources, formats(cfg, embodiment_id))
+  chosen = _choose(cfg, groups, components)
+  # Tensors of components not chosen are left out; unrecognised ones are still refused by name.
+  groups = [g for g in groups if g.fmt is None or g.fmt.component in chosen
+            or g.fmt.component not in config_components(cfg)]
+  abstract = abstract_params(cfg, chosen)
+  params = _component_params(abstract)
   filled = plan(groups, params)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + '.tmp-', dir=os.path.dirname(out))
   try:
     by_row = {COMPONENTS[c][0] + path for c, paths in filled.items() for path, rows in paths.items()
-              if rows - {None}} | {('dit',) + path for path in params['dit'] if _may_stay('dit', path)}
+              if rows - {None}} | {('dit',) + path for path in params.get('dit', {}) if _may_stay('dit', path)}
     leaves = {p: Slot(tuple(v.shape), np.dtype(v.dtype)) for p, v in _flat(abstract).items()}
     store = ParamStore(os.path.join(tmp, 'params'), leaves, by_row)
     bad_shape = _stream(groups, params, store)
@@ -336,10 +400,22 @@ def convert(cfg: ml_collections.ConfigDict, sources: Iterable[str], out: str, *,
     _initialise_rest(params, filled, store, cfg.seed)
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       f.write(cfg.to_json(indent=2))
+    with open(os.path.join(tmp, MANIFEST), 'w') as f:
+      json.dump({'components': sorted(chosen), 'embodiment_rows': _filled_rows(filled)}, f, indent=1)
     os.rename(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def read_manifest(directory: str) -> dict:
+  """A `convert` output's manifest.json: {'components': [...], 'embodiment_rows': [...]}. Outputs written
+  before manifests hold every component and name no rows (None)."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isfile(path):
+    return {'components': list(COMPONENTS), 'embodiment_rows': None}
+  with open(path) as f:
+    return json.load(f)
 
 
 def load_converted(directory: str, cfg: ml_collections.ConfigDict,
@@ -352,18 +428,29 @@ def load_converted(directory: str, cfg: ml_collections.ConfigDict,
   config_path = os.path.join(directory, 'config.json')
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'{directory} is not a converted checkpoint (no config.json)')
+  present = set(read_manifest(directory)['components'])
+  wanted = set()
+  for part in parts:
+    wanted |= {'dit'} if part == 'dit' else set(config_components(cfg)) - {'dit'}
+  absent = [name for name in COMPONENTS if name in wanted - present]
+  if absent:
+    raise IncompatibleCheckpointError(
+        f'{directory} was converted without {", ".join(COMPONENTS[n][1] for n in absent)} '
+        f'({",".join(absent)}): convert a source that holds them '
+        f'(python -m dreamzero_jax.convert --components {",".join(absent)} ...)')
   with open(config_path) as f:
-    diffs = checkpoint.config_differences(json.load(f), cfg, CHECKED_SECTIONS, ignore=RUNTIME_FIELDS)
+    diffs = checkpoint.config_differences(json.load(f), cfg, tuple(SECTIONS[c] for c in sorted(wanted)),
+                                          ignore=RUNTIME_FIELDS)
   if diffs:
     raise IncompatibleCheckpointError(f'{directory} was converted for another config: ' + '; '.join(diffs))
-  abstract = {k: v for k, v in abstract_params(cfg).items() if k in parts}
+  abstract = abstract_params(cfg, wanted)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
   restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
       os.path.join(os.path.abspath(directory), 'params'),
       args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, transforms={}))
-  wrong = ['/'.join(map(str, path)) + f': {tuple(got.shape)} vs {tuple(want.shape)}'
-           for (path, want), got in zip(_flat(abstract).items(), _flat(restored).values())
-           if tuple(got.shape) != tuple(want.shape)]
+  got = _flat(restored)
+  wrong = ['/'.join(map(str, path)) + f': {tuple(got[path].shape)} vs {tuple(want.shape)}'
+           for path, want in _flat(abstract).items() if tuple(got[path].shape) != tuple(want.shape)]
   if wrong:
     raise IncompatibleCheckpointError(f'{directory}: parameters of another shape: ' + '; '.join(wrong))
   return restored.get('dit'), restored.get('encoders')
@@ -389,14 +476,17 @@ def main(argv=None) -> int:
   parser.add_argument('--src', required=True, action='append',
                       help='a checkpoint file (.safetensors, .pth/.pt/.bin, or a *.index.json of shards); repeat')
   parser.add_argument('--out', required=True, help='output directory (must not exist)')
-  parser.add_argument('--embodiment_id', type=int, default=0,
+  parser.add_argument('--embodiment_id', type=int, default=None,
                       help="row of the per-embodiment action/state tables that a DreamZero checkpoint's "
-                           'single shared set goes into')
+                           "single shared set goes into (default: the config's data.embodiment's row)")
+  parser.add_argument('--components', default='',
+                      help='comma-separated subset of dit,vae,text,image to convert (default: what the sources hold)')
   args = parser.parse_args(rest)
   _return_freed_tensors_to_the_os()
   try:
     cfg = load_config(args.config, overrides)
-    convert(cfg, args.src, args.out, embodiment_id=args.embodiment_id)
+    components = [c.strip() for c in args.components.split(',') if c.strip()] or None
+    convert(cfg, args.src, args.out, embodiment_id=args.embodiment_id, components=components)
   except (ConfigError, ValueError, OSError) as e:
     print('error: ' + str(e).replace('\n', '; '), file=sys.stderr)
     return 2

@@ -1,8 +1,9 @@
 """The frozen encoders (Wan VAE, umT5, CLIP) and the step from a data batch to DiT inputs.
 
 Training and inference share this path: pixels -> VAE latents (+ the I2V condition y), the
-instruction -> umT5 embeddings through a prompt cache, frame 0 -> CLIP features. Nothing here is
-ever optimised: the train step only sees its outputs.
+instruction in its embodiment's prompt template -> umT5 embeddings through a prompt cache
+(`BatchEncoder.text`, the one place a prompt becomes embeddings), frame 0 -> CLIP features.
+Nothing here is ever optimised: the train step only sees its outputs.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from dreamzero_jax.datasets import embodiments
 from dreamzero_jax.models import clip, text_cache, umt5, vae
 from dreamzero_jax.models.vae import I2V_MASK_CHANNELS
 from dreamzero_jax.training.objective import LatentBatch
@@ -131,13 +133,30 @@ class BatchEncoder:
       ids, lengths = tokenizer(prompts)
       return np.asarray(text_fn(self._state, ids, lengths)), lengths
 
-    self.prompts = text_cache.PromptCache(encode_prompts)
+    self._prompts = text_cache.PromptCache(encode_prompts)
+    self.templates = embodiments.prompt_templates(cfg.data)
+
+  def text(self, instructions: Sequence[str | bytes], embodiment_ids: Sequence[int],
+           negative_prompt: str | None = None) -> jax.Array:
+    """umT5 embeddings [B (+1), text_len, text_dim] of each instruction read in its embodiment's
+    prompt template, then of `negative_prompt` as given (CFG's unconditional branch) if one is given.
+
+    Training, evaluation and serving all reach the text encoder through here, so a prompt is
+    templated the same way wherever it is encoded."""
+    prompts = []
+    for instruction, eid in zip(instructions, np.asarray(embodiment_ids).reshape(-1), strict=True):
+      text = instruction.decode('utf-8') if isinstance(instruction, bytes) else str(instruction)
+      if int(eid) not in self.templates:
+        raise ValueError(f'embodiment_id: {int(eid)} has no prompt template')
+      prompts.append(embodiments.prompt(text, self.templates[int(eid)]))
+    if negative_prompt is not None:
+      prompts.append(negative_prompt)
+    return jnp.asarray(self._prompts(prompts))
 
   def __call__(self, batch: dict) -> LatentBatch:
     latents, cond, image = self._pixels(self._state, jnp.asarray(batch['video']))
-    instructions = [s.decode('utf-8') if isinstance(s, bytes) else str(s) for s in batch['instruction']]
     return LatentBatch(
-        latents=latents, cond=cond, text=jnp.asarray(self.prompts(instructions)), image=image,
+        latents=latents, cond=cond, text=self.text(batch['instruction'], batch['embodiment_id']), image=image,
         actions=jnp.asarray(batch['actions']), action_mask=jnp.asarray(batch['action_mask']),
         state=jnp.asarray(batch['state']), chunk_mask=jnp.asarray(batch['chunk_mask']),
         embodiment_id=jnp.asarray(batch['embodiment_id'], jnp.int32))

@@ -178,8 +178,9 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(prog='python -m dreamzero_jax.serve', description=__doc__)
   parser.add_argument('--checkpoint', required=True,
                       help='a train.py workdir, or a `python -m dreamzero_jax.convert` output')
-  parser.add_argument('--norm_stats', help='norm_stats.json (`python -m dreamzero_jax.datasets stats`): '
-                      "replaces the checkpoint's; required for a converted checkpoint")
+  parser.add_argument('--norm_stats', help='norm_stats.json (`python -m dreamzero_jax.datasets stats`) or the '
+                      "release's meta/relative_stats_dreamzero.json (beside its stats.json and modality.json) "
+                      "or experiment_cfg/metadata.json: replaces the checkpoint's; required for a converted checkpoint")
   parser.add_argument('--config', help='configs/NAME.py[:ARG]; default: the checkpoint\'s own')
   parser.add_argument('--port', type=int, default=8000)
   parser.add_argument('--host', default='127.0.0.1')

@@ -67,6 +67,21 @@ def _save_sharded(directory, tensors: dict, shards: int = 2) -> str:
   return index
 
 
+def _action_modules(m, seed: int) -> dict[str, np.ndarray]:
+  """DreamZero's action/state modules in the release's names, one shared set (E = 1)."""
+  shapes = {'action_encoder.W1': (m.action_dim, m.dim), 'action_encoder.W2': (2 * m.dim, m.dim),
+            'action_encoder.W3': (m.dim, m.dim), 'state_encoder.layer1': (m.state_dim, m.embodiment_hidden),
+            'state_encoder.layer2': (m.embodiment_hidden, m.dim),
+            'action_decoder.layer1': (m.dim, m.embodiment_hidden),
+            'action_decoder.layer2': (m.embodiment_hidden, m.action_dim)}
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, (din, dout) in shapes.items():
+    out[f'{name}.W'] = rng.standard_normal((1, din, dout)).astype(np.float32)
+    out[f'{name}.b'] = rng.standard_normal((1, dout)).astype(np.float32)
+  return out
+
+
 class References:
   """Tiny random PyTorch references for configs/tiny.py and their checkpoints in the official formats."""
 
@@ -107,6 +122,8 @@ class References:
         _save_pth(os.path.join(official, 'dit.pth'), self.dit_official),
         _save_pth(os.path.join(official, 'Wan2.1_VAE.pth'), _numpy(self.vae_official)),
         _save_pth(os.path.join(official, 'models_t5_umt5-xxl-enc-bf16.pth'), _numpy(self.t5), torch.bfloat16),
+        # The action/state modules, so the conversion has a real embodiment row (tiny's, 1) to serve.
+        _save_pth(os.path.join(official, 'action_modules.pth'), _action_modules(self.cfg.model, 11)),
         _save_pth(os.path.join(official, 'models_clip.pth'), self.clip_wan_names),
     ]
     vae_file = os.path.join(diffusers, 'vae.safetensors')
@@ -162,7 +179,7 @@ def _check_vae(ref, model, seed):
 
 @TINY_CLIP
 def test_official_names_convert_to_the_reference_outputs(refs, official, official_params):
-  assert sorted(os.listdir(official)) == ['config.json', 'params']
+  assert sorted(os.listdir(official)) == ['config.json', 'manifest.json', 'params']
   assert not glob.glob(official + '.tmp-*')
   dit, encoders = _models(refs.cfg, *official_params)
   _check_dit(refs, dit)
@@ -172,10 +189,12 @@ def test_official_names_convert_to_the_reference_outputs(refs, official, officia
     want = refs.t5(torch.from_numpy(ids).long(), mask).numpy()
   test_umt5._check(np.asarray(encoders.text(jnp.asarray(ids), jnp.asarray(lengths))), want, lengths)
   test_clip._assert_close(np.asarray(encoders.image(jnp.asarray(refs.clip_pixels))), refs.clip_want)
-  # A plain Wan checkpoint has no action/state modules: their tables keep the model's initialisation.
+  # A plain Wan checkpoint has no action/state modules: rows no source fills keep the model's
+  # initialisation (row 0 here; row 1, tiny's embodiment, holds action_modules.pth's shared set).
   kernel = np.asarray(dit.action_encoder.w2.kernel[...])
-  assert 0.015 < kernel.std() < 0.025
-  assert not np.asarray(dit.action_encoder.w2.bias[...]).any()
+  assert 0.015 < kernel[0].std() < 0.025
+  assert not np.asarray(dit.action_encoder.w2.bias[...])[0].any()
+  np.testing.assert_array_equal(kernel[1], _action_modules(refs.cfg.model, 11)['action_encoder.W2.W'][0])
 
 
 @TINY_CLIP
@@ -302,9 +321,70 @@ def test_missing_and_unexpected_keys_are_refused_naming_them(refs, tmp_path):
   twice = r'tensors given twice \(\d+\): embeddings.class_embedding \(models_clip.pth\)'
   with pytest.raises(WeightMismatchError, match=twice):
     convert.convert(refs.cfg, refs.official_sources + refs.official_sources[-1:], out)
-  # A whole component absent is named as such rather than as every one of its parameters.
+  # A whole component asked for but absent is named as such rather than as every one of its parameters.
   with pytest.raises(WeightMismatchError, match=r'no --src holds the VAE \(vae\)'):
-    convert.convert(refs.cfg, [refs.official_sources[0]] + refs.official_sources[2:], out)
+    convert.convert(refs.cfg, [refs.official_sources[0]] + refs.official_sources[2:], out,
+                    components=('dit', 'vae', 'text', 'image'))
+
+
+@TINY_CLIP
+def test_a_dit_only_release_converts_alone(refs, tmp_path):
+  """`python -m dreamzero_jax.convert` with only an official Wan DiT .pth: no encoder files, encoder
+  widths that fit no model (never read), and the reference forward reproduced. A later command that
+  needs an encoder says in one line that the conversion has none."""
+  from dreamzero_jax import encoders
+  dit_only = _save_pth(tmp_path / 'wan_dit.pth', refs.dit_official)
+  out = str(tmp_path / 'dit_only')
+  absurd = ['--config.text_encoder.dim=7', '--config.image_encoder.width=5', '--config.vae.base_dim=3']
+  assert convert.main(['--config', os.path.join(ROOT, 'configs/tiny.py'), '--src', dit_only, '--out', out,
+                       *absurd]) == 0
+  with open(os.path.join(out, convert.MANIFEST)) as f:
+    assert json.load(f) == {'components': ['dit'], 'embodiment_rows': []}
+  cfg = _cfg(*[a[len('--config.'):] for a in absurd])
+  dit_params, enc_params = convert.load_converted(out, cfg, parts=('dit',))
+  assert enc_params is None
+  dit = with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), dit_params)
+  _check_dit(refs, dit)
+  with pytest.raises(IncompatibleCheckpointError, match=r'converted without the VAE, .* \(vae,text,image\)') as err:
+    encoders.build_frozen_encoders(_cfg(f'init.converted={out}'))
+  assert '\n' not in str(err.value)
+  # --components picks what to convert out of fuller sources; an unknown name is a one-line error.
+  out2 = str(tmp_path / 'vae_only')
+  assert convert.main(['--config', os.path.join(ROOT, 'configs/tiny.py'), '--out', out2, '--components', 'vae',
+                       *[a for s in refs.official_sources for a in ('--src', s)]]) == 0
+  assert convert.read_manifest(out2)['components'] == ['vae']
+  assert convert.main(['--config', os.path.join(ROOT, 'configs/tiny.py'), '--src', dit_only,
+                       '--out', str(tmp_path / 'x'), '--components', 'dit,clip']) == 2
+
+
+@TINY_CLIP
+def test_a_policy_refuses_an_embodiment_row_never_converted(refs, tmp_path):
+  """A plain Wan DiT has no action/state modules: serving it would act with random modules, so the
+  policy refuses naming the row; a DreamZero checkpoint converted into the row serves."""
+  from dreamzero_jax.datasets import normalization
+  from dreamzero_jax.inference import policy as policy_lib
+  stats = {g: dict(q01=[-1.0] * 4, q99=[1.0] * 4, mean=[0.0] * 4, std=[1.0] * 4) for g in ('state', 'action')}
+  stats['settings'] = dict(action_horizon=refs.cfg.video.action_horizon, relative_action_dims=[])
+  path = str(tmp_path / 'norm_stats.json')
+  normalization.save_stats(stats, path)
+  plain = str(tmp_path / 'plain')
+  convert.convert(refs.cfg, [_save_pth(tmp_path / 'dit.pth', refs.dit_official)], plain)
+  with pytest.raises(ValueError, match=r'embodiment row 1 \(metaworld\) of the action/state modules was '
+                                       r'never converted or trained \(real rows: none\)'):
+    policy_lib.load_policy(plain, norm_stats_path=path)
+  # The row the release's single shared set went into is real; another row still is not.
+  source = _save_pth(tmp_path / 'dreamzero_dit.pth', {**refs.dit_official, **_action_modules(refs.cfg.model, 3)})
+  row0 = str(tmp_path / 'row0')
+  convert.convert(refs.cfg, [source], row0, embodiment_id=0, components=('dit',))
+  assert convert.read_manifest(row0)['embodiment_rows'] == [0]
+  with pytest.raises(ValueError, match=r'embodiment row 1 \(metaworld\).*\(real rows: \[0\]\)'):
+    policy_lib.load_policy(row0, norm_stats_path=path)
+  # By default convert writes the config's own embodiment's row, the one its policy reads.
+  own = str(tmp_path / 'own')
+  encoders_only = [f for f in refs.official_sources[1:] if not f.endswith('action_modules.pth')]
+  convert.convert(refs.cfg, [source] + encoders_only, own)
+  assert convert.read_manifest(own)['embodiment_rows'] == [1]
+  assert policy_lib.load_policy(own, norm_stats_path=path).embodiment.id == 1
 
 
 @TINY_CLIP

@@ -100,8 +100,9 @@ def droid_episode(episode, steps=STEPS, hw=IMAGE_HW, drop=()):
         language_instruction='put the marker in the cup', language_instruction_2='marker into cup',
         language_instruction_3='', is_first=t == 0, is_last=t == steps - 1,
         is_terminal=t == steps - 1))
+  folder = 'failure' if episode == 1 else 'success'   # DROID files failed episodes under failure/
   return dict(steps=out, episode_metadata=dict(file_path=f'/raw/episode_{episode}.h5',
-                                               recording_folderpath=f'/raw/{episode}'))
+                                               recording_folderpath=f'/raw/{folder}/{episode}/recordings'))
 
 
 def write_rlds(root, num_episodes=2, hw=IMAGE_HW, drop=(), corrupt=None):
@@ -125,7 +126,7 @@ DROID_OVERRIDES = [
     'data.name=droid', 'data.embodiment=droid', f'data.cameras={CAMERAS!r}',
     'data.canvas_layout=droid', 'data.control_hz=15', 'data.frame_stride=3', 'data.action_dim=8',
     'data.state_dim=8',
-    'data.relative_action_dims=7', 'video.action_horizon=24', 'video.max_chunks=2',
+    'data.relative_action_dims=(0,1,2,3,4,5,6)', 'video.action_horizon=24', 'video.max_chunks=2',
     'video.height=32', 'video.width=64']
 
 
@@ -287,7 +288,7 @@ def test_stats_cli_saves_checked_stats(droid_dir):
     with open(path) as f:
       stats = json.load(f)
     assert len(stats['state']['q01']) == 8 and stats['settings'] == {
-        'action_horizon': 24, 'relative_action_dims': 7}
+        'action_horizon': 24, 'relative_action_dims': list(range(7))}
     # Joint d moves 0.01*(d+1) a step and commands 0.003 past the next state: relative to an
     # anchor h steps back that is 0.01*(d+1)*(h+1) + 0.003, h < 24. The gripper stays absolute.
     top = 0.01 * np.arange(1, 8) * 24 + 0.003
@@ -298,6 +299,42 @@ def test_stats_cli_saves_checked_stats(droid_dir):
                 *[f'--config.{o}' for o in DROID_OVERRIDES], '--config.video.action_horizon=12',
                 '--config.video.frames_per_chunk=4')
     assert r.returncode == 2 and 'settings.action_horizon=24 but the config has 12' in r.stderr
+  finally:
+    os.remove(path)
+
+
+def test_success_flags_and_a_tfds_data_dir_as_src(droid_dir, tmp_path):
+  # The flag comes from the episode (DROID: its recording folder lies under success/ or failure/).
+  assert episodes.open_dataset(droid_dir, 'droid').lowdim.success.tolist() == [True, False]
+  # --src may be the data_dir one gives tfds.load: it holds droid_100/<version>/.
+  write_rlds(str(tmp_path / 'tfds' / 'droid_100' / '1.0.0'), num_episodes=1)
+  r = run_cli('build', 'droid', '--src', str(tmp_path / 'tfds'), '--out', str(tmp_path / 'out'))
+  assert r.returncode == 0, r.stderr
+  assert episodes.open_dataset(str(tmp_path / 'out'), 'droid').lowdim.success.tolist() == [True]
+  r = run_cli('build', 'droid', '--src', str(tmp_path), '--out', str(tmp_path / 'out2'))
+  assert r.returncode == 2 and 'has no features.json, nor a droid/<version>/ or droid_100/<version>/' in r.stderr
+
+
+def test_stats_rerun_after_a_horizon_change_recomputes(droid_dir):
+  """`datasets stats` replaces statistics made for other settings instead of refusing them."""
+  stats_cli = lambda *extra: run_cli('stats', '--config', 'configs/tiny.py', f'--config.data.dir={droid_dir}',
+                                     *[f'--config.{o}' for o in DROID_OVERRIDES], *extra)
+  r = stats_cli()
+  assert r.returncode == 0, r.stderr
+  path = json.loads(r.stdout)['stats']
+  try:
+    with open(path) as f:
+      before = json.load(f)
+    r = stats_cli('--config.video.action_horizon=12', '--config.video.frames_per_chunk=4')
+    assert r.returncode == 0, r.stderr
+    with open(path) as f:
+      after = json.load(f)
+    assert before['settings']['action_horizon'] == 24 and after['settings']['action_horizon'] == 12
+    # Relative joints over 12 steps reach about half as far as over 24.
+    ratio = np.array(after['action']['q99'][:7]) / np.array(before['action']['q99'][:7])
+    assert (ratio < 0.6).all() and (ratio > 0.4).all()
+    cfg = _config(droid_dir, 'video.action_horizon=12', 'video.frames_per_chunk=4')
+    assert pipeline.open_member(cfg, 'droid', 1.0, train=False).loader.stats == after
   finally:
     os.remove(path)
 

@@ -4,7 +4,8 @@
   build droid --src RLDS_DIR --out DIR
   build agibot --src LEROBOT_DIR --out DIR
   build rlds --src RLDS_DIR --spec SPEC.json --out DIR
-  stats --config C [--config.x=...]          saves norm_stats.json next to the dataset
+  stats --config C [--config.x=...]          recomputes norm_stats.json next to the dataset
+  stats --config C --from_official FILE [--out PATH]   the release's statistics in our format
   inspect --config C [--batches N] [--eval]  one JSON line per batch
 Any bad input ends in one line `error: ...` naming the field, and exit status 2.
 """
@@ -20,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from dreamzero_jax import config as config_lib
-from dreamzero_jax.datasets import episodes, normalization, pipeline
+from dreamzero_jax.datasets import embodiments, episodes, normalization, pipeline
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,9 +55,27 @@ def _build(args) -> None:
   print(json.dumps({'built': episodes.build(builder)}))
 
 
-def _stats(cfg) -> None:
+def _stats(cfg, from_official: str = '', out: str = '') -> None:
+  """Recomputes every dataset's statistics under the config's settings (saved ones are replaced, even
+  when they were made for other settings), or imports the release's file for the config's embodiment."""
+  if from_official:
+    e = embodiments.get(cfg.data.embodiment)
+    stats = normalization.from_official(from_official, e, cfg.video.action_horizon,
+                                        embodiments.relative_dims(cfg.data.relative_action_dims,
+                                                                  e.action_dim, e.state_dim))
+    normalization.check_stats(stats, e.state_dim, e.action_dim, cfg.video.action_horizon,
+                              stats['settings']['relative_action_dims'], from_official)
+    if not out:
+      if not cfg.data.dir:
+        raise episodes.DataError('--out: required when data.dir is not set')
+      out = pipeline.stats_path(cfg, cfg.data.name)
+    normalization.save_stats(stats, out)
+    print(json.dumps({'stats': out, 'from_official': os.path.abspath(from_official)}))
+    return
+  if out:
+    raise episodes.DataError('--out: only with --from_official (recomputed statistics go beside each dataset)')
   for name, _ in pipeline._mixture(cfg):  # pylint: disable=protected-access
-    member = pipeline.open_member(cfg, name, 1.0, train=False)
+    member = pipeline.open_member(cfg, name, 1.0, train=False, with_stats=False)
     stats = normalization.compute_stats(member.loader.dataset.lowdim, cfg.video.action_horizon,
                                         member.loader.spec.relative_action_dims)
     path = pipeline.stats_path(cfg, name)
@@ -102,6 +121,10 @@ def main(argv: Sequence[str]) -> int:
   for name in ('stats', 'inspect'):
     p = sub.add_parser(name)
     p.add_argument('--config', required=True)
+    if name == 'stats':
+      p.add_argument('--from_official', default='', help="the release's statistics file (meta/"
+                     'relative_stats_dreamzero.json beside stats.json and modality.json, or metadata.json)')
+      p.add_argument('--out', default='', help='with --from_official: where to write (default: beside the dataset)')
     if name == 'inspect':
       p.add_argument('--batches', type=int, default=1)
       p.add_argument('--eval', action='store_true', help='evaluation order, no augmentation')
@@ -114,7 +137,7 @@ def main(argv: Sequence[str]) -> int:
       return 0
     cfg = config_lib.load_config(args.config, overrides)
     if args.command == 'stats':
-      _stats(cfg)
+      _stats(cfg, args.from_official, args.out)
     else:
       # grain's worker processes read absl flags; this program parses its own.
       from absl import flags  # pylint: disable=g-import-not-at-top

@@ -12,7 +12,8 @@ chunk's F frames sit at stride f from its first action step, plus one final fram
 DROID (f=3, Hz=24, F=8): frames at s + [0, 3, ..., 21] per chunk and one final frame.
 
 Clips never cross a change of the (primary) instruction. From a sampled anchor, chunks are added
-forward while they fit, then backward, up to K (the official recipe, both directions).
+alternately backward and forward (backward first) while they fit, up to K: the release's order
+(lerobot_sharded.py), so an anchor in the middle of a long segment sits in the middle of its clip.
 """
 from __future__ import annotations
 
@@ -78,9 +79,12 @@ def episode_clips(language: np.ndarray, state: np.ndarray, action: np.ndarray, h
     if not len(anchors):
       continue
     anchors = anchors[~idle[anchors]]
-    forward = np.minimum(kmax, (last - anchors) // hz)
-    backward = np.minimum(kmax - forward, (anchors - begin) // hz)
-    out.append(np.stack([anchors - backward * hz, forward + backward], axis=1))
+    ahead = (last - anchors) // hz - 1      # whole chunks after the anchor's own
+    behind = (anchors - begin) // hz        # whole chunks before it
+    extra = np.minimum(kmax - 1, ahead + behind)
+    # Alternating, backward first: backward takes ceil(extra / 2) unless either side runs out.
+    backward = np.minimum(behind, np.maximum(extra - ahead, (extra + 1) // 2))
+    out.append(np.stack([anchors - backward * hz, 1 + extra], axis=1))
   return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 

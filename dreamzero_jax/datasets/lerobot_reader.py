@@ -4,6 +4,8 @@ Layout: meta/info.json (fps, features, data_path/video_path templates, chunks_si
 meta/episodes.jsonl (episode_index, tasks, length), meta/tasks.jsonl (task_index, task),
 one parquet file of per-frame columns per episode, one video per camera per episode.
 Video frames are decoded with PyAV (`av`, needed only here) and stored as JPEG per frame.
+A state or action column wider than the embodiment's vector (a GEAR dataset whose observation.state
+holds more than the model reads) is cut to the embodiment's official keys by meta/modality.json.
 """
 from __future__ import annotations
 
@@ -44,12 +46,18 @@ class LeRobotEpisodes:
       if key not in features:
         raise DataError(f'meta/info.json: features.{key} is missing (needed for {role})')
       return features[key]
-    for key, dim, role in ((state_key, self.embodiment.state_dim, 'state'),
-                           (action_key, self.embodiment.action_dim, 'action')):
+    self.columns = {}   # role -> indices into the column (None: the whole column)
+    for key, dim, role, keys in ((state_key, self.embodiment.state_dim, 'state', self.embodiment.official_state_keys),
+                                 (action_key, self.embodiment.action_dim, 'action',
+                                  self.embodiment.official_action_keys)):
       shape = list(feature(key, role)['shape'])
+      self.columns[role] = None
       if shape != [dim]:
-        raise DataError(f'meta/info.json: features.{key} has shape {shape}, '
-                        f'{self.embodiment.name} needs [{dim}]')
+        self.columns[role] = self._official_slices(role, keys, dim)
+        if self.columns[role] is None:
+          raise DataError(f'meta/info.json: features.{key} has shape {shape}, {self.embodiment.name} needs '
+                          f'[{dim}]' + (f' (or a meta/modality.json naming {role} keys {", ".join(keys)})'
+                                        if keys else ''))
     self.image_shapes = {}
     for cam, key in cameras.items():
       f = feature(key, f'cameras.{cam}')
@@ -58,6 +66,18 @@ class LeRobotEpisodes:
       self.image_shapes[cam] = tuple(int(x) for x in f['shape'][:2])
     self.tasks = {t['task_index']: t['task'] for t in _jsonl(os.path.join(src, 'meta', 'tasks.jsonl'))}
     self.episodes = _jsonl(os.path.join(src, 'meta', 'episodes.jsonl'))
+
+  def _official_slices(self, role: str, keys: tuple[str, ...], dim: int) -> np.ndarray | None:
+    """Column indices of `keys` (in order) by meta/modality.json, when it names them all to `dim` dims."""
+    path = os.path.join(self.src, 'meta', 'modality.json')
+    if not keys or not os.path.isfile(path):
+      return None
+    with open(path) as f:
+      entries = json.load(f).get(role, {})
+    if not all(k in entries for k in keys):
+      return None
+    index = np.concatenate([np.arange(entries[k]['start'], entries[k]['end']) for k in keys])
+    return index if len(index) == dim else None
 
   def dataset_spec(self) -> episodes.DatasetSpec:
     return episodes.DatasetSpec(
@@ -93,6 +113,10 @@ class LeRobotEpisodes:
           raise DataError(f'episode {eid}: parquet column {key} is missing')
       state = np.asarray(table[self.state_key], np.float32)
       action = np.asarray(table[self.action_key], np.float32)
+      if self.columns['state'] is not None:
+        state = state[:, self.columns['state']]
+      if self.columns['action'] is not None:
+        action = action[:, self.columns['action']]
       # Per-frame task indices give per-step instructions; else the episode's first task.
       if 'task_index' in table:
         texts = [self.tasks[int(i)] for i in table['task_index']]

@@ -37,7 +37,7 @@ class ClipSpec:
   width: int
   state_dim: int
   action_dim: int
-  relative_action_dims: int
+  relative_action_dims: tuple[int, ...]
   model_state_dim: int
   model_action_dim: int
   embodiment_id: int
@@ -87,8 +87,8 @@ class ClipLoader(grain.transforms.RandomMap):
     has_action = bool(record['has_action'])
     state = record['state'][lay.anchor_steps(start, k)]                       # [k, S]
     action = record['action'][lay.action_steps(start, k)].astype(np.float32)  # [k*Hz, A]
-    r = s.relative_action_dims
-    action[:, :r] -= np.repeat(state[:, :r], lay.action_horizon, axis=0)
+    r = list(s.relative_action_dims)
+    action[:, r] -= np.repeat(state[:, r], lay.action_horizon, axis=0)
     hz_k = lay.max_chunks * lay.action_horizon
     actions = np.zeros((hz_k, s.model_action_dim), np.float32)
     actions[:len(action), :s.action_dim] = normalization.normalize(action, self.stats['action'])
@@ -108,6 +108,17 @@ class ClipLoader(grain.transforms.RandomMap):
         state_mask=state_mask, chunk_mask=np.arange(lay.max_chunks) < k,
         has_real_action=np.bool_(has_action), embodiment_id=np.int32(s.embodiment_id),
         instruction=np.array(record['instructions'][choice], dtype=object))
+
+
+def augment(data_cfg) -> canvas.Augment:
+  """The view preprocessing of data.augment_*: the crop also applies at evaluation and serving."""
+  aug = canvas.Augment(data_cfg.augment_crop_scale, data_cfg.augment_brightness, data_cfg.augment_contrast,
+                       data_cfg.augment_saturation, data_cfg.augment_hue)
+  if not 0.0 < aug.crop_scale <= 1.0:
+    raise DataError(f'data.augment_crop_scale: {aug.crop_scale} must be in (0, 1]')
+  if not 0.0 <= aug.hue <= 0.5:
+    raise DataError(f'data.augment_hue: {aug.hue} must be in [0, 0.5]')
+  return aug
 
 
 @dataclasses.dataclass
@@ -134,8 +145,10 @@ def _mixture(config) -> list[tuple[str, float]]:
   return out
 
 
-def open_member(config: ml_collections.ConfigDict, name: str, weight: float, train: bool) -> Member:
-  """Opens dataset `name` under data.dir and checks it against the config."""
+def open_member(config: ml_collections.ConfigDict, name: str, weight: float, train: bool,
+                with_stats: bool = True) -> Member:
+  """Opens dataset `name` under data.dir and checks it against the config; with_stats=False skips
+  its saved statistics (for `datasets stats`, which replaces them)."""
   if not config.data.dir:
     raise DataError('data.dir: not set (pass --config.data.dir=DIR)')
   dataset = episodes.open_dataset(config.data.dir, name)
@@ -157,8 +170,10 @@ def open_member(config: ml_collections.ConfigDict, name: str, weight: float, tra
   for field, have in checks:
     if d[field] != have:
       raise DataError(f'data.{field}: config says {d[field]}, {dataset.path} stores {have}')
-  if d['relative_action_dims'] > min(ds_spec.state_dim, ds_spec.action_dim):
-    raise DataError(f'data.relative_action_dims: {d["relative_action_dims"]} exceeds the state or action dims')
+  try:
+    relative = embodiments.relative_dims(d['relative_action_dims'], ds_spec.action_dim, ds_spec.state_dim)
+  except ValueError as e:
+    raise DataError(str(e)) from None
   m = config.model
   if ds_spec.action_dim > m.action_dim or ds_spec.state_dim > m.state_dim:
     raise DataError(f'model.action_dim/state_dim: {m.action_dim}/{m.state_dim} cannot hold '
@@ -173,16 +188,14 @@ def open_member(config: ml_collections.ConfigDict, name: str, weight: float, tra
   except ValueError as e:
     raise DataError(str(e)) from None
   stats = normalization.stats_for(dataset.path, dataset.lowdim, ds_spec.state_dim, ds_spec.action_dim,
-                                  v.action_horizon, d['relative_action_dims'])
+                                  v.action_horizon, relative) if with_stats else None
   spec = ClipSpec(
       layout=layout, cameras=cameras, image_shapes=tuple(ds_spec.image_shapes[c] for c in cameras),
       canvas_layout=d['canvas_layout'], height=v.height, width=v.width,
       state_dim=ds_spec.state_dim, action_dim=ds_spec.action_dim,
-      relative_action_dims=d['relative_action_dims'], model_state_dim=m.state_dim,
+      relative_action_dims=relative, model_state_dim=m.state_dim,
       model_action_dim=m.action_dim, embodiment_id=emb.id,
-      augment=canvas.Augment(config.data.augment_crop_scale,
-                             config.data.augment_brightness,
-                             config.data.augment_contrast),
+      augment=augment(config.data),
       on_corrupt=config.data.on_corrupt)
   if spec.on_corrupt not in ('fail', 'skip'):
     raise DataError(f"data.on_corrupt: {spec.on_corrupt!r} (expected 'fail' or 'skip')")

@@ -10,8 +10,13 @@ A mapping spec (JSON) says where our fields come from, by flattened feature path
    "state":  ["steps/observation/joint_position", "steps/observation/gripper_position"],
    "action": ["steps/action_dict/joint_position", "steps/action_dict/gripper_position"],
    "language": ["steps/language_instruction", "steps/language_instruction_2"],
-   "episode_id": "episode_metadata/file_path"}
+   "episode_id": "episode_metadata/file_path",
+   "success": {"path": "episode_metadata/recording_folderpath", "contains": "/success/"}}
 "action" may be empty (video-only data); "episode_id" is optional (default shard:record).
+"success" is optional (default: every episode False): a feature path whose last value > 0 means
+success (a reward or a flag), or {"path", "contains"} for a text feature holding a marker.
+`--src` is the version folder holding features.json, or the folder one gives `tfds.load` as
+data_dir (holding <name>/<version>/).
 """
 from __future__ import annotations
 
@@ -66,6 +71,22 @@ def load_spec(path: str) -> dict[str, Any]:
   return spec
 
 
+def resolve_src(src: str, names: tuple[str, ...]) -> str:
+  """The version folder (holding features.json) for `src`: itself, or the newest <name>/<version>/
+  under it for the first of `names` present (a TFDS data_dir)."""
+  if os.path.isfile(os.path.join(src, 'features.json')):
+    return src
+  for name in names:
+    root = os.path.join(src, name)
+    versions = [v for v in (os.listdir(root) if os.path.isdir(root) else ())
+                if os.path.isfile(os.path.join(root, v, 'features.json'))]
+    if versions:
+      key = lambda v: tuple(int(x) if x.isdigit() else -1 for x in v.split('.'))
+      return os.path.join(root, max(versions, key=key))
+  raise DataError(f'--src: {src} has no features.json, nor a {" or ".join(n + "/<version>/" for n in names)} '
+                  'holding one (give the TFDS version folder or its data_dir)')
+
+
 class RldsEpisodes:
   """The episodes of one RLDS directory, as our episode dicts."""
 
@@ -94,6 +115,11 @@ class RldsEpisodes:
       need(p, 'language')
     if spec.get('episode_id'):
       need(spec['episode_id'], 'episode_id')
+    success = spec.get('success')
+    if success is not None:
+      if isinstance(success, dict) and not {'path', 'contains'} <= set(success):
+        raise DataError('--spec: success must be a feature path or {"path": ..., "contains": ...}')
+      need(success['path'] if isinstance(success, dict) else success, 'success')
     emb = embodiments.get(spec['embodiment'])
     if self.state_dim != emb.state_dim:
       raise DataError(f'--spec: state gives {self.state_dim} dims, {emb.name} needs {emb.state_dim}')
@@ -185,4 +211,17 @@ class RldsEpisodes:
           raise DataError(f'episode {eid.decode()}: images/{cam}: frame {j} is {h}x{w}, '
                           f'features.json declares {self.image_shapes[cam][0]}x{self.image_shapes[cam][1]}')
     return dict(episode_id=eid, images=images, state=state, action=action, language=language,
-                instructions=list(table), has_action=bool(self.spec['action']), success=False)
+                instructions=list(table), has_action=bool(self.spec['action']), success=self._success(flat))
+
+  def _success(self, flat: dict[str, Any]) -> bool:
+    """The episode's success flag as the spec's "success" field says (False when it names none)."""
+    rule = self.spec.get('success')
+    if rule is None:
+      return False
+    path = rule['path'] if isinstance(rule, dict) else rule
+    value = np.asarray(flat[path])
+    last = value.reshape(-1)[-1] if value.size else None
+    if isinstance(rule, dict):
+      text = last.decode() if isinstance(last, bytes) else str(last if last is not None else '')
+      return rule['contains'] in text
+    return bool(last is not None and float(last) > 0)

@@ -64,8 +64,10 @@ class Policy:
     self.i2v = encoders_lib.uses_i2v_condition(cfg)
     from dreamzero_jax.datasets import embodiments
     self.embodiment = embodiments.get(cfg.data.embodiment)
+    self.relative_dims = embodiments.relative_dims(cfg.data.relative_action_dims, self.embodiment.action_dim,
+                                                   self.embodiment.state_dim)
     self.stats = norm_stats
-    self.prompts = encoders_lib.BatchEncoder(encoders, cfg).prompts
+    self.encoder = encoders_lib.BatchEncoder(encoders, cfg)
     self._model_def, self._model_state = nnx.split(model)
     self._enc_def, self._enc_state = nnx.split(encoders)
     self.mesh = self._cfg_mesh() if cfg.sampler.cfg_parallel else None
@@ -167,8 +169,9 @@ class Policy:
   # ---- the episode API --------------------------------------------------------------------------
 
   def _text(self, instruction: str) -> jax.Array:
-    prompts = [instruction] + ([self.cfg.sampler.negative_prompt] if self.with_uncond else [])
-    return jnp.asarray(self.prompts(prompts))
+    """The instruction in this embodiment's prompt template (+ the negative prompt with CFG)."""
+    return self.encoder.text([instruction], [self.embodiment.id],
+                             self.cfg.sampler.negative_prompt if self.with_uncond else None)
 
   def reset(self, instruction: str, first_frame: np.ndarray, robot_state: np.ndarray, seed: int = 0) -> Episode:
     """first_frame: one canvas frame [H, W, 3] in [-1, 1]; robot_state: raw [state_dim]."""
@@ -230,7 +233,7 @@ class Policy:
     """Normalised padded actions -> raw robot actions (unnormalise, absolute joints, smoothing)."""
     e, p = self.embodiment, self.cfg.postprocess
     a = normalization.unnormalize(actions[:, :e.action_dim], self.stats['action'])
-    a = postprocess.relative_to_absolute(a, anchor_state, e.relative_action_dims)
+    a = postprocess.relative_to_absolute(a, anchor_state, self.relative_dims)
     if p.smooth:
       a = postprocess.smooth_actions(a, p.savgol_window, p.savgol_polyorder)
     if p.gripper_dims:
@@ -270,7 +273,7 @@ class PolicyServerBackend:
   def _canvas(self, observation) -> np.ndarray:
     cfg = self.policy.cfg
     return canvas.compose_arrays([observation[k] for k in self.cameras], cfg.data.canvas_layout,
-                                 cfg.video.height, cfg.video.width)
+                                 cfg.video.height, cfg.video.width, cfg.data.augment_crop_scale)
 
   def _state(self, observation) -> np.ndarray:
     return np.concatenate([np.asarray(observation[k], np.float32).reshape(-1) for k in self.state_fields])
@@ -302,22 +305,24 @@ def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = 
   """A Policy from a train.py workdir (its newest checkpoint; EMA parameters when present), or from
   a `python -m dreamzero_jax.convert` output (an official release, served as converted).
 
-  `norm_stats_path`: a norm_stats.json (`python -m dreamzero_jax.datasets stats` writes one) used
-  instead of the checkpoint's; required for a converted checkpoint, which carries none.
+  `norm_stats_path`: a norm_stats.json (`python -m dreamzero_jax.datasets stats` writes one) or the
+  release's statistics (meta/relative_stats_dreamzero.json with its siblings, or a checkpoint's
+  metadata.json) used instead of the checkpoint's; required for a converted checkpoint, which carries none.
   """
   import json
   import os
-  from dreamzero_jax import checkpoint
+  from dreamzero_jax import checkpoint, convert
   from dreamzero_jax.datasets import embodiments
   from dreamzero_jax.training import trainer
-  stats = normalization.load_stats(norm_stats_path) if norm_stats_path else None
+  stats = None
   if os.path.isdir(os.path.join(checkpoint_dir, 'checkpoints')):
     ckpt = checkpoint.Checkpointer(checkpoint_dir, async_save=False)
     step = ckpt.latest_step()
     if step is None:
       raise ValueError(f'--checkpoint {checkpoint_dir}: holds no checkpoint')
+    ckpt_config = ckpt.read_config(step)
     if config is None:
-      config = _config_from_dict(ckpt.read_config(step))
+      config = _config_from_dict(ckpt_config)
     graphdef, abstract = trainer.abstract_train_state(config)
     state, _, saved_stats = ckpt.restore(step, abstract, config)
     ckpt.close()
@@ -325,25 +330,40 @@ def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = 
     if state.frozen is not None:
       params = trainer.merge_lora(state.frozen, params, config.train.lora_alpha, config.train.lora_rank)
     dit = nnx.merge(graphdef, params)
-    stats = stats or saved_stats
+    stats = saved_stats
+    # The row of the embodiment it trained on, and any rows of the conversion it started from.
+    saved = _config_from_dict(ckpt_config)
+    rows = {embodiments.get(saved.data.embodiment).id}
+    if saved.init.converted and os.path.isdir(saved.init.converted):
+      rows |= set(convert.read_manifest(saved.init.converted)['embodiment_rows'] or ())
   elif os.path.isfile(os.path.join(checkpoint_dir, 'config.json')):
     if config is None:
       with open(os.path.join(checkpoint_dir, 'config.json')) as f:
         config = _config_from_dict(json.load(f))
     config.init.converted = os.path.abspath(checkpoint_dir)
-    dit = encoders_lib.initial_dit(config)
-    if stats is None:
+    rows = set(convert.read_manifest(checkpoint_dir)['embodiment_rows'] or ())
+    dit = None   # read once the embodiment row is known to be real
+    if not norm_stats_path:
       raise ValueError(f'--checkpoint {checkpoint_dir}: a converted checkpoint carries no normalisation '
                        'statistics: pass --norm_stats (python -m dreamzero_jax.datasets stats writes one)')
   else:
     raise ValueError(f'--checkpoint {checkpoint_dir}: neither a train.py workdir (checkpoints/) nor a '
                      'converted checkpoint (config.json)')
-  if not stats:
-    raise ValueError(f'--checkpoint {checkpoint_dir}: the checkpoint carries no normalisation statistics')
-  if norm_stats_path:  # a checkpoint's own were checked against the dataset when training began
-    e = embodiments.get(config.data.embodiment)
+  e = embodiments.get(config.data.embodiment)
+  if e.id not in rows:
+    # Its action/state modules would be the random initialisation: refuse rather than serve noise.
+    raise ValueError(f'--checkpoint {checkpoint_dir}: embodiment row {e.id} ({e.name}) of the action/state '
+                     f'modules was never converted or trained (real rows: {sorted(rows) or "none"}); convert a '
+                     'DreamZero checkpoint into that row (convert --embodiment_id) or train on that embodiment')
+  if norm_stats_path:  # ours or the release's file; a checkpoint's own were checked when training began
+    stats = normalization.read_stats(norm_stats_path, e, config.video.action_horizon,
+                                     config.data.relative_action_dims)
     normalization.check_stats(stats, e.state_dim, e.action_dim, config.video.action_horizon,
                               config.data.relative_action_dims, norm_stats_path)
+  if not stats:
+    raise ValueError(f'--checkpoint {checkpoint_dir}: the checkpoint carries no normalisation statistics')
+  if dit is None:
+    dit = encoders_lib.initial_dit(config)
   return Policy(config, dit, encoders_lib.build_frozen_encoders(config), stats)
 
 
@@ -356,6 +376,8 @@ def _config_from_dict(saved: dict) -> ml_collections.ConfigDict:
     for key, value in values.items():
       if isinstance(value, dict) and key in node and isinstance(node[key], ml_collections.ConfigDict):
         fill(node[key], value)
+      elif key == 'relative_action_dims' and isinstance(value, int):
+        node[key] = tuple(range(value))   # saved before explicit dims: the leading N
       else:
         node[key] = tuple(value) if isinstance(value, list) else value
 

@@ -13,18 +13,20 @@ import numpy as np
 
 
 def relative_to_absolute(actions: np.ndarray, anchor_state: np.ndarray,
-                         num_relative_dims: int) -> np.ndarray:
-  """Adds the chunk's anchor state to the leading `num_relative_dims` action dims.
+                         relative_dims: int | Sequence[int]) -> np.ndarray:
+  """Adds the chunk's anchor state to the relative action dims (an int N: the leading N).
 
   DROID: the 7 joint targets are trained relative to the joint state at the chunk anchor,
-  the gripper is absolute. `anchor_state` is raw (unnormalised), [..., state_dim].
+  the gripper is absolute; AgiBot: the 20 position dims, not the base velocity.
+  `anchor_state` is raw (unnormalised), [..., state_dim].
   """
   actions = np.array(actions, np.float32)
   anchor_state = np.asarray(anchor_state, np.float32)
-  if num_relative_dims > min(actions.shape[-1], anchor_state.shape[-1]):
-    raise ValueError(f'{num_relative_dims} relative dims, but actions have {actions.shape[-1]} '
+  dims = list(range(relative_dims)) if isinstance(relative_dims, int) else [int(d) for d in relative_dims]
+  if dims and max(dims) >= min(actions.shape[-1], anchor_state.shape[-1]):
+    raise ValueError(f'relative dims {dims}, but actions have {actions.shape[-1]} '
                      f'and the state {anchor_state.shape[-1]}')
-  actions[..., :num_relative_dims] += anchor_state[..., None, :num_relative_dims]
+  actions[..., dims] += anchor_state[..., None, dims]
   return actions
 
 
