@@ -3,7 +3,8 @@
 closed_loop: Meta-World tasks driven through the policy exactly as a robot would drive it (chunks,
 smoothing, real frames back into the cache), in-process or (--via_server) through the websocket
 server on loopback; per-task success, progress and episode length over seeded episodes, split into
-seen (ML45 train) and unseen (ML45 test) tasks, plus a GIF per task (real | predicted frames).
+seen (ML45 train) and unseen (ML45 test) tasks on variations the data never held, plus a GIF per
+task (real | predicted frames); --replay N also reruns N of the training episodes themselves.
 offline: action MSE and predicted-video PSNR of the first chunk on held-out clips of data.dir.
 latency: the per-stage timing of a control step (canvas, observe = VAE + cache write, denoise).
 All write DIR/report.json.
@@ -33,12 +34,15 @@ def parse(argv):
   p.add_argument('--out', required=True)
   p.add_argument('--mode', default='closed_loop', choices=('closed_loop', 'offline', 'latency'))
   p.add_argument('--clips', type=int, default=32, help='offline: held-out clips to score')
-  p.add_argument('--tasks', default='', help='seen tasks (comma list); default: the ML45 train tasks')
+  p.add_argument('--tasks', default=None, help="seen tasks (comma list; '' for none); default: the ML45 train tasks")
   p.add_argument('--unseen_tasks', default=None, help='unseen tasks (comma list); default: the ML45 test tasks')
   p.add_argument('--episodes', type=int, default=3, help='seeded episodes per task')
   p.add_argument('--max_steps', type=int, default=200, help='environment steps per episode')
   p.add_argument('--via_server', action='store_true', help='run the rollouts through the websocket server')
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--seed', type=int, default=1000,
+                 help='seen/unseen episode e runs MT1(task, seed + e): away from the build seeds, new variations')
+  p.add_argument('--replay', type=int, default=0,
+                 help='also replay N training episodes (their own variations and reset seeds; split "replay")')
   return p.parse_args(rest), overrides
 
 
@@ -112,6 +116,15 @@ def latency(policy, cfg, steps: int = 5) -> dict:
   return dict(first_step_with_compile_s=round(first, 2), **med, dit_evaluations=info['dit_evaluations'])
 
 
+def _spread(variations: list, n: int) -> list:
+  """n of the dataset's episodes, round-robin over its tasks (each task's first episodes first)."""
+  by_task = {}
+  for v in variations:
+    by_task.setdefault(v.task, []).append(v)
+  order = [eps[i] for i in range(max(map(len, by_task.values()), default=0)) for eps in by_task.values() if i < len(eps)]
+  return order[:n]
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args, overrides = parse(argv)
@@ -142,12 +155,19 @@ def main(argv=None) -> int:
     print(f'error: closed_loop evaluates Meta-World; this checkpoint is for {cfg.data.embodiment!r}', file=sys.stderr)
     return 2
   seen, unseen = metaworld_env.ml45_split()
-  seen = [t for t in args.tasks.split(',') if t] or seen
+  seen = seen if args.tasks is None else [t for t in args.tasks.split(',') if t]
   unseen = unseen if args.unseen_tasks is None else [t for t in args.unseen_tasks.split(',') if t]
+  replay = []
+  if args.replay > 0:
+    try:
+      replay = _spread(metaworld_env.dataset_variations(cfg.data.dir, cfg.data.name), args.replay)
+    except (ValueError, OSError) as e:
+      print(f'error: --replay reads the training data (data.dir={cfg.data.dir!r}): {e}', file=sys.stderr)
+      return 2
   backend = policy_lib.PolicyServerBackend(pol)
   with (through_server(backend) if args.via_server else contextlib.nullcontext(in_process(backend))) as factory:
     report = closed_loop.evaluate(cfg, factory, seen, unseen, args.episodes, args.max_steps, args.out,
-                                  decode=pol.decode_video, seed=args.seed)
+                                  decode=pol.decode_video, seed=args.seed, replay=replay)
   print(f'report: {os.path.join(args.out, "report.json")} ({report["crashed"]} crashed episodes); '
         f'gifs: {", ".join(report["gifs"])}')
   return 0

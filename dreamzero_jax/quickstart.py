@@ -2,7 +2,8 @@
 
 1. builds a small Meta-World dataset with the scripted experts (DIR/data),
 2. trains the tiny config on it (DIR/train; rerunning resumes),
-3. evaluates closed loop on seen and unseen tasks through the same policy a robot uses
+3. evaluates closed loop through the same policy a robot uses: replays of training episodes (their
+   own variations and reset seeds), new variations of the seen tasks, and unseen tasks
    (DIR/eval/report.json and a GIF per task: real frames | predicted frames).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
   p.add_argument('--episodes', type=int, default=6, help='expert episodes per task to train on')
   p.add_argument('--eval_episodes', type=int, default=1)
   p.add_argument('--eval_steps', type=int, default=96, help='environment steps per evaluation episode')
+  p.add_argument('--replay', type=int, default=5, help='training episodes replayed in their own variations')
   p.add_argument('--max_minutes', type=float, help='wall-clock budget of the training stage (resumable)')
   args = p.parse_args(rest)
   if 'ml45' in (args.tasks, args.unseen_tasks):
@@ -57,12 +59,13 @@ def main(argv=None) -> int:
   import eval as eval_cli  # the repository's eval.py
   code = eval_cli.main(['--checkpoint', workdir, '--out', eval_dir, '--tasks', args.tasks,
                         '--unseen_tasks', args.unseen_tasks, '--episodes', str(args.eval_episodes),
-                        '--max_steps', str(args.eval_steps)])
+                        '--max_steps', str(args.eval_steps), '--replay', str(args.replay)])
   if code:
     return code
   with open(os.path.join(eval_dir, 'report.json')) as fh:
     report = json.load(fh)
-  print(json.dumps(dict(seen=report['seen'], unseen=report['unseen'], crashed=report['crashed'],
+  replay = {k: v for k, v in report['replay'].items() if k not in ('tasks', 'episodes')}
+  print(json.dumps(dict(seen=report['seen'], unseen=report['unseen'], replay=replay, crashed=report['crashed'],
                         minutes=round((time.time() - start) / 60, 1))))
   print(f'results: {os.path.join(eval_dir, "report.json")}, GIFs: {", ".join(report["gifs"])}, '
         f'training curve: {os.path.join(workdir, "metrics.jsonl")} (TensorBoard: {os.path.join(workdir, "tb")})')

@@ -111,3 +111,31 @@ def test_rollouts_are_reproducible():
   np.testing.assert_array_equal(a['state'], b['state'])
   np.testing.assert_array_equal(a['action'], b['action'])
   assert a['images']['corner'] == b['images']['corner']
+
+
+def test_replay_variations_restart_the_training_episodes_themselves(mw_dir):
+  """dataset_variations gives each episode's variation and reset seed: in its environment the
+  scripted expert repeats the recorded episode (same states and actions), unlike in a new variation."""
+  from metaworld.policies import ENV_POLICY_MAP
+  from dreamzero_jax.evaluation import metaworld_env
+  from dreamzero_jax.evaluation.metaworld_env import MetaWorldEnv, Variation
+  variations = metaworld_env.dataset_variations(mw_dir, 'metaworld')
+  assert variations == [Variation('reach-v3', 0, 0, 0), Variation('push-v3', 0, 0, 0)]
+  rec = episodes.open_dataset(mw_dir, 'metaworld').source[1]
+
+  def expert(v, steps=5):
+    env = MetaWorldEnv(v.task, v.seed, ('corner',), 16, 16, task_index=v.task_index, reset_seed=v.reset_seed)
+    obs, _ = env.env.reset(seed=env.reset_seed)
+    policy, states, actions = ENV_POLICY_MAP[v.task](), [obs[:4]], []
+    for _ in range(steps):
+      actions.append(np.clip(policy.get_action(obs), -1, 1))
+      obs = env.env.step(actions[-1])[0]
+      states.append(obs[:4])
+    env.close()
+    return np.stack(states), np.stack(actions)
+
+  states, actions = expert(variations[1])
+  np.testing.assert_allclose(states, rec['state'][:6], atol=1e-6)
+  np.testing.assert_allclose(actions, rec['action'][:5], atol=1e-6)
+  _, other = expert(Variation('push-v3', 1000, 1000, 1000))
+  assert np.abs(other - rec['action'][:5]).max() > 1e-3

@@ -75,3 +75,23 @@ def test_offline_metrics_on_held_out_clips(workdir):
   assert 0 < report['video_psnr_db'] < 100
   assert offline.psnr(np.zeros(4), np.zeros(4)) == float('inf')
   assert abs(offline.psnr(np.zeros(4), np.full(4, 2.0)) - 0.0) < 1e-9   # peak-to-peak 2 in [-1, 1]
+
+
+def test_replay_split_reruns_training_episodes(workdir, tmp_path):
+  data = str(tmp_path / 'data')
+  from dreamzero_jax.datasets import __main__ as datasets_cli
+  assert datasets_cli.main(['build', 'metaworld', '--out', data, '--tasks', 'reach-v3,push-v3', '--episodes', '2',
+                            '--image_size', '16', '--max_steps', '4', '--workers', '1']) == 0
+  out = str(tmp_path / 'eval')
+  assert eval_cli.main(['--checkpoint', workdir, '--config', 'configs/tiny.py', *[f'--config.{o}' for o in OVERRIDES],
+                        f'--config.data.dir={data}', '--out', out, '--tasks', '', '--unseen_tasks', '',
+                        '--replay', '3', '--max_steps', '8']) == 0
+  report = json.load(open(os.path.join(out, 'report.json')))
+  replay = report['replay']
+  assert len(replay['episodes']) == 3 and 0.0 <= replay['success_rate'] <= 1.0 and replay['length'] > 0
+  # Round-robin over the tasks, each episode in its own variation and reset seed.
+  assert [(t, [(e['task_index'], e['reset_seed']) for e in s['episodes']]) for t, s in replay['tasks'].items()] == [
+      ('reach-v3', [(0, 0), (1, 1)]), ('push-v3', [(0, 0)])]
+  assert report['tasks'] == {} and os.path.exists(os.path.join(out, 'replay-reach-v3.gif'))
+  assert eval_cli.main(['--checkpoint', workdir, '--out', out, '--tasks', '', '--unseen_tasks', '',
+                        '--replay', '1']) == 2   # no data.dir in this checkpoint: a one-line error

@@ -57,12 +57,13 @@ def _run_episode(args: tuple[str, int, int, int, int, int, str]) -> dict[str, An
   task, index, seed, size, max_steps, tail, image_format = args
   # The [sim] extra, imported in the worker processes.
   from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
-  from dreamzero_jax.evaluation.metaworld_env import MetaWorldEnv  # pylint: disable=g-import-not-at-top
+  from dreamzero_jax.evaluation import metaworld_env  # pylint: disable=g-import-not-at-top
   cameras = embodiments.get('metaworld').cameras
-  sim = MetaWorldEnv(task, seed, cameras, size, size, task_index=index)
+  v = metaworld_env.training_variation(task, index, seed)
+  sim = metaworld_env.MetaWorldEnv(v.task, v.seed, cameras, size, size, task_index=v.task_index, reset_seed=v.reset_seed)
   env = sim.env
   policy = ENV_POLICY_MAP[task]()
-  obs, _ = env.reset(seed=seed + index)
+  obs, _ = env.reset(seed=sim.reset_seed)
   states, actions, images = [], [], {c: [] for c in cameras}
   success, steps_after_success = False, 0
   def observe(o):

@@ -7,10 +7,42 @@ and multisampling off, images flipped upright. Progress is 1 - (object-to-target
 from __future__ import annotations
 
 import os
+import re
+from typing import NamedTuple
 
 import numpy as np
 
+from dreamzero_jax.datasets import episodes
+
 os.environ.setdefault('MUJOCO_GL', 'egl')
+
+
+class Variation(NamedTuple):
+  """Which task instance an episode runs: MT1(task, seed).train_tasks[task_index], reset with reset_seed."""
+  task: str
+  seed: int
+  task_index: int
+  reset_seed: int
+
+
+def training_variation(task: str, index: int, seed: int) -> Variation:
+  """Episode `index` of a task in a dataset built with `seed` (data/metaworld: variation index, reset
+  seed seed + index)."""
+  return Variation(task, seed, index, seed + index)
+
+
+def dataset_variations(data_dir: str, name: str = 'metaworld') -> list[Variation]:
+  """The variations of a built Meta-World dataset's episodes, in dataset order (episode ids
+  'task/index', the build seed in the dataset's source line)."""
+  stored = episodes.open_dataset(data_dir, name)
+  seed = re.search(r'\bseed=(\d+)', stored.spec.source)
+  if not stored.spec.source.startswith('metaworld') or seed is None:
+    raise ValueError(f'--replay: {stored.path} is not a Meta-World dataset built here (source {stored.spec.source!r})')
+  out = []
+  for eid in stored.lowdim.episode_id:
+    task, _, index = (eid.decode() if isinstance(eid, bytes) else str(eid)).rpartition('/')
+    out.append(training_variation(task, int(index), int(seed.group(1))))
+  return out
 
 
 def ml45_split() -> tuple[list[str], list[str]]:
@@ -21,9 +53,11 @@ def ml45_split() -> tuple[list[str], list[str]]:
 
 class MetaWorldEnv:
   """One task instance, seeded; `cameras` rendered at (height, width). The task variant is
-  train_tasks[task_index] (default: the seed), of MT1(task, seed=seed)."""
+  train_tasks[task_index] (default: the seed), of MT1(task, seed=seed); reset() resets with
+  `reset_seed` (default: the seed)."""
 
-  def __init__(self, task: str, seed: int, cameras, height: int, width: int, task_index: int | None = None):
+  def __init__(self, task: str, seed: int, cameras, height: int, width: int, task_index: int | None = None,
+               reset_seed: int | None = None):
     import metaworld  # pylint: disable=g-import-not-at-top
     import mujoco  # pylint: disable=g-import-not-at-top
     self.task, self.cameras = task, tuple(cameras)
@@ -36,6 +70,7 @@ class MetaWorldEnv:
     self.env.model.vis.quality.offsamples = 0
     self.renderer = mujoco.Renderer(self.env.model, height, width)
     self.seed = seed
+    self.reset_seed = seed if reset_seed is None else reset_seed
     self._start_distance = None
 
   def render(self) -> dict[str, np.ndarray]:
@@ -50,7 +85,7 @@ class MetaWorldEnv:
     return self.render(), np.asarray(obs[:4], np.float32)
 
   def reset(self):
-    obs, _ = self.env.reset(seed=self.seed)
+    obs, _ = self.env.reset(seed=self.reset_seed)
     self._start_distance = None
     return self._observe(obs)
 
