@@ -65,6 +65,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       augment_crop_scale=0.9,    # training crops keep at least this fraction of each side
       augment_brightness=0.1, augment_contrast=0.1,
       on_corrupt='fail',         # 'fail' or 'skip' a record whose images do not decode
+      max_corrupt=100,           # skip: give up past this many bad records (or failed reads in a row)
       mixture=''))               # 'name:weight,...' datasets under data.dir; '' = data.name alone
 
   c.train = ml_collections.ConfigDict(dict(
