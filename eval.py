@@ -112,6 +112,20 @@ def latency(policy, cfg, steps: int = 5) -> dict:
   return dict(first_step_with_compile_s=round(first, 2), **med, dit_evaluations=info['dit_evaluations'])
 
 
+def _tasks(args) -> tuple[list[str], list[str]]:
+  """(seen, unseen) Meta-World tasks; an unknown name is refused before any model is loaded."""
+  from dreamzero_jax.evaluation import metaworld_env
+  seen, unseen = metaworld_env.ml45_split()
+  seen = [t for t in args.tasks.split(',') if t] or seen
+  unseen = unseen if args.unseen_tasks is None else [t for t in args.unseen_tasks.split(',') if t]
+  known = metaworld_env.all_tasks()
+  for flag, tasks in (('--tasks', seen), ('--unseen_tasks', unseen)):
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+      raise ValueError(f'{flag}: unknown Meta-World task {", ".join(unknown)} (e.g. {", ".join(sorted(known)[:3])})')
+  return seen, unseen
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args, overrides = parse(argv)
@@ -119,31 +133,31 @@ def main(argv=None) -> int:
   from dreamzero_jax.inference import policy as policy_lib
   try:
     cfg = load_config(args.config, overrides) if args.config else None
+    tasks = _tasks(args) if args.mode == 'closed_loop' else None
     pol = policy_lib.load_policy(args.checkpoint, cfg)
-  except (ConfigError, ValueError) as e:
+    cfg = pol.cfg
+    if args.mode == 'offline':
+      from dreamzero_jax.datasets import pipeline
+      batches = iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1))
+  except (ConfigError, ValueError, OSError) as e:  # DataError is a ValueError
     print(f'error: {e}', file=sys.stderr)
     return 2
-  cfg = pol.cfg
   os.makedirs(args.out, exist_ok=True)
   if args.mode in ('latency', 'offline'):
     if args.mode == 'latency':
       report = dict(mode='latency', **latency(pol, cfg))
     else:
-      from dreamzero_jax.datasets import pipeline
       from dreamzero_jax.evaluation import offline
-      batches = iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1))
       report = dict(mode='offline', **offline.evaluate(pol, batches, args.clips))
     with open(os.path.join(args.out, 'report.json'), 'w') as fh:
       json.dump(report, fh, indent=1)
     print(json.dumps(report))
     return 0
-  from dreamzero_jax.evaluation import closed_loop, metaworld_env
+  from dreamzero_jax.evaluation import closed_loop
   if cfg.data.embodiment != 'metaworld':
     print(f'error: closed_loop evaluates Meta-World; this checkpoint is for {cfg.data.embodiment!r}', file=sys.stderr)
     return 2
-  seen, unseen = metaworld_env.ml45_split()
-  seen = [t for t in args.tasks.split(',') if t] or seen
-  unseen = unseen if args.unseen_tasks is None else [t for t in args.unseen_tasks.split(',') if t]
+  seen, unseen = tasks
   backend = policy_lib.PolicyServerBackend(pol)
   with (through_server(backend) if args.via_server else contextlib.nullcontext(in_process(backend))) as factory:
     report = closed_loop.evaluate(cfg, factory, seen, unseen, args.episodes, args.max_steps, args.out,
