@@ -362,7 +362,7 @@ def test_work_of_a_disconnected_client_is_dropped():
     try:
       assert backend.entered.wait(TIMEOUT_S)
       ws = raw_connection(port)
-      ws.send(msgpack_numpy.pack({**observation(1), 'prompt': 'left before its turn'}))
+      ws.send(msgpack_numpy.pack({**observation(1), 'prompt': 'left before its turn', 'session_id': 'gone'}))
       time.sleep(0.3)   # queued behind the blocked model call
       ws.close()
       time.sleep(0.3)
