@@ -125,6 +125,20 @@ def _spread(variations: list, n: int) -> list:
   return order[:n]
 
 
+def _tasks(args) -> tuple[list[str], list[str]]:
+  """(seen, unseen) Meta-World tasks; an unknown name is refused before any model is loaded."""
+  from dreamzero_jax.evaluation import metaworld_env
+  seen, unseen = metaworld_env.ml45_split()
+  seen = seen if args.tasks is None else [t for t in args.tasks.split(',') if t]
+  unseen = unseen if args.unseen_tasks is None else [t for t in args.unseen_tasks.split(',') if t]
+  known = metaworld_env.all_tasks()
+  for flag, tasks in (('--tasks', seen), ('--unseen_tasks', unseen)):
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+      raise ValueError(f'{flag}: unknown Meta-World task {", ".join(unknown)} (e.g. {", ".join(sorted(known)[:3])})')
+  return seen, unseen
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args, overrides = parse(argv)
@@ -132,19 +146,21 @@ def main(argv=None) -> int:
   from dreamzero_jax.inference import policy as policy_lib
   try:
     cfg = load_config(args.config, overrides) if args.config else None
+    tasks = _tasks(args) if args.mode == 'closed_loop' else None
     pol = policy_lib.load_policy(args.checkpoint, cfg)
-  except (ConfigError, ValueError) as e:
+    cfg = pol.cfg
+    if args.mode == 'offline':
+      from dreamzero_jax.datasets import pipeline
+      batches = iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1))
+  except (ConfigError, ValueError, OSError) as e:  # DataError is a ValueError
     print(f'error: {e}', file=sys.stderr)
     return 2
-  cfg = pol.cfg
   os.makedirs(args.out, exist_ok=True)
   if args.mode in ('latency', 'offline'):
     if args.mode == 'latency':
       report = dict(mode='latency', **latency(pol, cfg))
     else:
-      from dreamzero_jax.datasets import pipeline
       from dreamzero_jax.evaluation import offline
-      batches = iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1))
       report = dict(mode='offline', **offline.evaluate(pol, batches, args.clips))
     with open(os.path.join(args.out, 'report.json'), 'w') as fh:
       json.dump(report, fh, indent=1)
@@ -154,9 +170,7 @@ def main(argv=None) -> int:
   if cfg.data.embodiment != 'metaworld':
     print(f'error: closed_loop evaluates Meta-World; this checkpoint is for {cfg.data.embodiment!r}', file=sys.stderr)
     return 2
-  seen, unseen = metaworld_env.ml45_split()
-  seen = seen if args.tasks is None else [t for t in args.tasks.split(',') if t]
-  unseen = unseen if args.unseen_tasks is None else [t for t in args.unseen_tasks.split(',') if t]
+  seen, unseen = tasks
   replay = []
   if args.replay > 0:
     try:

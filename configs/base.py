@@ -75,6 +75,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       augment_crop_scale=0.95,
       augment_brightness=0.3, augment_contrast=0.4, augment_saturation=0.5, augment_hue=0.08,
       on_corrupt='fail',         # 'fail' or 'skip' a record whose images do not decode
+      max_corrupt=100,           # skip: give up past this many bad records (or failed reads in a row)
       mixture=''))               # 'name:weight,...' datasets under data.dir; '' = data.name alone
 
   c.train = ml_collections.ConfigDict(dict(

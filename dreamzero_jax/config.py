@@ -1,7 +1,8 @@
 """Loading `configs/NAME.py[:ARG]` files and applying `--config.a.b=value` overrides.
 
 Unknown keys are errors that name the key; override values are parsed as Python literals
-and must keep the type of the field they replace.
+and must keep the type of the field they replace. The loaded config is validated: counts that
+must be positive (steps, sizes, intervals) are refused naming the field.
 """
 from __future__ import annotations
 
@@ -61,6 +62,44 @@ def _parse_value(key: str, text: str, old):
   raise ConfigError(f'--config.{key}={text}: expected {type(old).__name__}, got {type(value).__name__}')
 
 
+# Counts that a run divides by, loops over or builds arrays from: zero or less is never meant.
+POSITIVE_FIELDS = (
+    'train.steps', 'train.batch_size', 'train.checkpoint_every', 'train.keep_checkpoints',
+    'train.log_every', 'train.grad_accum_steps', 'train.num_train_timesteps',
+    'model.dim', 'model.num_layers', 'model.num_heads', 'model.ffn_dim', 'model.freq_dim',
+    'model.text_dim', 'model.text_len', 'model.action_dim', 'model.state_dim',
+    'model.embodiment_hidden', 'model.num_embodiments', 'model.in_channels', 'model.out_channels',
+    'model.seq_pad_multiple',
+    'video.height', 'video.width', 'video.vae_spatial', 'video.vae_temporal',
+    'video.latent_channels', 'video.frames_per_chunk', 'video.max_chunks', 'video.action_horizon',
+    'data.control_hz', 'data.frame_stride', 'data.action_dim', 'data.state_dim',
+    'data.max_corrupt', 'sampler.num_steps', 'serve.camera_height', 'serve.camera_width')
+# Counts for which 0 means "none" or "off".
+NON_NEGATIVE_FIELDS = ('train.lora_rank', 'data.num_workers', 'data.relative_action_dims',
+                       'model.image_dim', 'model.attention_block_q')
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str):
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first count that is out of range (fields a config lacks pass)."""
+  for fields, low, what in ((POSITIVE_FIELDS, 1, 'positive'), (NON_NEGATIVE_FIELDS, 0, '>= 0')):
+    for key in fields:
+      value = _lookup(config, key)
+      if isinstance(value, int) and not isinstance(value, bool) and value < low:
+        raise ConfigError(f'{key}: {value} (must be {what})')
+  lr = _lookup(config, 'train.lr')
+  if isinstance(lr, float) and not (lr == lr and abs(lr) != float('inf')):
+    raise ConfigError(f'train.lr: {lr} (must be finite)')
+
+
 def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
   """Sets config.<key> (dotted) from the string `text`; the key must exist."""
   *parents, leaf = key.split('.')
@@ -80,13 +119,17 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   """Loads `path.py[:arg]` and applies overrides given as `a.b=value` (or `--config.a.b=value`)."""
   path, _, arg = spec.partition(':')
   module = _import_config_module(path)
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except (ValueError, KeyError) as e:  # an unknown variant (`tiny.py:bogus`) is the user's input
+    raise ConfigError(f'--config {spec}: {e}') from None
   for item in overrides:
     item = item.removeprefix('--').removeprefix('config.')
     key, sep, text = item.partition('=')
     if not sep:
       raise ConfigError(f'override needs key=value: {item}')
     apply_override(config, key, text)
+  validate(config)
   return config
 
 

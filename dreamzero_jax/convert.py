@@ -8,6 +8,8 @@ one slice) before the next is read, so host memory is bounded by the largest ten
 Names are checked before any data is read: a tensor we have no place for, a parameter no source fills,
 or (while streaming) a tensor of the wrong shape refuses the conversion naming every offending key.
 The output appears at DIR only when complete: it is written into DIR.tmp-* and renamed at the end.
+A tensor holding NaN or inf (as read, or after the cast to its parameter dtype) refuses the conversion
+naming it, unless --allow_nonfinite.
 
 DIR holds config.json (the config converted for), manifest.json (the components converted and the rows
 of the per-embodiment action/state tables a DreamZero checkpoint filled) and params/, an Orbax PyTree
@@ -260,7 +262,9 @@ class ParamStore:
   shape with tensorstore (Orbax's own storage layer, same zarr metadata) and written as tensors arrive.
   """
 
-  def __init__(self, directory: str, leaves: dict[tuple, Slot], by_row: set[tuple]):
+  def __init__(self, directory: str, leaves: dict[tuple, Slot], by_row: set[tuple],
+               allow_nonfinite: bool = False):
+    self.allow_nonfinite = allow_nonfinite
     stand_ins: dict = {}
     for path, slot in leaves.items():
       node = stand_ins
@@ -284,12 +288,22 @@ class ParamStore:
     array, dtype = self.arrays[path], self.dtypes[path]
     region = array if layer is None else array[layer]
     if value.ndim == 0:
-      region.write(value.astype(dtype)).result()
+      region.write(self._checked(value.astype(dtype))).result()
       return
     band = array.chunk_layout.read_chunk.shape[array.rank - value.ndim]
     for start in range(0, value.shape[0], band):
       stop = min(start + band, value.shape[0])
-      region[start:stop].write(value[start:stop].astype(dtype)).result()
+      region[start:stop].write(self._checked(value[start:stop].astype(dtype))).result()
+
+  def _checked(self, block: np.ndarray) -> np.ndarray:
+    """A cast block, refused if it holds NaN or inf (checked per band: memory stays bounded)."""
+    if not self.allow_nonfinite and block.dtype.kind in 'fV' and not np.isfinite(block).all():
+      raise NonFiniteWeightError(f'{int(block.size - np.isfinite(block).sum())} NaN/inf values')
+    return block
+
+
+class NonFiniteWeightError(ValueError):
+  """A tensor with NaN or inf values (pass --allow_nonfinite to convert it anyway)."""
 
 
 def _stream(groups: list[Group], params: dict[str, dict[tuple, Slot]], store: ParamStore) -> list[str]:
@@ -311,7 +325,12 @@ def _stream(groups: list[Group], params: dict[str, dict[tuple, Slot]], store: Pa
       if value.shape != tuple(want):
         bad_shape.append(f'{group.label(key)}: checkpoint {value.shape} vs model {tuple(want)}')
         continue
-      store.write(root + tuple(target.path), target.layer, value)
+      try:
+        with np.errstate(over='ignore', invalid='ignore'):
+          store.write(root + tuple(target.path), target.layer, value)
+      except NonFiniteWeightError as e:
+        raise NonFiniteWeightError(f'{group.label(key)}: {e} (after the cast to {slot.dtype}): refusing to '
+                                   'convert (pass --allow_nonfinite to keep them)') from None
       del array, value   # freed before the next tensor is read: one tensor in memory at a time
   return bad_shape
 
@@ -365,12 +384,13 @@ def _filled_rows(filled: dict[str, dict[tuple, set]]) -> list[int]:
 
 
 def convert(cfg: ml_collections.ConfigDict, sources: Iterable[str], out: str, *,
-            embodiment_id: int | None = None, components: Iterable[str] | None = None) -> None:
+            embodiment_id: int | None = None, components: Iterable[str] | None = None,
+            allow_nonfinite: bool = False) -> None:
   """Converts `sources` into a checkpoint for `cfg` at `out` (which must not exist).
 
   `embodiment_id`: the row of the action/state tables a DreamZero checkpoint's single shared set goes
   into (default: the row of the config's data.embodiment, the one its policy reads). `components`:
-  what to convert (default: what the sources hold).
+  what to convert (default: what the sources hold). `allow_nonfinite`: keep tensors holding NaN or inf.
   """
   out = os.path.abspath(out)
   if os.path.exists(out):
@@ -393,7 +413,7 @@ def convert(cfg: ml_collections.ConfigDict, sources: Iterable[str], out: str, *,
     by_row = {COMPONENTS[c][0] + path for c, paths in filled.items() for path, rows in paths.items()
               if rows - {None}} | {('dit',) + path for path in params.get('dit', {}) if _may_stay('dit', path)}
     leaves = {p: Slot(tuple(v.shape), np.dtype(v.dtype)) for p, v in _flat(abstract).items()}
-    store = ParamStore(os.path.join(tmp, 'params'), leaves, by_row)
+    store = ParamStore(os.path.join(tmp, 'params'), leaves, by_row, allow_nonfinite)
     bad_shape = _stream(groups, params, store)
     if bad_shape:
       raise WeightMismatchError(_listing('shape mismatches', bad_shape))
@@ -481,12 +501,15 @@ def main(argv=None) -> int:
                            "single shared set goes into (default: the config's data.embodiment's row)")
   parser.add_argument('--components', default='',
                       help='comma-separated subset of dit,vae,text,image to convert (default: what the sources hold)')
+  parser.add_argument('--allow_nonfinite', action='store_true',
+                      help='convert tensors holding NaN or inf (refused by default, naming the tensor)')
   args = parser.parse_args(rest)
   _return_freed_tensors_to_the_os()
   try:
     cfg = load_config(args.config, overrides)
     components = [c.strip() for c in args.components.split(',') if c.strip()] or None
-    convert(cfg, args.src, args.out, embodiment_id=args.embodiment_id, components=components)
+    convert(cfg, args.src, args.out, embodiment_id=args.embodiment_id, components=components,
+            allow_nonfinite=args.allow_nonfinite)
   except (ConfigError, ValueError, OSError) as e:
     print('error: ' + str(e).replace('\n', '; '), file=sys.stderr)
     return 2

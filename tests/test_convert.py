@@ -500,3 +500,26 @@ def test_conversion_memory_is_bounded_by_the_largest_tensor(tmp_path):
     shutil.rmtree(tmp_path)   # 4 GB of checkpoints: do not leave them to pytest's retention
   assert result['checkpoint_bytes'] >= 2e9
   assert result['peak_over_baseline_bytes'] < 0.5e9, result
+
+
+@TINY_CLIP
+def test_nonfinite_weights_are_refused_naming_the_tensor_unless_allowed(refs, tmp_path):
+  dit = dict(refs.dit_official)
+  dit['blocks.1.ffn.2.weight'] = dit['blocks.1.ffn.2.weight'].copy()
+  dit['blocks.1.ffn.2.weight'][0, 0] = np.nan
+  sources = [_save_pth(tmp_path / 'dit.pth', dit)] + refs.official_sources[1:]
+  out = str(tmp_path / 'out')
+  with pytest.raises(ValueError) as err:   # convert.NonFiniteWeightError
+    convert.convert(refs.cfg, sources, out)
+  message = str(err.value)
+  assert '\n' not in message and message.startswith('blocks.1.ffn.2.weight (dit.pth): 1 NaN/inf values')
+  assert '--allow_nonfinite' in message and not os.path.exists(out) and not glob.glob(out + '.tmp-*')
+  # float32 values beyond float16's range are inf after the cast: refused as well.
+  big = {k: np.full_like(v, 1e6) if k == 'text_embedding.0.weight' else v for k, v in dit.items()
+         if k != 'blocks.1.ffn.2.weight'}
+  big['blocks.1.ffn.2.weight'] = refs.dit_official['blocks.1.ffn.2.weight']
+  with pytest.raises(ValueError, match=r'^text_embedding\.0\.weight \(big\.pth\): .* float16'):
+    convert.convert(_cfg('model.param_dtype="float16"'), [_save_pth(tmp_path / 'big.pth', big)]
+                    + refs.official_sources[1:], out)
+  convert.convert(refs.cfg, sources, out, allow_nonfinite=True)
+  assert os.path.isdir(out)

@@ -1,8 +1,11 @@
 """Meta-World: build with the scripted experts, read batches of the contract, resume exactly."""
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ os.environ.setdefault('MUJOCO_GL', 'egl')   # before MuJoCo's first import, or i
 pytest.importorskip('metaworld')
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from dreamzero_jax.datasets import episodes, pipeline  # pylint: disable=g-import-not-at-top
+from dreamzero_jax.datasets import episodes, normalization, pipeline  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/tiny.py has 8 frames per chunk at stride 1 but a 4-step horizon; 8 makes them agree.
@@ -102,6 +105,112 @@ def test_config_mismatches_fail_naming_the_field(mw_dir):
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
       "error: video.frames_per_chunk (8) * data.frame_stride (1) must equal "
       "video.action_horizon (4): a chunk's frames and actions must span the same time"]
+
+
+def _copy(mw_dir, tmp_path, name='copy'):
+  """A copy of the built dataset and its version directory, to damage."""
+  root = str(tmp_path / name)
+  shutil.copytree(mw_dir, root)
+  return root, os.path.join(root, 'metaworld', '1.0.0')
+
+
+def _rewrite_lowdim(version, change):
+  path = os.path.join(version, episodes.LOWDIM_FILE)
+  with np.load(path, allow_pickle=True) as z:   # the test's own file (older builds stored objects)
+    arrays = {k: z[k] for k in z.files}
+  change(arrays)
+  np.savez(path, **arrays)
+
+
+class _Payload:
+  """Unpickling it creates a file: the stand-in for code a dataset from someone else would run."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return open, (self.marker, 'w')
+
+
+def test_a_pickled_payload_is_refused_without_running(mw_dir, tmp_path):
+  root, version = _copy(mw_dir, tmp_path)
+  marker = tmp_path / 'pwned'
+
+  def plant(arrays):
+    arrays['episode_id'] = np.array([_Payload(str(marker)), b'push-v3/0'], dtype=object)
+  _rewrite_lowdim(version, plant)
+  r = run_cli('stats', '--config', 'configs/tiny.py', f'--config.data.dir={root}', *[f'--config.{o}' for o in TINY])
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr
+  assert lines[0].startswith('error: ') and 'episode_id holds pickled Python objects' in lines[0]
+  with pytest.raises(episodes.DataError, match='never loaded'):
+    episodes.open_dataset(root, 'metaworld')
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('shift', r'episode boundaries disagree with the dataset index at episode 0 \(42 steps vs 41'),
+    ('header', r'lowdim\.npz: not a readable lowdim\.npz'),
+    ('nan', r'episode push-v3/0: action contains NaN or inf'),
+    ('rows', r'state has 81 rows, the offsets end at 82'),
+])
+def test_damaged_lowdim_is_refused_at_open(mw_dir, tmp_path, damage, message):
+  root, version = _copy(mw_dir, tmp_path)
+  path = os.path.join(version, episodes.LOWDIM_FILE)
+  if damage == 'header':
+    with open(path, 'r+b') as f:
+      f.write(bytes(64))
+  else:
+    def change(arrays):
+      if damage == 'shift':
+        arrays['offsets'][1] += 1
+      elif damage == 'nan':
+        arrays['action'][50, 2] = np.nan
+      else:
+        arrays['state'] = arrays['state'][:-1]
+    _rewrite_lowdim(version, change)
+  with pytest.raises(episodes.DataError, match=message) as err:
+    episodes.open_dataset(root, 'metaworld')
+  assert '\n' not in str(err.value)
+
+
+def test_statistics_refuse_non_finite_values_naming_episode_and_field(mw_dir):
+  lowdim = episodes.open_dataset(mw_dir, 'metaworld').lowdim
+  state = lowdim.state.copy()
+  state[3, 1] = np.inf
+  with pytest.raises(episodes.DataError, match='episode reach-v3/0: state contains NaN or inf'):
+    normalization.compute_stats(dataclasses.replace(lowdim, state=state), 8, 0)
+  stats = normalization.compute_stats(lowdim, 8, 0)
+  stats['action']['q99'][1] = float('nan')
+  with pytest.raises(episodes.DataError, match=r'^here: action\.q99 contains NaN or inf'):
+    normalization.check_stats(stats, 4, 4, 8, 0, 'here')
+
+
+def test_unreadable_dataset_info_and_odd_version_folders_are_named(mw_dir, tmp_path):
+  root, version = _copy(mw_dir, tmp_path)
+  with open(os.path.join(version, 'dataset_info.json'), 'w') as f:
+    f.write('{not json')
+  with pytest.raises(episodes.DataError, match=r'dataset_info\.json is unreadable \(ParseError: Failed to load'):
+    episodes.open_dataset(root, 'metaworld')
+  root, version = _copy(mw_dir, tmp_path, 'latest')
+  os.rename(version, os.path.join(os.path.dirname(version), 'latest'))
+  with pytest.raises(episodes.DataError, match=r'holds no built version .*found latest\)'):
+    episodes.open_dataset(root, 'metaworld')
+  shutil.copytree(os.path.join(os.path.dirname(version), 'latest'), version)
+  assert episodes.open_dataset(root, 'metaworld').path == version   # beside a real version, ignored
+
+
+def test_skipping_unreadable_records_gives_up_with_a_clear_error(mw_dir, tmp_path, caplog):
+  root, version = _copy(mw_dir, tmp_path)
+  shard = os.path.join(version, 'metaworld-train.array_record-00000-of-00001')
+  os.truncate(shard, 20000)
+  start = time.monotonic()
+  it = iter(pipeline.make_dataset(_config(root, 'data.on_corrupt=skip'), process_index=0, process_count=1))
+  with pytest.raises(episodes.DataError, match=r'giving up \(data\.on_corrupt=skip\): 2 unreadable records'):
+    next(it)
+  assert time.monotonic() - start < 30
+  skipped = [r.getMessage() for r in caplog.records if 'skipping corrupted record' in r.getMessage()]
+  assert len(skipped) == 2 and len(set(skipped)) == 2   # each bad record logged once
 
 
 def test_rollouts_are_reproducible():

@@ -95,3 +95,19 @@ def test_replay_split_reruns_training_episodes(workdir, tmp_path):
   assert report['tasks'] == {} and os.path.exists(os.path.join(out, 'replay-reach-v3.gif'))
   assert eval_cli.main(['--checkpoint', workdir, '--out', out, '--tasks', '', '--unseen_tasks', '',
                         '--replay', '1']) == 2   # no data.dir in this checkpoint: a one-line error
+
+
+def test_bad_tasks_and_data_dir_are_one_line_errors(workdir, tmp_path, capsys):
+  out = str(tmp_path / 'eval')
+  assert eval_cli.main(['--checkpoint', workdir, '--out', out, '--tasks', 'nonexistent-v3']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ['error: --tasks: unknown Meta-World task nonexistent-v3 (e.g. assembly-v3, basketball-v3, '
+                 'bin-picking-v3)']
+  # The checkpoint was trained on synthetic batches: its data.dir is unset.
+  assert eval_cli.main(['--checkpoint', workdir, '--out', out, '--mode', 'offline']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: data.dir: not set'), err
+  assert eval_cli.main(['--checkpoint', workdir, '--out', out, '--mode', 'offline', '--config', 'configs/tiny.py',
+                        *[f'--config.{o}' for o in OVERRIDES], f'--config.data.dir={tmp_path}/nothing']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: data.dir: no dataset'), err

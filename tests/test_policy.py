@@ -1,6 +1,7 @@
 """The closed-loop policy: real observations (never its own predictions) drive the next chunk."""
 import dataclasses
 import sys
+import time
 
 import jax
 import numpy as np
@@ -96,7 +97,7 @@ def test_server_runs_a_trained_checkpoint_end_to_end(tmp_path):
   from dreamzero_jax import client as client_lib
   from dreamzero_jax.inference import policy as policy_lib
   from dreamzero_jax.training import loop
-  from tests.test_serve import running_server
+  from tests.test_serve import _health, raw_connection, raw_infer, running_server
   from tests.test_train_loop import ListIterator, synthetic_batches
   cfg = load_config('configs/tiny.py', ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.steps=1',
                                         'sampler.num_steps=1', 'sampler.dit_step_mask="1"', 'serve.camera_height=24',
@@ -115,6 +116,16 @@ def test_server_runs_a_trained_checkpoint_end_to_end(tmp_path):
     return o
 
   with running_server(backend, max_sessions=4) as port:
+    deadline = time.monotonic() + 300
+    while _health(port) != 200:   # 503 while the control step compiles
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    pieces = ('_start', '_denoise', '_write')
+    compiled = {name: getattr(backend.policy, name)._cache_size() for name in pieces}
+    assert compiled == dict.fromkeys(pieces, 1)   # all compiled before /healthz said 200
+    with raw_connection(port) as ws:   # an openpi client: no session_id, the connection is the session
+      for frames in (1, 8):
+        assert raw_infer(ws, {**obs(frames), 'prompt': 'reach'})['actions'].shape == (8, 4)
     with client_lib.PolicyClient('127.0.0.1', port, session_id='s1', timeout_s=120) as c:
       reply = c.infer({**obs(1), 'prompt': 'reach'})
       assert reply['actions'].shape == (8, 4) and reply['actions'].dtype == np.float32
@@ -123,6 +134,7 @@ def test_server_runs_a_trained_checkpoint_end_to_end(tmp_path):
       for _ in range(3):  # past max_chunks: the context window restarts
         reply = c.infer({**obs(8), 'prompt': 'reach'})
         assert reply['actions'].shape == (8, 4) and np.isfinite(reply['actions']).all()
+    assert {name: getattr(backend.policy, name)._cache_size() for name in pieces} == compiled   # no call compiled
 
 
 def test_cfg_parallel_needs_an_unconditional_branch_and_two_devices():

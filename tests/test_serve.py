@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -51,16 +52,18 @@ class CountingBackend:
     self._busy = threading.Lock()
     self.overlaps = 0
     self.calls = 0
+    self.prompts = []
     self.entered, self.release = threading.Event(), threading.Event()
 
   def new_session(self, prompt, observation):
+    self.prompts.append(prompt)
     if prompt == 'explode':
       raise RuntimeError('simulated device failure')
     if prompt == 'block':  # holds the model until the test releases it
       self.entered.set()
       assert self.release.wait(TIMEOUT_S)
     assert all(observation[k].shape == (1, HEIGHT, WIDTH, 3) for k in CAMERAS)
-    return {'steps': 0}
+    return {'steps': 0, 'nan': prompt == 'nan'}
 
   def infer(self, state, observation):
     if not self._busy.acquire(blocking=False):
@@ -73,7 +76,8 @@ class CountingBackend:
       actions = np.zeros((HORIZON, ACTION_DIM), np.float32)
       actions[:, 0] = state['steps']
       actions[:, 1] = observation['observation/joint_position'][0]
-      return actions, {'steps': state['steps'] + 1}, {'model': 2.0}
+      actions[0, 2] = np.nan if state['nan'] else 0.0   # a diverged model
+      return actions, {**state, 'steps': state['steps'] + 1}, {'model': 2.0}
     finally:
       self._busy.release()
 
@@ -125,6 +129,8 @@ def test_metadata_frame_has_protocol_keys(server):
     for entry in client.metadata['observation_spec'].values():
       assert set(entry) == {'shape', 'dtype'}
     assert client.metadata['action_shape'] == [HORIZON, ACTION_DIM]
+    assert client.metadata['first_call_frames'] == 1 and client.metadata['later_call_frames'] == FRAMES
+    assert client.metadata['later_call_frames_accepted'] == [2, 4]
 
 
 def test_healthz(server):
@@ -180,6 +186,9 @@ def corrupt(field_changes):
     ({'observation/joint_position': np.zeros(6, np.float32)}, 'observation/joint_position'),
     ({'observation/gripper_position': np.array([np.nan], np.float32)},
      'observation/gripper_position'),
+    # float64 state that is finite but overflows float32
+    ({'observation/joint_position': np.full(7, 1e39)}, 'observation/joint_position'),
+    ({k: np.zeros((0, HEIGHT, WIDTH, 3), np.uint8) for k in CAMERAS}, CAMERAS[0]),  # zero frames
 ])
 def test_bad_request_names_field_and_connection_survives(server, changes, field):
   _, port = server
@@ -198,7 +207,7 @@ def test_bad_request_names_field_and_connection_survives(server, changes, field)
     (b'\xc1 garbage that is not msgpack', 'request'),
     (msgpack.packb([1, 2, 3]), 'request'),
     ('a text frame', 'request'),
-    (msgpack_numpy.pack({k: v for k, v in observation(1).items()}), 'session_id'),
+    (msgpack_numpy.pack({**observation(1), 'session_id': 5}), 'session_id'),
     (msgpack_numpy.pack({**observation(1), 'session_id': 'raw', 'reset': 'yes'}), 'reset'),
 ])
 def test_undecodable_request_gets_error_reply(server, frame, field):
@@ -293,13 +302,117 @@ def test_least_recently_used_session_is_evicted():
     try:
       for c in clients:
         c.infer(observation(1))
-      with pytest.raises(client_lib.PolicyServerError, match='frames, expected 1'):
-        clients[0].infer(observation(FRAMES))  # 'a' was dropped for 'c'
+      with pytest.raises(client_lib.PolicyServerError, match='^session_id: session a was evicted .*'
+                         'max_sessions=2'):
+        clients[0].infer(observation(FRAMES))  # 'a' was dropped for 'c', and is told so
       assert clients[1].infer(observation(FRAMES))['actions'][0, 0] == 1
       assert clients[2].infer(observation(FRAMES))['actions'][0, 0] == 1
+      assert clients[0].infer(observation(1))['actions'][0, 0] == 0   # 'a' starts over
     finally:
       for c in clients:
         c.close()
+
+
+def raw_connection(port):
+  ws = ws_client.connect(f'ws://127.0.0.1:{port}', max_size=None)
+  ws.recv(TIMEOUT_S)  # metadata
+  return ws
+
+
+def raw_infer(ws, request):
+  ws.send(msgpack_numpy.pack(request))
+  return msgpack_numpy.unpack(ws.recv(TIMEOUT_S))
+
+
+def test_without_session_id_the_connection_is_the_session(server):
+  """openpi clients send no session_id: one connection runs one episode over several chunks."""
+  _, port = server
+  with raw_connection(port) as ws, raw_connection(port) as other:
+    assert raw_infer(ws, observation(1))['actions'][0, 0] == 0
+    assert raw_infer(other, observation(1))['actions'][0, 0] == 0   # its own session
+    assert raw_infer(ws, observation(FRAMES))['actions'][0, 0] == 1
+    assert raw_infer(ws, observation(FRAMES))['actions'][0, 0] == 2
+    assert raw_infer(other, observation(FRAMES))['actions'][0, 0] == 1
+
+
+def test_malformed_request_is_answered_while_the_model_is_busy():
+  backend = CountingBackend()
+  with running_server(backend) as port, connect(port, 'busy') as busy, raw_connection(port) as ws:
+    caller = threading.Thread(target=lambda: busy.infer({**observation(1), 'prompt': 'block'}))
+    caller.start()
+    try:
+      assert backend.entered.wait(TIMEOUT_S)
+      start = time.perf_counter()
+      ws.send(b'\xc1 not msgpack')
+      reply = msgpack_numpy.unpack(ws.recv(5.0))   # the model is still blocked
+      assert reply['error'].startswith('request: ')
+      bad = {**observation(1), 'observation/joint_position': np.zeros(6, np.float32)}
+      assert raw_infer(ws, bad)['error'].startswith('observation/joint_position: ')
+      assert time.perf_counter() - start < 2.0 and not backend.release.is_set()
+    finally:
+      backend.release.set()
+      caller.join(TIMEOUT_S)
+
+
+def test_work_of_a_disconnected_client_is_dropped():
+  backend = CountingBackend()
+  with running_server(backend) as port, connect(port, 'holder') as holder:
+    caller = threading.Thread(target=lambda: holder.infer({**observation(1), 'prompt': 'block'}))
+    caller.start()
+    try:
+      assert backend.entered.wait(TIMEOUT_S)
+      ws = raw_connection(port)
+      ws.send(msgpack_numpy.pack({**observation(1), 'prompt': 'left before its turn', 'session_id': 'gone'}))
+      time.sleep(0.3)   # queued behind the blocked model call
+      ws.close()
+      time.sleep(0.3)
+    finally:
+      backend.release.set()
+      caller.join(TIMEOUT_S)
+    with connect(port, 'after') as client:
+      assert client.infer({**observation(1), 'prompt': 'after'})['actions'][0, 0] == 0
+  assert backend.prompts == ['block', 'after']
+
+
+def test_non_finite_actions_are_an_error_never_actions(server):
+  _, port = server
+  with connect(port, 'diverged') as client:
+    with pytest.raises(client_lib.PolicyServerError, match='^server: .*non-finite actions'):
+      client.infer({**observation(1), 'prompt': 'nan'})
+    # The session was dropped: a later-call frame count is refused, a new episode works.
+    with pytest.raises(client_lib.PolicyServerError, match='frames, expected 1'):
+      client.infer(observation(FRAMES))
+    assert client.infer(observation(1))['actions'][0, 0] == 0
+
+
+class WarmingBackend(CountingBackend):
+  """Its warmup (the compile of a real backend) waits until the test lets it finish."""
+
+  def __init__(self):
+    super().__init__()
+    self.warm = threading.Event()
+
+  def warmup(self):
+    assert self.warm.wait(TIMEOUT_S)
+
+
+def _health(port):
+  try:
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=TIMEOUT_S) as reply:
+      return reply.status
+  except urllib.error.HTTPError as e:
+    return e.code
+
+
+def test_healthz_is_ready_only_after_the_warmup():
+  backend = WarmingBackend()
+  with running_server(backend) as port:
+    assert _health(port) == 503
+    backend.warm.set()
+    deadline = time.monotonic() + TIMEOUT_S
+    while _health(port) != 200:
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
 
 
 def test_msgpack_numpy_uses_openpi_layout():
@@ -332,6 +445,14 @@ def test_main_rejects_missing_checkpoint(tmp_path):
        '--port', '0'], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert result.returncode != 0
   assert result.stderr.strip() == f'error: checkpoint directory not found: {tmp_path / "nope"}'
+
+
+def test_main_rejects_a_bad_port_before_loading_the_model(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'dreamzero_jax.serve', '--checkpoint', str(tmp_path), '--port', '99999'],
+      cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.strip() == 'error: --port: 99999 is not a TCP port (0-65535)'
 
 
 def test_sigterm_stops_server_gracefully():

@@ -43,3 +43,9 @@ def test_unknown_override_is_a_one_line_error():
                         '--config.model.widht=3'], capture_output=True, text=True, timeout=120)
   assert res.returncode != 0
   assert res.stderr.strip() == 'error: unknown config key: model.widht'
+
+
+def test_negative_layer_count_is_a_one_line_error():
+  r = subprocess.run([sys.executable, '-m', 'dreamzero_jax.summary', '--config', 'configs/tiny.py',
+                      '--config.model.num_layers=-1'], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == ['error: model.num_layers: -1 (must be positive)']

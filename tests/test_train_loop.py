@@ -225,3 +225,34 @@ if __name__ == '__main__':
     _sharded_loop(sys.argv[2])
   elif sys.argv[1] == '--multihost-loop':
     _two_host_loop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+
+
+def test_diverged_update_is_never_saved_and_last_good_is_true(tmp_path, capsys):
+  """lr=1e39: the step-1 loss is finite but the update is not; nothing non-finite is written."""
+  cfg = load_config('configs/tiny.py', CFG_OVERRIDES + ['train.lr=1e39', 'train.checkpoint_every=1'])
+  assert loop.train(cfg, str(tmp_path), data=ListIterator(synthetic_batches(cfg))) == 3
+  out = capsys.readouterr().out
+  assert 'step 1: ' in out and 'not finite' in out and 'no checkpoint was written' in out, out
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert ckpt.latest_step() is None
+  ckpt.close()
+
+
+def test_resume_with_other_dataset_statistics_is_refused(tmp_path):
+  cfg = load_config('configs/tiny.py', CFG_OVERRIDES)
+  stats = {g: {k: [float(i) for i in range(4)] for k in ('q01', 'q99', 'mean', 'std')} for g in ('state', 'action')}
+  assert loop.train(cfg, str(tmp_path), data=ListIterator(synthetic_batches(cfg)), norm_stats=stats, stop_at=1) == 0
+  changed = {**stats, 'action': {**stats['action'], 'q99': [9.0] * 4}}
+  with pytest.raises(ValueError, match=r'other normalisation statistics .*\(action\.q99 differ\)'):
+    loop.train(cfg, str(tmp_path), data=ListIterator(synthetic_batches(cfg)), norm_stats=changed)
+  loop.check_resumed_stats(stats, {g: {k: list(v) for k, v in d.items()} for g, d in stats.items()}, 'w', 1)
+
+
+def test_bad_counts_and_variants_are_one_line_errors(tmp_path):
+  for args in (['--config.train.checkpoint_every=0'], ['--config.train.steps=-3'], []):
+    config = 'configs/tiny.py' if args else 'configs/tiny.py:bogus'
+    r = subprocess.run([sys.executable, 'train.py', '--config', config, '--workdir', str(tmp_path), *args],
+                       cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), r.stderr[-2000:]
+    assert (args[0].split('.', 1)[1].split('=')[0] if args else "unknown variant 'bogus'") in lines[0]

@@ -13,7 +13,9 @@ Record fields (T steps, C cameras, A alternative phrasings per instruction):
   success       bool
 
 Next to the records, `lowdim.npz` holds every episode's state/action/language concatenated, so
-that sample indexing and norm statistics never read an image.
+that sample indexing and norm statistics never read an image. It is read without pickle (episode
+ids are a plain bytes array): a dataset from someone else runs no code. At open it is checked
+against the episode lengths the builder recorded in the TFDS metadata (`episode_lengths`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import abc
 import dataclasses
 import io
 import os
+import re
+import zipfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -161,6 +165,8 @@ class EpisodeBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
       yield i, ep   # integer keys: without shuffling, TFDS writes records in key order
     if not self._lowdim:
       raise DataError('no episodes were produced')
+    # Written with dataset_info.json after generation: the index lowdim.npz is checked against.
+    self.info.metadata['episode_lengths'] = [len(e['state']) for e in self._lowdim]
 
 
 def build(builder: EpisodeBuilder) -> str:
@@ -175,8 +181,10 @@ def build(builder: EpisodeBuilder) -> str:
 
 def save_lowdim(version_dir: str, episodes: list[dict[str, Any]]) -> None:
   lengths = np.array([len(e['state']) for e in episodes], np.int64)
+  ids = [e['episode_id'] if isinstance(e['episode_id'], bytes) else str(e['episode_id']).encode()
+         for e in episodes]
   np.savez(os.path.join(version_dir, LOWDIM_FILE),
-           episode_id=np.array([e['episode_id'] for e in episodes], dtype=object),
+           episode_id=np.array(ids, dtype=np.bytes_),   # plain bytes: loads without pickle
            offsets=np.concatenate([[0], np.cumsum(lengths)]),
            state=np.concatenate([e['state'] for e in episodes]),
            action=np.concatenate([e['action'] for e in episodes]),
@@ -218,16 +226,91 @@ def version_dir(data_dir: str, name: str) -> str:
   root = os.path.join(data_dir, name)
   if not os.path.isdir(root):
     raise DataError(f'data.dir: no dataset {name!r} under {data_dir!r} (expected {root})')
-  versions = [v for v in os.listdir(root)
-              if os.path.isfile(os.path.join(root, v, 'dataset_info.json'))]
+  built = [v for v in os.listdir(root) if os.path.isfile(os.path.join(root, v, 'dataset_info.json'))]
+  # Only TFDS version folders (1.0.0) count: a `latest` link or a copy is not a version.
+  versions = [v for v in built if re.fullmatch(r'\d+(\.\d+)*', v)]
   if not versions:
-    raise DataError(f'data.dir: {root} holds no built version (no dataset_info.json)')
+    others = f' (version folders are named like 1.0.0; found {", ".join(sorted(built))})' if built else ''
+    raise DataError(f'data.dir: {root} holds no built version (no <version>/dataset_info.json){others}')
   return os.path.join(root, max(versions, key=lambda v: tuple(int(x) for x in v.split('.'))))
+
+
+LOWDIM_FIELDS = {'episode_id': 'S', 'offsets': 'i', 'state': 'f', 'action': 'f', 'language': 'i',
+                 'has_action': 'b', 'success': 'b'}
+
+
+def _first_nonfinite(values: np.ndarray, offsets: np.ndarray) -> int | None:
+  """The episode holding the first non-finite row of `values`, if any."""
+  rows = np.flatnonzero(~np.isfinite(values).all(axis=1))
+  return None if not len(rows) else int(np.searchsorted(offsets, rows[0], side='right') - 1)
+
+
+def check_lowdim(lowdim: 'LowDim', where: str, episode_lengths=None) -> None:
+  """Raises DataError naming the field (and episode) where `lowdim` is inconsistent: offsets that
+  are not the episode boundaries, arrays of other lengths, non-finite state or action."""
+  n, offsets = len(lowdim.episode_id), lowdim.offsets
+  if offsets.ndim != 1 or len(offsets) != n + 1 or n == 0:
+    raise DataError(f'{where}: offsets has {len(offsets)} entries for {n} episodes')
+  lengths = np.diff(offsets)
+  if offsets[0] != 0 or (lengths < 2).any():
+    raise DataError(f'{where}: offsets are not episode boundaries (start {offsets[0]}, '
+                    f'shortest episode {lengths.min()} steps)')
+  for name in ('state', 'action', 'language'):
+    rows = getattr(lowdim, name)
+    if rows.ndim != 2 or len(rows) != offsets[-1]:
+      raise DataError(f'{where}: {name} has {len(rows)} rows, the offsets end at {offsets[-1]}')
+  for name in ('has_action', 'success'):
+    if getattr(lowdim, name).shape != (n,):
+      raise DataError(f'{where}: {name} has shape {getattr(lowdim, name).shape}, expected ({n},)')
+  if episode_lengths is not None:
+    expected = np.asarray(episode_lengths)
+    if expected.shape != lengths.shape or (expected != lengths).any():
+      i = next((i for i in range(min(len(expected), n)) if expected[i] != lengths[i]), min(len(expected), n))
+      raise DataError(f'{where}: episode boundaries disagree with the dataset index at episode {i} '
+                      f'({lengths[i] if i < n else "none"} steps vs {expected[i] if i < len(expected) else "none"} '
+                      'recorded at build): rebuild the dataset')
+  for name in ('state', 'action'):
+    bad = _first_nonfinite(getattr(lowdim, name), offsets)
+    if bad is not None:
+      raise DataError(f'{where}: episode {lowdim.episode_id[bad].decode(errors="replace")}: {name} '
+                      'contains NaN or inf')
+
+
+def load_lowdim(path: str, episode_lengths=None) -> 'LowDim':
+  """Reads and checks lowdim.npz; never unpickles (an object array is refused, not loaded)."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      missing = [k for k in LOWDIM_FIELDS if k not in z.files]
+      if missing:
+        raise DataError(f'{path}: missing {", ".join(missing)}')
+      arrays = {}
+      for key, kind in LOWDIM_FIELDS.items():
+        try:
+          arrays[key] = z[key]
+        except ValueError as e:
+          if 'allow_pickle' in str(e):
+            raise DataError(f'{path}: {key} holds pickled Python objects, which are never loaded '
+                            '(rebuild the dataset with this version)') from None
+          raise
+        if arrays[key].dtype.kind != kind:
+          raise DataError(f'{path}: {key} has dtype {arrays[key].dtype}, expected kind {kind!r}')
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f'{path}: not a readable {LOWDIM_FILE} ({type(e).__name__}: '
+                    f'{str(e).splitlines()[0] if str(e) else ""}): rebuild the dataset') from None
+  lowdim = LowDim(**arrays)
+  check_lowdim(lowdim, path, episode_lengths)
+  return lowdim
 
 
 def open_dataset(data_dir: str, name: str) -> StoredDataset:
   path = version_dir(data_dir, name)
-  builder = tfds.builder_from_directory(path)
+  try:
+    builder = tfds.builder_from_directory(path)
+  except Exception as e:  # TFDS raises protobuf's ParseError, OSError, KeyError, ... on a bad file
+    raise DataError(f'data.dir: {path}/dataset_info.json is unreadable ({type(e).__name__}: '
+                    f'{str(e).splitlines()[0] if str(e) else ""})') from None
   meta = builder.info.metadata or {}
   if 'spec' not in meta:
     raise DataError(f'data.dir: {path} was not built by dreamzero_jax (no metadata spec)')
@@ -235,8 +318,7 @@ def open_dataset(data_dir: str, name: str) -> StoredDataset:
   lowdim_path = os.path.join(path, LOWDIM_FILE)
   if not os.path.isfile(lowdim_path):
     raise DataError(f'data.dir: {lowdim_path} is missing: rebuild the dataset')
-  with np.load(lowdim_path, allow_pickle=True) as z:
-    lowdim = LowDim(**{k: z[k] for k in z.files})
+  lowdim = load_lowdim(lowdim_path, meta.get('episode_lengths'))
   source = builder.as_data_source(split=SPLIT)
   if len(source) != len(lowdim):
     raise DataError(f'data.dir: {path} has {len(source)} records but {LOWDIM_FILE} lists {len(lowdim)}')

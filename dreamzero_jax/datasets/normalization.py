@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dreamzero_jax.datasets.episodes import DataError, LowDim
+from dreamzero_jax.datasets.episodes import DataError, LowDim, check_lowdim
 
 STATS_FILE = 'norm_stats.json'
 
@@ -44,6 +44,8 @@ def _summary(x: np.ndarray) -> dict[str, list[float]]:
 
 
 def compute_stats(lowdim: LowDim, horizon: int, relative_action_dims: Sequence[int]) -> dict[str, Any]:
+  """q01/q99/mean/std of states and model-space actions; refuses non-finite input naming the episode."""
+  check_lowdim(lowdim, 'statistics')
   states = lowdim.state.astype(np.float64)
   actions = [relative_actions(lowdim.state[s:e].astype(np.float64), lowdim.action[s:e], horizon,
                               relative_action_dims)
@@ -73,6 +75,8 @@ def check_stats(stats: dict[str, Any], state_dim: int, action_dim: int, horizon:
         raise DataError(f'{where}: {group}.{key} is missing')
       if len(values) != dim:
         raise DataError(f'{where}: {group}.{key} has {len(values)} dims, the embodiment has {dim}')
+      if not np.isfinite(np.asarray(values, np.float64)).all():
+        raise DataError(f'{where}: {group}.{key} contains NaN or inf')
   settings = stats.get('settings', {})
   saved_dims = settings.get('relative_action_dims')
   for key, saved, value in (('action_horizon', settings.get('action_horizon'), horizon),
@@ -81,6 +85,17 @@ def check_stats(stats: dict[str, Any], state_dim: int, action_dim: int, horizon:
     if saved != value:
       raise DataError(f'{where}: settings.{key}={saved} but the config has {value}: '
                       'rerun `python -m dreamzero_jax.datasets stats`')
+
+
+def stats_differences(a: dict[str, Any], b: dict[str, Any], rtol: float = 1e-6) -> list[str]:
+  """`group.key` for every summary of `a` that differs from `b`'s (beyond float round-off)."""
+  diffs = []
+  for group in ('state', 'action'):
+    for key in ('q01', 'q99', 'mean', 'std'):
+      x, y = a.get(group, {}).get(key), b.get(group, {}).get(key)
+      if x is None or y is None or len(x) != len(y) or not np.allclose(x, y, rtol=rtol, atol=1e-9):
+        diffs.append(f'{group}.{key}')
+  return diffs
 
 
 def load_stats(path: str) -> dict[str, Any]:

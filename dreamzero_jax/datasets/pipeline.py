@@ -43,6 +43,7 @@ class ClipSpec:
   embodiment_id: int
   augment: canvas.Augment
   on_corrupt: str
+  max_corrupt: int
 
 
 class ClipLoader(grain.transforms.RandomMap):
@@ -51,6 +52,9 @@ class ClipLoader(grain.transforms.RandomMap):
   def __init__(self, dataset: episodes.StoredDataset, spec: ClipSpec, stats: dict[str, Any],
                train: bool):
     self.dataset, self.spec, self.stats, self.train = dataset, spec, stats, train
+    # on_corrupt=skip bookkeeping (per process): repeated data would otherwise retry bad records forever.
+    self._bad: set[int] = set()
+    self._failures_in_a_row = 0
 
   def random_map(self, item: np.ndarray, rng: np.random.Generator) -> dict[str, Any] | None:
     ep, start, k = (int(x) for x in item)
@@ -58,15 +62,26 @@ class ClipLoader(grain.transforms.RandomMap):
       record = self.dataset.source[ep]
     except Exception as e:  # the record itself does not parse
       return self._corrupt(ep, f'record does not parse ({type(e).__name__}: {e})')
-    return self.clip(record, ep, start, k, rng)
+    out = self.clip(record, ep, start, k, rng)
+    if out is not None:
+      self._failures_in_a_row = 0
+    return out
 
   def _corrupt(self, ep: int, why: str) -> None:
     eid = self.dataset.lowdim.episode_id[ep]
     message = f'{self.dataset.path}: episode {eid.decode()}: {why}'
-    if self.spec.on_corrupt == 'skip':
+    if self.spec.on_corrupt != 'skip':
+      raise DataError(message)
+    if ep not in self._bad:  # each bad record is logged once, however often it is drawn
+      self._bad.add(ep)
       logging.warning('skipping corrupted record: %s', message)
-      return None
-    raise DataError(message)
+    self._failures_in_a_row += 1
+    limit = self.spec.max_corrupt
+    if len(self._bad) > limit or self._failures_in_a_row > limit or len(self._bad) == len(self.dataset.lowdim):
+      raise DataError(f'{self.dataset.path}: giving up (data.on_corrupt=skip): {len(self._bad)} unreadable '
+                      f'records, {self._failures_in_a_row} failed reads in a row (data.max_corrupt={limit}); '
+                      f'last: episode {eid.decode()}: {why}')
+    return None
 
   def clip(self, record: dict[str, Any], ep: int, start: int, k: int,
            rng: np.random.Generator) -> dict[str, Any] | None:
@@ -74,6 +89,10 @@ class ClipLoader(grain.transforms.RandomMap):
     if record['episode_id'] != self.dataset.lowdim.episode_id[ep]:
       raise DataError(f'{self.dataset.path}: record {ep} is {record["episode_id"]!r} but '
                       f'{episodes.LOWDIM_FILE} says {self.dataset.lowdim.episode_id[ep]!r}')
+    length = self.dataset.lowdim.offsets[ep + 1] - self.dataset.lowdim.offsets[ep]
+    if len(record['state']) != length:
+      raise DataError(f'{self.dataset.path}: record {ep} has {len(record["state"])} steps but '
+                      f'{episodes.LOWDIM_FILE} says {length}: rebuild the dataset')
     frame_steps = lay.frame_steps(start, k)
     frames = [[record['images'][cam][t] for t in frame_steps] for cam in s.cameras]
     video = np.empty((lay.num_frames, s.height, s.width, 3), np.float32)
@@ -196,7 +215,7 @@ def open_member(config: ml_collections.ConfigDict, name: str, weight: float, tra
       relative_action_dims=relative, model_state_dim=m.state_dim,
       model_action_dim=m.action_dim, embodiment_id=emb.id,
       augment=augment(config.data),
-      on_corrupt=config.data.on_corrupt)
+      on_corrupt=config.data.on_corrupt, max_corrupt=config.data.max_corrupt)
   if spec.on_corrupt not in ('fail', 'skip'):
     raise DataError(f"data.on_corrupt: {spec.on_corrupt!r} (expected 'fail' or 'skip')")
   canvas.placements(spec.canvas_layout, len(cameras), v.height, v.width)  # layout errors now

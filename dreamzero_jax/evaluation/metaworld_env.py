@@ -51,6 +51,12 @@ def ml45_split() -> tuple[list[str], list[str]]:
   return list(env_dict.ML45_V3['train']), list(env_dict.ML45_V3['test'])
 
 
+def all_tasks() -> set[str]:
+  """Every Meta-World v3 task name."""
+  import metaworld.env_dict as env_dict  # pylint: disable=g-import-not-at-top
+  return set(env_dict.ALL_V3_ENVIRONMENTS)
+
+
 class MetaWorldEnv:
   """One task instance, seeded; `cameras` rendered at (height, width). The task variant is
   train_tasks[task_index] (default: the seed), of MT1(task, seed=seed); reset() resets with

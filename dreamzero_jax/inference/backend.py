@@ -22,7 +22,7 @@ import numpy as np
 PROTOCOL_VERSION = 1
 METADATA_KEYS = ('observation_spec', 'action_shape', 'action_horizon', 'control_hz',
                  'embodiment', 'protocol_version')
-# Request fields that are not observations.
+# Request fields that are not observations (the server fills session_id in when a client sends none).
 TEXT_FIELDS = ('session_id', 'prompt')
 
 
@@ -44,6 +44,9 @@ class PolicyBackend(Protocol):
     same observation. Camera streams arrive as TxHxWx3 uint8, other fields as spec dtype.
     The server adds queue, decode, validate and total to the timing; a backend names others.
     """
+
+  # Optional: `warmup()` runs (and so compiles) a first and a later call before the server
+  # reports ready on /healthz.
 
 
 def check_metadata(metadata: Mapping[str, Any]) -> None:
@@ -72,6 +75,17 @@ def request_bytes(spec: Mapping[str, Mapping[str, Any]]) -> int:
   return sum(int(np.prod(e['shape'])) * np.dtype(e['dtype']).itemsize for e in spec.values())
 
 
+def frame_counts(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """What the metadata says about camera frames: 1 on a session's first call, T on later ones
+  (or any divisor of T, each frame repeated to the training stride)."""
+  frames = [tuple(e['shape'])[0] for e in spec.values() if is_camera(e)]
+  if not frames:
+    return {}
+  t = frames[0]
+  return dict(first_call_frames=1, later_call_frames=t,
+              later_call_frames_accepted=[n for n in range(2, t + 1) if t % n == 0])
+
+
 def _check_camera(key: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if value.dtype != np.uint8:
     raise ValueError(f'{key}: dtype {value.dtype}, expected uint8')
@@ -80,6 +94,8 @@ def _check_camera(key: str, value: np.ndarray, shape: tuple[int, ...]) -> np.nda
   if value.ndim != 4 or value.shape[1:] != shape[1:]:
     raise ValueError(f'{key}: image shape {value.shape}, expected '
                      f'{"x".join(map(str, shape[1:]))} (HxWx3) or TxHxWx3')
+  if value.shape[0] == 0:
+    raise ValueError(f'{key}: 0 frames (send 1 on a session\'s first call, then {shape[0]})')
   return value
 
 
@@ -113,7 +129,11 @@ def _check_vector(key: str, value: np.ndarray, shape: tuple[int, ...], dtype: np
     raise ValueError(f'{key}: shape {value.shape}, expected {shape}')
   if floating and not np.all(np.isfinite(value)):
     raise ValueError(f'{key}: contains NaN or inf')
-  return value.astype(dtype, copy=False)
+  with np.errstate(over='ignore'):
+    cast = value.astype(dtype, copy=False)
+  if floating and not np.all(np.isfinite(cast)):  # a float64 1e39 is inf in float32
+    raise ValueError(f'{key}: {np.abs(value).max():.3g} overflows {dtype}')
+  return cast
 
 
 def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping[str, Any],
@@ -134,8 +154,8 @@ def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping
       raise ValueError(f'{key}: missing')
     try:
       value = np.asarray(request[key])
-    except (TypeError, ValueError) as e:
-      raise ValueError(f'{key}: not an array ({e})') from e
+    except Exception as e:  # ragged, too deep or too large: numpy raises several types
+      raise ValueError(f'{key}: not an array ({type(e).__name__})') from e
     shape = tuple(entry['shape'])
     if is_camera(entry):
       value = _check_camera(key, value, shape)

@@ -285,6 +285,16 @@ class PolicyServerBackend:
     actions, ep, timing, _ = self.infer_with_video(session_state, observation)
     return actions, ep, timing
 
+  def warmup(self) -> None:
+    """Runs a first and a later call on blank observations: every jitted piece of the control step
+    (start, denoise, write) is compiled before the server reports ready."""
+    def blank(frames):
+      return {k: np.zeros([frames, *e['shape'][1:]] if k in self.cameras else e['shape'], e['dtype'])
+              for k, e in self._metadata['observation_spec'].items()}
+    first = blank(1)
+    _, ep, _ = self.infer(self.new_session('warm up', first), first)
+    self.infer(ep, blank(self.policy.cfg.video.frames_per_chunk))
+
   def infer_with_video(self, session_state, observation):
     """infer() plus the predicted video latents of the chunk (for evaluation videos)."""
     import time

@@ -2,7 +2,9 @@
 
 Logs losses (video, action), grad norm, lr, samples/s, tokens/s and MFU to the console (progress
 bar with ETA) and to TensorBoard in WORKDIR/tb. A non-finite loss stops the run naming the step
-and the loss term; the last good checkpoint is kept and nothing newer is written.
+and the loss term; so do non-finite parameters, checked before every checkpoint is written: the
+last good checkpoint is kept and nothing newer is written. On resume, the checkpoint's norm stats
+must equal the dataset's (a run never mixes two normalisations).
 """
 from __future__ import annotations
 
@@ -85,6 +87,27 @@ class Logger:
       self.jsonl.close()
 
 
+_leaves_finite = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))
+
+
+def nonfinite_leaves(tree) -> tuple[int, int]:
+  """(non-finite floating leaves, floating leaves) of a pytree: one reduction per leaf, on device."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  finite = np.asarray(_leaves_finite(leaves)) if leaves else np.ones(0, bool)
+  return int((~finite).sum()), len(leaves)
+
+
+def check_resumed_stats(saved: dict, dataset: dict, workdir: str, step: int) -> None:
+  """Refuses a resume whose dataset statistics differ from the checkpoint's: its batches would be
+  normalised one way and its checkpoints would tell the server another."""
+  from dreamzero_jax.datasets import normalization
+  diffs = normalization.stats_differences(saved, dataset)
+  if diffs:
+    raise ValueError(f'{workdir}: the checkpoint (step {step}) was trained with other normalisation statistics '
+                     f'than the dataset now gives ({", ".join(diffs)} differ): restore that dataset and its '
+                     'norm_stats.json, or train in a new workdir')
+
+
 def _norm_stats(cfg) -> dict:
   """The statistics that normalise the primary dataset (saved with it, or computed as the pipeline does)."""
   from dreamzero_jax.datasets import pipeline
@@ -136,7 +159,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = aot.with_shardings(abstract, state_sharding if state_sharding is not None else
                                 jax.tree.map(lambda _: one, abstract))
-    state, data_state, norm_stats = ckpt.restore(start, target, cfg)
+    state, data_state, saved_stats = ckpt.restore(start, target, cfg)
+    if norm_stats and saved_stats:
+      check_resumed_stats(saved_stats, norm_stats, workdir, start)
+    norm_stats = saved_stats or norm_stats
     if data_state and hasattr(data, 'set_state'):
       data.set_state(data_state)
     print(f'resumed from {workdir} at step {start}')
@@ -177,6 +203,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
         logger.log(step, metrics)
       out_of_time = deadline is not None and time.monotonic() > deadline
       if step % cfg.train.checkpoint_every == 0 or step == last or out_of_time:
+        bad, leaves = nonfinite_leaves(state)
+        if bad:
+          last_good = ckpt.latest_step()
+          raise NonFiniteLossError(f'step {step}: {bad} of {leaves} parameter/optimiser arrays are not finite '
+                                   '(the update diverged: lower train.lr?); not saved, '
+                                   + (f'the last good checkpoint is step {last_good}' if last_good is not None
+                                      else 'no checkpoint was written'))
         data_state = data.get_state() if hasattr(data, 'get_state') else None
         ckpt.save(step, state, cfg, data_state, norm_stats)
       if out_of_time:

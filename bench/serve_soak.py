@@ -1,0 +1,190 @@
+"""Soak test of the policy server: many sessions, some malformed requests, one busy model.
+
+  python bench/serve_soak.py [--sessions 32] [--requests 20] [--malformed 0.1] [--config.x=v ...]
+
+Starts `dreamzero_jax.serve` machinery in a child process on loopback (configs/tiny.py, random
+weights, --max_sessions = sessions) and waits for /healthz 200 (the control step compiled). Then
+every session runs in its own thread over its own connection: `requests` calls (1 frame, then the
+chunk's frames), a seeded `malformed` fraction of them replaced by a malformed frame of a rotating
+kind (garbage bytes, text, a non-map, a missing or mis-shaped camera, a wrong dtype, zero frames,
+a frame count that divides nothing, NaN or float32-overflowing state, a non-bool reset). Good
+requests must get finite actions of the metadata's shape; malformed ones an error naming the field.
+Prints one JSON line: crashes (client exceptions or a server that did not exit 0 on SIGTERM),
+misclassified replies, and p50/p99 latency (client-side, ms) of good and of malformed replies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from dreamzero_jax import msgpack_numpy  # noqa: E402
+from dreamzero_jax.config import split_config_args  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 600.0
+
+
+def serve_random(max_sessions: int, overrides: list[str]) -> None:
+  """The child process: the tiny policy with random weights behind the server, until SIGTERM."""
+  from flax import nnx
+  from dreamzero_jax import encoders, serve
+  from dreamzero_jax.config import load_config
+  from dreamzero_jax.datasets import embodiments
+  from dreamzero_jax.inference.policy import Policy, PolicyServerBackend
+  from dreamzero_jax.models.dit import build_dit
+  cfg = load_config(os.path.join(ROOT, 'configs/tiny.py'), overrides)
+  model = nnx.jit(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))()
+  frozen = nnx.jit(lambda: encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)))()
+  e = embodiments.get(cfg.data.embodiment)
+  stats = {'state': dict(q01=[-1.0] * e.state_dim, q99=[1.0] * e.state_dim),
+           'action': dict(q01=[-1.0] * e.action_dim, q99=[1.0] * e.action_dim)}
+  serve.run(PolicyServerBackend(Policy(cfg, model, frozen, stats)), '127.0.0.1', 0, max_sessions)
+
+
+def malformed(kind: int, good: dict, spec: dict) -> tuple[bytes | str, str]:
+  """(frame, the field its error must name) for malformed kind `kind` (rotating)."""
+  cameras = [k for k, e in spec.items() if len(e['shape']) == 4]
+  state = next(k for k in spec if k not in cameras)
+  cam = cameras[0]
+  t, h, w, _ = spec[cam]['shape']
+  kinds = [
+      (b'\xc1 not msgpack', 'request'),
+      ('a text frame', 'request'),
+      (msgpack_numpy.pack([1, 2, 3]), 'request'),
+      (msgpack_numpy.pack({k: v for k, v in good.items() if k != cam}), cam),
+      (msgpack_numpy.pack({**good, cam: np.zeros((1, h // 2, w, 3), np.uint8)}), cam),
+      (msgpack_numpy.pack({**good, cam: good[cam].astype(np.float32)}), cam),
+      (msgpack_numpy.pack({**good, **{c: np.zeros((0, h, w, 3), np.uint8) for c in cameras}}), cam),
+      (msgpack_numpy.pack({**good, **{c: np.zeros((3, h, w, 3), np.uint8) for c in cameras}}), cam),
+      (msgpack_numpy.pack({**good, state: np.full(spec[state]['shape'], np.nan, np.float32)}), state),
+      (msgpack_numpy.pack({**good, state: np.full(spec[state]['shape'], 1e39)}), state),
+      (msgpack_numpy.pack({**good, 'reset': 'yes'}), 'reset'),
+  ]
+  del t
+  return kinds[kind % len(kinds)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+  return round(float(np.percentile(values, q)), 1) if values else None
+
+
+def drive(port: int, session: int, requests: int, bad: set[int], out: dict, lock: threading.Lock) -> None:
+  from websockets.sync import client as ws_client
+  rng = np.random.default_rng(session)
+  try:
+    with ws_client.connect(f'ws://127.0.0.1:{port}', max_size=None, compression=None) as ws:
+      meta = msgpack_numpy.unpack(ws.recv(TIMEOUT_S))
+      spec = meta['observation_spec']
+      later = meta['later_call_frames']
+      sent_good = 0
+      for i in range(requests):
+        frames = 1 if sent_good == 0 else later
+        good = {k: (rng.integers(0, 256, (frames, *e['shape'][1:]), dtype=np.uint8) if len(e['shape']) == 4
+                    else rng.uniform(-1, 1, e['shape']).astype(np.float32)) for k, e in spec.items()}
+        good.update(prompt='reach the goal', session_id=f'soak-{session}')
+        if i in bad:
+          frame, field = malformed(session + i, good, spec)
+        else:
+          frame, field = msgpack_numpy.pack(good), None
+        start = time.perf_counter()
+        ws.send(frame)
+        reply = msgpack_numpy.unpack(ws.recv(TIMEOUT_S))
+        ms = 1e3 * (time.perf_counter() - start)
+        if field is None:
+          ok = ('error' not in reply and reply['actions'].shape == tuple(meta['action_shape'])
+                and np.isfinite(reply['actions']).all())
+          sent_good += 1
+        else:
+          ok = 'actions' not in reply and str(reply.get('error', '')).startswith(f'{field}: ')
+        with lock:
+          out['good_ms' if field is None else 'malformed_ms'].append(ms)
+          if not ok:
+            out['misclassified'].append(f'session {session} request {i}: {str(reply)[:200]}')
+  except Exception as e:  # a dropped connection or a timeout is a crash of the run
+    with lock:
+      out['crashes'].append(f'session {session}: {type(e).__name__}: {e}')
+
+
+def _health(port: int) -> int:
+  try:
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=10) as reply:
+      return reply.status
+  except urllib.error.HTTPError as e:
+    return e.code
+
+
+def main(argv: list[str]) -> int:
+  overrides, rest = split_config_args(argv)
+  if rest and rest[0] == '--serve_only':
+    serve_random(int(rest[1]), overrides)
+    return 0
+  import argparse
+  p = argparse.ArgumentParser(prog='python bench/serve_soak.py')
+  p.add_argument('--sessions', type=int, default=32)
+  p.add_argument('--requests', type=int, default=20)
+  p.add_argument('--malformed', type=float, default=0.1)
+  p.add_argument('--seed', type=int, default=0)
+  args = p.parse_args(rest)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
+  server = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--serve_only', str(args.sessions),
+                             *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  crashes = []
+  try:
+    ready, _, _ = select.select([server.stdout], [], [], TIMEOUT_S)
+    line = server.stdout.readline() if ready else ''
+    if not line.startswith('serving on ws://'):
+      raise RuntimeError(f'server did not start: {line!r}')
+    port = int(line.rsplit(':', 1)[1])
+    start = time.perf_counter()
+    while _health(port) != 200:
+      time.sleep(0.1)
+    compile_s = time.perf_counter() - start
+    rng = np.random.default_rng(args.seed)
+    total = args.sessions * args.requests
+    bad_flat = set(rng.choice(total, int(round(args.malformed * total)), replace=False).tolist())
+    out = {'good_ms': [], 'malformed_ms': [], 'misclassified': [], 'crashes': []}
+    lock = threading.Lock()
+    threads = [threading.Thread(target=drive, args=(port, s, args.requests,
+                                                    {i - s * args.requests for i in bad_flat
+                                                     if s * args.requests <= i < (s + 1) * args.requests},
+                                                    out, lock)) for s in range(args.sessions)]
+    start = time.perf_counter()
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    wall = time.perf_counter() - start
+    server.send_signal(signal.SIGTERM)
+    if server.wait(120) != 0:
+      crashes.append(f'server exited with {server.returncode}')
+  finally:
+    if server.poll() is None:
+      server.kill()
+      server.wait()
+  crashes += out['crashes']
+  report = dict(sessions=args.sessions, requests=args.requests, good=len(out['good_ms']),
+                malformed=len(out['malformed_ms']), crashes=len(crashes), misclassified=len(out['misclassified']),
+                good_p50_ms=percentile(out['good_ms'], 50), good_p99_ms=percentile(out['good_ms'], 99),
+                malformed_p50_ms=percentile(out['malformed_ms'], 50),
+                malformed_p99_ms=percentile(out['malformed_ms'], 99),
+                wall_s=round(wall, 1), compile_s=round(compile_s, 1))
+  for message in (crashes + out['misclassified'])[:10]:
+    print(message, file=sys.stderr)
+  print(json.dumps(report))
+  return 0 if not crashes and not out['misclassified'] else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
