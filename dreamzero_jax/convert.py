@@ -55,7 +55,7 @@ PREFIXES = ('action_head.image_encoder.model.', 'action_head.text_encoder.', 'ac
 # Config fields that change no parameter: a converted checkpoint loads under any value of these.
 RUNTIME_FIELDS = ('model.dtype', 'model.scan_layers', 'model.remat_policy', 'model.attention',
                   'model.attention_mask', 'model.inference_state_attention', 'model.seq_pad_multiple',
-                  'text_encoder.tokenizer')
+                  'text_encoder.tokenizer', *checkpoint.EXECUTION_FIELDS)
 CHECKED_SECTIONS = ('model', 'vae', 'text_encoder', 'image_encoder')
 CHUNK_BYTES = 64 << 20   # output chunk (and write block) size: bounds the write buffers
 _M_MMAP_THRESHOLD = -3   # glibc mallopt parameter

@@ -105,6 +105,27 @@ def initial_dit(cfg: ml_collections.ConfigDict):
   return with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))
 
 
+class HostPromptEncoder:
+  """Prompt embeddings (`.prompts`, a PromptCache) from a umT5 whose weights stay in host memory.
+
+  Inference encodes a prompt once and then only reads the cache, so the encoder's weights (umT5-XXL:
+  5.7B parameters) are put on the device for one batch of new prompts and freed after, instead of
+  sitting beside the DiT and its KV cache during control.
+  """
+
+  def __init__(self, text: umt5.UMT5Encoder, cfg: ml_collections.ConfigDict):
+    graphdef, state = nnx.split(text)
+    self.state = jax.device_get(state)
+    encode_fn = jax.jit(lambda state, ids, lengths: nnx.merge(graphdef, state)(ids, lengths))
+    tokenizer = make_tokenizer(cfg)
+
+    def encode(prompts):
+      ids, lengths = tokenizer(prompts)
+      return np.asarray(encode_fn(self.state, ids, lengths)), lengths
+
+    self.prompts = text_cache.PromptCache(encode)
+
+
 class BatchEncoder:
   """Turns data batches (the pipeline's contract) into LatentBatch, caching prompt embeddings."""
 

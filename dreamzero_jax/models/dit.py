@@ -14,6 +14,7 @@ earlier clean frames (past_kv) and can return the K/V of its own tokens to exten
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -28,8 +29,8 @@ from dreamzero_jax import sharding
 from dreamzero_jax.kernels import modulation, qk_norm_rope, registry
 from dreamzero_jax.kernels.modulation import TimeGroups
 from dreamzero_jax.models import attention, embodiment, layers, masks, rope
-from dreamzero_jax.models.layers import (Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh, normal, param,
-                                         zeros)
+from dreamzero_jax.models.layers import (Dense, Fp8Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh, normal,
+                                         param, zeros)
 
 REMAT_POLICIES = {
     'none': None,
@@ -481,6 +482,32 @@ class DreamZeroDiT(nnx.Module):
     hidden, e, _ = self.backbone(x, groups, angles, mask, cross_kv=cross_kv, past_kv=(cache.k, cache.v))
     video_v = self.unpatchify(self.video_head(hidden[:, :n], e, groups.group[:n]), grid)
     return video_v, self.action_head(hidden[:, n:n + ha], embodiment_id)
+
+
+QUANTIZATION = ('none', 'fp8')
+
+
+def for_inference(model: DreamZeroDiT, quantization: str) -> DreamZeroDiT:
+  """A copy of model (arrays shared) whose blocks' linear layers (q, k, v, o, k_img, v_img, ffn: 98% of
+  the 14B weights) hold their kernels as inference uses them: quantization 'none' in model.dtype (the
+  values every call casts them to anyway: same outputs, fp32 master weights at half the memory);
+  'fp8' as e4m3 with per-output-channel scales, run by the fp8 GEMM (kernels/fp8.py, impl
+  model.kernels). The other weights (embeddings, time MLP, heads, embodiment tables) stay as they are.
+  """
+  if quantization not in QUANTIZATION:
+    raise ValueError(f'model.quantization {quantization!r} unknown (known: {", ".join(QUANTIZATION)})')
+  model = nnx.clone(model)
+  dt = model.cfg.dtype
+  for path, dense in list(nnx.iter_graph(model.blocks)):
+    if not isinstance(dense, Dense):
+      continue
+    if quantization == 'fp8':
+      setattr(functools.reduce(getattr, path[:-1], model.blocks), path[-1], Fp8Dense(dense, model.cfg.kernels))
+    else:
+      for var in (dense.kernel, dense.bias):
+        if var is not None and var.dtype != dt:
+          var.set_value(var[...].astype(dt))
+  return model
 
 
 def build_dit(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DreamZeroDiT:
