@@ -29,6 +29,9 @@ def test_fp8_policy_actions_stay_within_tolerance_of_fp32():
     ep = policy.observe(ep, test_policy._frames(cfg, 1, cfg.video.frames_per_chunk), np.zeros(4))
     second, _, ep, _ = policy.step(ep)
     actions[quantization] = np.stack([first, second])
+    # umT5 and CLIP wait in host memory: only the DiT, the VAE and the caches live on the device.
+    host = jax.tree.leaves(policy._prompt_encoder.state) + jax.tree.leaves(policy._image_state)
+    assert host and all(isinstance(x, np.ndarray) for x in host)
     ffn1 = policy._model_state['blocks']['ffn1']
     want = jnp.float8_e4m3fn if quantization == 'fp8' else jnp.float32
     assert ep.cache.k.dtype == want and (ffn1['qweight'] if quantization == 'fp8' else ffn1['kernel']).dtype == want
