@@ -1,4 +1,4 @@
-"""Times each Pallas kernel against its XLA path and today's unfused baseline at the 14B DiT's shapes;
+"""Times each Pallas kernel against its XLA path and the unfused baseline at the 14B DiT's shapes;
 with --dit, one 14B DiT forward in bf16 and fp8 beside the PyTorch peer instead.
 
   python bench/kernels_gpu.py [--repeats 20]      # on a GPU: prints a markdown table
@@ -17,7 +17,7 @@ tree on the same GPU: eager and torch.compile.
 Shapes: DROID inference, 1,785 new tokens per example, B=1 and B=2 (CFG batched), width 5120, 40
 heads of 128, FFN 13824, 3 timestep groups. Columns (median ms after a warmup, block_until_ready):
 kernel = the registry's Pallas kernel ('impl' says if it fell back), xla = the same computation
-through XLA, baseline = what the model does today (modulation from a per-token e0 [B, L, 6, D];
+through XLA, baseline = the model before the kernels (modulation from a per-token e0 [B, L, 6, D];
 a bf16 GEMM for the fp8 rows). Run `python -m dreamzero_jax.kernels.check` first: it checks the
 kernels' numbers at the same shapes.
 """
@@ -61,7 +61,7 @@ def modulation_rows(s, b, impl, repeats, rng):
   x = jnp.asarray(rng.standard_normal((b, s['tokens'], s['dim'])), jnp.float32)
   table = jnp.asarray(rng.standard_normal((b, s['groups'], 2, s['dim'])), jnp.float32)
   group = jnp.asarray(np.sort(rng.integers(0, s['groups'], s['tokens'])), jnp.int32)
-  e0 = modulation.gather_groups(table, group)  # today's per-token rows, as the model holds them
+  e0 = modulation.gather_groups(table, group)  # per-token rows, as the model held them before the group tables
   run = lambda impl_: lambda x, t: modulation.layer_norm_modulate(x, t[:, :, 0], t[:, :, 1], group,
                                                                  out_dtype=jnp.bfloat16, impl=impl_)
 
