@@ -32,6 +32,13 @@ def get_base_config() -> ml_collections.ConfigDict:
       scan_layers=True, remat_policy='nothing_saveable',
       attention='auto',          # splash on TPU, cuDNN on GPU, else XLA; or name one (attention.py)
       attention_block_q=1024,    # XLA path: queries in blocks of this many (bounds score memory); 0 = all
+      # Pallas kernels (fused LayerNorm + modulation, q/k RMSNorm + RoPE, fp8 GEMM): 'auto' = Pallas on a
+      # GPU with fallback to XLA, XLA elsewhere; or 'pallas', 'interpret', 'xla' (kernels/registry.py).
+      kernels='auto',
+      # Inference weights (for_inference in dit.py): 'none' = the blocks' linear layers in model.dtype;
+      # 'fp8' = e4m3 with per-output-channel scales through the fp8 GEMM. Training is unaffected.
+      quantization='none',
+      kv_cache_dtype='auto',     # 'auto' = e4m3 with fp8 quantization, else model.dtype; or a dtype name
       attention_mask='block_causal',  # or 'bidirectional' (the AR-vs-bidirectional ablation)
       # State queries at inference: 'all' = the official cached forward (the whole cache and every new
       # token); 'self' = as in training (cached rollout == teacher-forcing forward). docs/fidelity.md.

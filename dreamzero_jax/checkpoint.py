@@ -21,6 +21,10 @@ COMPATIBILITY_FIELDS = ('model', 'video.latent_channels', 'video.action_horizon'
                         'data.state_dim', 'data.embodiment', 'train.lora_rank', 'train.lora_targets',
                         'train.ema_decay', 'train.grad_accum_steps')
 
+# Fields that choose how the same parameters run (kernels, inference weight and cache dtypes): a
+# checkpoint serves under any value of them.
+EXECUTION_FIELDS = ('model.kernels', 'model.quantization', 'model.kv_cache_dtype')
+
 
 class IncompatibleCheckpointError(ValueError):
   pass
@@ -90,7 +94,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, config: ml_collections.ConfigDict):
     """Returns (state, data_state, norm_stats); refuses a checkpoint from an incompatible config."""
-    diffs = config_differences(self.read_config(step), config)
+    diffs = config_differences(self.read_config(step), config, ignore=EXECUTION_FIELDS)
     if diffs:
       raise IncompatibleCheckpointError(
           f'{self.workdir} holds a checkpoint (step {step}) from an incompatible config: ' + '; '.join(diffs))

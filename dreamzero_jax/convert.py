@@ -60,7 +60,7 @@ PREFIXES = ('action_head.image_encoder.model.', 'action_head.text_encoder.', 'ac
 # Config fields that change no parameter: a converted checkpoint loads under any value of these.
 RUNTIME_FIELDS = ('model.dtype', 'model.scan_layers', 'model.remat_policy', 'model.attention',
                   'model.attention_mask', 'model.inference_state_attention', 'model.seq_pad_multiple',
-                  'text_encoder.tokenizer')
+                  'text_encoder.tokenizer', *checkpoint.EXECUTION_FIELDS)
 # The config section each component's parameters depend on (the only ones compared at load).
 SECTIONS = {'dit': 'model', 'vae': 'vae', 'text': 'text_encoder', 'image': 'image_encoder'}
 MANIFEST = 'manifest.json'

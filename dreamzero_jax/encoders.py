@@ -2,7 +2,7 @@
 
 Training and inference share this path: pixels -> VAE latents (+ the I2V condition y), the
 instruction in its embodiment's prompt template -> umT5 embeddings through a prompt cache
-(`BatchEncoder.text`, the one place a prompt becomes embeddings), frame 0 -> CLIP features.
+(`PromptEncoder.text`, the one place a prompt becomes embeddings), frame 0 -> CLIP features.
 Nothing here is ever optimised: the train step only sees its outputs.
 """
 from __future__ import annotations
@@ -107,6 +107,44 @@ def initial_dit(cfg: ml_collections.ConfigDict):
   return with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))
 
 
+class PromptEncoder:
+  """Instructions -> umT5 embeddings: each read in its embodiment's prompt template and encoded once
+  (`prompts`, a PromptCache). `text` is the one place a prompt becomes embeddings, so training,
+  evaluation and serving template it the same way.
+
+  host=True keeps the weights in host memory and puts them on the device only for a batch of new
+  prompts (inference: umT5-XXL's 5.7B parameters need not sit beside the DiT and its KV cache during
+  control); host=False keeps them on the device (training meets new prompts every step).
+  """
+
+  def __init__(self, text: umt5.UMT5Encoder, cfg: ml_collections.ConfigDict, host: bool = False):
+    graphdef, state = nnx.split(text)
+    self.state = jax.device_get(state) if host else state
+    encode_fn = jax.jit(lambda state, ids, lengths: nnx.merge(graphdef, state)(ids, lengths))
+    tokenizer = make_tokenizer(cfg)
+
+    def encode(prompts):
+      ids, lengths = tokenizer(prompts)
+      return np.asarray(encode_fn(self.state, ids, lengths)), lengths
+
+    self.prompts = text_cache.PromptCache(encode)
+    self.templates = embodiments.prompt_templates(cfg.data)
+
+  def text(self, instructions: Sequence[str | bytes], embodiment_ids: Sequence[int],
+           negative_prompt: str | None = None) -> jax.Array:
+    """[B (+1), text_len, text_dim]: each instruction in its embodiment's prompt template, then
+    `negative_prompt` as given (CFG's unconditional branch) if one is given."""
+    prompts = []
+    for instruction, eid in zip(instructions, np.asarray(embodiment_ids).reshape(-1), strict=True):
+      text = instruction.decode('utf-8') if isinstance(instruction, bytes) else str(instruction)
+      if int(eid) not in self.templates:
+        raise ValueError(f'embodiment_id: {int(eid)} has no prompt template')
+      prompts.append(embodiments.prompt(text, self.templates[int(eid)]))
+    if negative_prompt is not None:
+      prompts.append(negative_prompt)
+    return jnp.asarray(self.prompts(prompts))
+
+
 class BatchEncoder:
   """Turns data batches (the pipeline's contract) into LatentBatch, caching prompt embeddings."""
 
@@ -122,41 +160,13 @@ class BatchEncoder:
       image = clip.encode_first_frame(enc.image, video) if enc.image is not None else None
       return jax.lax.stop_gradient((latents, cond, image))
 
-    def text(state, ids, lengths):
-      return nnx.merge(graphdef, state).text(ids, lengths)
-
     self._pixels = jax.jit(pixels)
-    text_fn = jax.jit(text)
-    tokenizer = make_tokenizer(cfg)
-
-    def encode_prompts(prompts):
-      ids, lengths = tokenizer(prompts)
-      return np.asarray(text_fn(self._state, ids, lengths)), lengths
-
-    self._prompts = text_cache.PromptCache(encode_prompts)
-    self.templates = embodiments.prompt_templates(cfg.data)
-
-  def text(self, instructions: Sequence[str | bytes], embodiment_ids: Sequence[int],
-           negative_prompt: str | None = None) -> jax.Array:
-    """umT5 embeddings [B (+1), text_len, text_dim] of each instruction read in its embodiment's
-    prompt template, then of `negative_prompt` as given (CFG's unconditional branch) if one is given.
-
-    Training, evaluation and serving all reach the text encoder through here, so a prompt is
-    templated the same way wherever it is encoded."""
-    prompts = []
-    for instruction, eid in zip(instructions, np.asarray(embodiment_ids).reshape(-1), strict=True):
-      text = instruction.decode('utf-8') if isinstance(instruction, bytes) else str(instruction)
-      if int(eid) not in self.templates:
-        raise ValueError(f'embodiment_id: {int(eid)} has no prompt template')
-      prompts.append(embodiments.prompt(text, self.templates[int(eid)]))
-    if negative_prompt is not None:
-      prompts.append(negative_prompt)
-    return jnp.asarray(self._prompts(prompts))
+    self.prompts = PromptEncoder(encoders.text, cfg)
 
   def __call__(self, batch: dict) -> LatentBatch:
     latents, cond, image = self._pixels(self._state, jnp.asarray(batch['video']))
     return LatentBatch(
-        latents=latents, cond=cond, text=self.text(batch['instruction'], batch['embodiment_id']), image=image,
+        latents=latents, cond=cond, text=self.prompts.text(batch['instruction'], batch['embodiment_id']), image=image,
         actions=jnp.asarray(batch['actions']), action_mask=jnp.asarray(batch['action_mask']),
         state=jnp.asarray(batch['state']), chunk_mask=jnp.asarray(batch['chunk_mask']),
         embodiment_id=jnp.asarray(batch['embodiment_id'], jnp.int32))

@@ -1,5 +1,8 @@
 """Websocket policy server: `python -m dreamzero_jax.serve --checkpoint DIR --port P`.
 
+`--config C --compile_only` compiles the control step from abstract shapes and prints its
+per-device memory as one JSON line (inference/aot.py); no checkpoint needed.
+
 Protocol (INTERFACES.md "Policy server protocol"): on connect the server sends the backend's
 metadata (plus the camera frame counts of first and later calls); each request is one
 msgpack-numpy map of observations + prompt (+ session_id, + reset); each reply is
@@ -20,6 +23,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import http
+import json
 import logging
 import os
 import signal
@@ -277,8 +281,10 @@ def run(backend: backend_lib.PolicyBackend, host: str, port: int, max_sessions: 
 def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   overrides, rest = config_lib.split_config_args(argv)
   parser = argparse.ArgumentParser(prog='python -m dreamzero_jax.serve', description=__doc__)
-  parser.add_argument('--checkpoint', required=True,
-                      help='a train.py workdir, or a `python -m dreamzero_jax.convert` output')
+  parser.add_argument('--checkpoint', help='a train.py workdir, or a `python -m dreamzero_jax.convert` output')
+  parser.add_argument('--compile_only', action='store_true',
+                      help='compile the control step for --config from abstract shapes (no checkpoint) on this '
+                           "host's backend, print one JSON line with its per-device memory, and exit")
   parser.add_argument('--norm_stats', help='norm_stats.json (`python -m dreamzero_jax.datasets stats`) or the '
                       "release's meta/relative_stats_dreamzero.json (beside its stats.json and modality.json) "
                       "or experiment_cfg/metadata.json: replaces the checkpoint's; required for a converted checkpoint")
@@ -295,6 +301,15 @@ def main(argv: list[str] | None = None) -> int:
   args, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   try:
+    if args.compile_only:
+      if not args.config:
+        raise ValueError('--compile_only needs --config')
+      config = config_lib.load_config(args.config, overrides)
+      from dreamzero_jax.inference import aot  # imports JAX: only once the inputs look sane
+      print(json.dumps(aot.compile_only(config)), flush=True)
+      return 0
+    if not args.checkpoint:
+      raise ValueError('--checkpoint is required (unless --compile_only)')
     if not os.path.isdir(args.checkpoint):
       raise ValueError(f'checkpoint directory not found: {args.checkpoint}')
     if overrides and not args.config:

@@ -56,18 +56,18 @@ def test_templates_give_the_official_prompts():
 
 
 def test_prompts_reach_the_text_encoder_templated():
-  """BatchEncoder.text, the one way to the text encoder (training batches and the policy both call
+  """PromptEncoder.text, the one way to the text encoder (training batches and the policy both call
   it): an instruction is encoded in its embodiment's template, the negative prompt as given."""
   from flax import nnx
   from dreamzero_jax import encoders
   cfg = _config('tiny.py', 'text_encoder.tokenizer=', 'model.text_len=512')
-  enc = encoders.BatchEncoder(encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(0)), cfg)
+  enc = encoders.BatchEncoder(encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(0)), cfg).prompts
   metaworld = embodiments.get('metaworld').id
   got = np.asarray(enc.text([INSTRUCTION.encode()], [metaworld], negative_prompt='bad'))
   templated = embodiments.prompt(INSTRUCTION, embodiments.template('metaworld'))
-  raw = np.asarray(enc._prompts([templated, 'bad']))   # pylint: disable=protected-access
+  raw = np.asarray(enc.prompts([templated, 'bad']))
   np.testing.assert_array_equal(got, raw)
-  assert not np.array_equal(got[0], np.asarray(enc._prompts([INSTRUCTION]))[0])
+  assert not np.array_equal(got[0], np.asarray(enc.prompts([INSTRUCTION]))[0])
 
 
 def test_agibot_config_is_the_release():

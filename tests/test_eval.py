@@ -41,6 +41,22 @@ def test_server_and_in_process_rollouts_take_identical_actions(workdir):
   np.testing.assert_array_equal(np.stack(via_server['actions']), np.stack(in_proc['actions']))
 
 
+def test_closed_loop_episode_runs_with_fp8_weights(workdir):
+  """The same checkpoint served with model.quantization='fp8' (e4m3 blocks and KV cache) runs a
+  closed-loop episode; its first chunk's actions stay near the unquantised policy's."""
+  first_chunk = {}
+  for quantization in ('none', 'fp8'):
+    cfg = load_config('configs/tiny.py', OVERRIDES + [f'model.quantization={quantization}'])
+    backend = policy_lib.load_backend(workdir, cfg)
+    rec = closed_loop.run_episode(eval_cli.in_process(backend)('a'), cfg, 'reach-v3', 'reach the goal position', 3,
+                                  cfg.video.action_horizon * 2)
+    assert rec['failure'] is None and len(rec['actions']) == cfg.video.action_horizon * 2
+    assert np.isfinite(np.stack(rec['actions'])).all()
+    first_chunk[quantization] = np.stack(rec['actions'][:cfg.video.action_horizon])
+  err = np.abs(first_chunk['fp8'] - first_chunk['none']).max()
+  assert 0 < err < 0.05 * np.abs(first_chunk['none']).max()
+
+
 def test_closed_loop_report_and_gif(workdir, tmp_path):
   out = str(tmp_path / 'eval')
   assert eval_cli.main(['--checkpoint', workdir, '--out', out, '--tasks', 'reach-v3', '--unseen_tasks',

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from dreamzero_jax.config import load_config
+from dreamzero_jax.inference import kv_cache
 from dreamzero_jax.kernels import check, fp8, modulation, qk_norm_rope, registry
-from dreamzero_jax.models import layers, rope
+from dreamzero_jax.models import dit, layers, rope
 from dreamzero_jax.models.dit import build_dit
 from tests.helpers import random_model
 
@@ -75,6 +76,69 @@ def test_group_table_modulation_equals_per_token_e0():
   np.testing.assert_allclose(
       modulation.layer_norm_modulate(x, head_tab[:, :, 0], head_tab[:, :, 1], groups.group, impl='xla'),
       norm(x) * (1 + head_tok[:, :, 1]) + head_tok[:, :, 0], rtol=1e-6, atol=1e-6)
+
+
+def _teacher_forcing_and_denoise(model, teacher_forcing=True, denoise=True):
+  """Teacher forcing over 2 chunks and a cached denoise of chunk 1: [video, actions] of each asked."""
+  m = model.cfg
+  k, lf, ha, h = 2, 2, 8, 8
+  f = 1 + k * lf
+  r = np.random.default_rng(0)
+  arr = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)
+  clean, noisy, cond = arr(1, f, h, h, 16), arr(1, f, h, h, 16), arr(1, f, h, h, 20)
+  actions, state = arr(1, k * ha, m.action_dim), arr(1, k, m.state_dim)
+  text, image = arr(1, 8, m.text_dim), arr(1, 5, m.image_dim)
+  emb = jnp.array([1], jnp.int32)
+  out = []
+  if teacher_forcing:
+    video_t = jnp.asarray([[3.0, 900.0, 900.0, 250.0, 250.0]])
+    action_t = jnp.repeat(jnp.asarray([[700.0, 60.0]]), ha, 1)
+    out += model.teacher_forcing(clean, noisy, video_t, actions, action_t, state, emb, text, image, cond)
+  if denoise:
+    cross_kv = model.cross_kv(*model.embed_context(text, image))
+    cache = kv_cache.empty_cache(m.num_layers, 1, f * (h // 2) ** 2, m.num_heads, m.head_dim)
+    cache = model.write_clean_frames(clean[:, :1], cache, cross_kv, cond=cond[:, :1])
+    cache = model.write_clean_frames(clean[:, 1:3], cache, cross_kv, chunk=jnp.int32(0), cond=cond[:, 1:3])
+    out += model.denoise(noisy[:, 3:5], jnp.asarray([250.0]), actions[:, ha:], jnp.asarray([60.0]), state[:, 1:],
+                         emb, jnp.int32(1), cache, cross_kv, cond[:, 3:5])
+  return out
+
+
+def test_dit_group_tables_equal_the_per_token_e0_path(monkeypatch):
+  """Teacher forcing and the cached denoise with [B, G, 6, D] tables (G: 1 clean + 5 frames + 16
+  actions; 2 in the denoise) give the outputs of the per-token e0 [B, L, 6, D] path (G = L)."""
+  model = random_model(lambda: build_dit(load_config('configs/tiny.py', ['model.seq_pad_multiple=16']).model,
+                                         rngs=nnx.Rngs(0)), seed=1)
+  rows = []
+  embed = model.time_embed
+  monkeypatch.setattr(model, 'time_embed', lambda t: rows.append(t.shape[1]) or embed(t))
+  grouped = _teacher_forcing_and_denoise(model)
+  as_tokens = lambda groups: dit.per_token_groups(groups.per_token())
+  with monkeypatch.context() as patch:
+    tf_groups = dit.teacher_forcing_groups
+    patch.setattr(dit, 'teacher_forcing_groups', lambda *a: as_tokens(tf_groups(*a)))
+    per_token = _teacher_forcing_and_denoise(model, denoise=False)
+  with monkeypatch.context() as patch:
+    time_groups = modulation.time_groups
+    patch.setattr(modulation, 'time_groups', lambda segments: as_tokens(time_groups(segments)))
+    per_token += _teacher_forcing_and_denoise(model, teacher_forcing=False)
+  # Rows embedded: groups (22 of 178 tokens; the clean writes' 1; the denoise's 2 of 41) vs tokens.
+  assert rows == [22, 1, 1, 2, 2 * 5 * 16 + 16 + 2, 1, 1, 2 * 16 + 8 + 1]
+  for got, want in zip(grouped, per_token):
+    assert _rel(got, want) < 1e-6
+
+
+def test_dit_runs_the_configured_kernels():
+  """model.kernels picks the registry implementation of the model's modulation and q/k norm + RoPE."""
+  model = lambda impl: random_model(
+      lambda: build_dit(load_config('configs/tiny.py', [f'model.kernels={impl}']).model, rngs=nnx.Rngs(0)), seed=1)
+  with registry.record() as used:
+    interpreted = _teacher_forcing_and_denoise(model('interpret'), teacher_forcing=False)
+  assert {('layer_norm_modulate', 'interpret'), ('qk_norm_rope', 'interpret')} <= used
+  for got, want in zip(interpreted, _teacher_forcing_and_denoise(model('xla'), teacher_forcing=False)):
+    assert _rel(got, want) < 1e-5
+  with pytest.raises(ValueError, match='model.kernels'):
+    build_dit(load_config('configs/tiny.py', ['model.kernels=triton']).model, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize('batch_groups', [False, True])
@@ -249,3 +313,11 @@ def test_gpu_benchmark_smoke_run_in_the_interpreter(capsys):
   assert kernels_gpu.main(['--interpret', '--repeats', '1']) == 0
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and 'interpret' in line]
   assert len(rows) == 6  # 2 modulation + 1 qk + 3 fp8 GEMM shapes
+
+
+def test_dit_forward_benchmark_smoke_run(capsys):
+  from bench import kernels_gpu
+  assert kernels_gpu.main(['--dit', '--interpret', '--repeats', '1']) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| jax DiT forward')]
+  assert len(rows) == 4  # {float32 (tiny's dtype), e4m3} weights x B in {1, 2}
+  assert sum('fp8_matmul:interpret' in row and 'float8_e4m3fn cache' in row for row in rows) == 2

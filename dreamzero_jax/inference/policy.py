@@ -17,7 +17,7 @@ video.max_chunks chunks it restarts from the newest observed frame as the new fr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from dreamzero_jax import sharding
 from dreamzero_jax.datasets import canvas, normalization
 from dreamzero_jax.inference import kv_cache, postprocess, samplers
 from dreamzero_jax.models import clip
+from dreamzero_jax.models import dit as dit_lib
 from dreamzero_jax.models.dit import DreamZeroDiT
 
 
@@ -47,35 +48,163 @@ class Episode:
   instruction: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """The static shapes of an episode, from the config (B = 1 per episode, 2 with CFG)."""
+  lf: int                     # latent frames per chunk
+  num_frames: int             # canvas frames of a full context window
+  latent_hw: tuple[int, int]
+  tokens_per_frame: int
+  capacity: int               # KV cache slots (tokens)
+  with_uncond: bool
+  batch: int
+  i2v: bool
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> 'Geometry':
+    v, m = cfg.video, cfg.model
+    lf = v.frames_per_chunk // v.vae_temporal
+    latent_hw = (v.height // v.vae_spatial, v.width // v.vae_spatial)
+    tokens_per_frame = (latent_hw[0] // m.patch_size[1]) * (latent_hw[1] // m.patch_size[2])
+    with_uncond = samplers.uses_uncond(cfg.sampler)
+    return cls(lf=lf, num_frames=1 + v.max_chunks * v.frames_per_chunk, latent_hw=latent_hw,
+               tokens_per_frame=tokens_per_frame, capacity=(1 + v.max_chunks * lf) * tokens_per_frame,
+               with_uncond=with_uncond, batch=2 if with_uncond else 1, i2v=encoders_lib.uses_i2v_condition(cfg))
+
+
+class StepFunctions(NamedTuple):
+  """The policy's pure functions over explicit pytrees (jitted by Policy, compiled by inference/aot.py).
+
+  start(mstate, vae_state, image_state, frame, text, image_frame) -> (cache, cross_kv, vae_cache, cond)
+  write(mstate, vae_state, cache, cross_kv, vae_cache, cond, frames, chunk) -> (cache, vae_cache)
+  denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng) -> (video, actions, evals)
+  decode(vae_state, latents) -> frames;  encode(vae_state, video) -> latents
+  """
+  start: Callable
+  write: Callable
+  denoise: Callable
+  decode: Callable
+  encode: Callable
+
+
+def step_functions(cfg: ml_collections.ConfigDict, geo: Geometry, model_def, vae_def, image_def) -> StepFunctions:
+  """The episode's device work for these module graphdefs (their states are arguments)."""
+  m = cfg.model
+  # Batch-2 episode arrays [layers, B, ...] split over the CFG devices (no-op without a mesh).
+  by_branch = lambda tree: jax.tree.map(
+      lambda x: sharding.constrain(x, (None, 'activation_batch', *([None] * (x.ndim - 2)))), tree)
+  # Batch-1 inputs repeated for the CFG batch; the I2V condition y of chunk `chunk`'s latent frames.
+  dup = lambda x: None if x is None else jnp.broadcast_to(x, (geo.batch, *x.shape[1:]))
+  chunk_cond = lambda cond, chunk: None if cond is None else jax.lax.dynamic_slice_in_dim(
+      cond, 1 + chunk * geo.lf, geo.lf, axis=1)
+
+  def start(mstate, vae_state, image_state, frame, text, image_frame):
+    """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache, y)."""
+    model, vae = nnx.merge(model_def, mstate), nnx.merge(vae_def, vae_state)
+    latent, vae_cache = vae.encode_stream(vae.init_encode_cache(1, *frame.shape[2:4]), frame)
+    cond = vae.i2v_condition(frame[:, 0], geo.num_frames) if geo.i2v else None
+    image = None
+    if image_def is not None:
+      image = clip.encode_first_frame(nnx.merge(image_def, image_state), image_frame)
+      image = jnp.broadcast_to(image, (geo.batch, *image.shape[1:]))
+    cross_kv = model.cross_kv(*model.embed_context(text, image))
+    cache = kv_cache.empty_cache(m.num_layers, geo.batch, geo.capacity, m.num_heads, m.dim // m.num_heads,
+                                 kv_cache.cache_dtype(m))
+    cross_kv = by_branch(cross_kv)
+    cache = model.write_clean_frames(dup(latent), cache, cross_kv, cond=dup(None if cond is None else cond[:, :1]))
+    return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), cross_kv, vae_cache, cond
+
+  def write(mstate, vae_state, cache, cross_kv, vae_cache, cond, frames, chunk):
+    """Observed frames [1, frames_per_chunk, H, W, 3] of chunk `chunk` -> cache, VAE cache."""
+    model, vae = nnx.merge(model_def, mstate), nnx.merge(vae_def, vae_state)
+    latents, vae_cache = vae.encode_stream(vae_cache, frames)
+    cache = model.write_clean_frames(dup(latents), cache, cross_kv, chunk=chunk, cond=dup(chunk_cond(cond, chunk)))
+    return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), vae_cache
+
+  def denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng):
+    """Samples chunk `chunk`: (video latents [1, lf, h, w, C], normalised actions [1, Ha, A])."""
+    model = nnx.merge(model_def, mstate)
+    v = cfg.video
+    h, w = geo.latent_hw
+    x_rng, a_rng = jax.random.split(rng)
+    x0 = {'video': jax.random.normal(x_rng, (1, geo.lf, h, w, v.latent_channels)),
+          'action': jax.random.normal(a_rng, (1, v.action_horizon, m.action_dim))}
+    c = chunk_cond(cond, chunk)
+    emb = jnp.full((geo.batch,), embodiment_id, jnp.int32)
+    state_b = jnp.broadcast_to(state_vec, (geo.batch, 1, m.state_dim))
+
+    def velocity(x, t, with_uncond):
+      tt = jnp.full((geo.batch,), t, jnp.float32)
+      vid, act = model.denoise(dup(x['video']), tt, dup(x['action']), tt, state_b, emb, chunk, cache, cross_kv,
+                               dup(c))
+      cond_v = {'video': vid[:1], 'action': act[:1]}
+      return cond_v, (vid[1:] if with_uncond else None)
+
+    out, info = samplers.sample(velocity, x0, cfg.sampler, cfg.train.num_train_timesteps)
+    return out['video'], out['action'], info.num_evaluations
+
+  def decode(vae_state, latents):
+    return nnx.merge(vae_def, vae_state).decode(latents)
+
+  def encode(vae_state, video):
+    return nnx.merge(vae_def, vae_state).encode(video)
+
+  return StepFunctions(start, write, denoise, decode, encode)
+
+
+def control_step(fns: StepFunctions) -> Callable:
+  """One control tick as the server runs it (observe, then step): the frames observed while chunk
+  `chunk` ran are encoded and written into the cache, then chunk + 1 is denoised."""
+
+  def control(mstate, vae_state, cache, cross_kv, vae_cache, cond, frames, chunk, state_vec, embodiment_id, rng):
+    cache, vae_cache = fns.write(mstate, vae_state, cache, cross_kv, vae_cache, cond, frames, chunk)
+    video, actions, evaluations = fns.denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk + 1, rng)
+    return cache, vae_cache, video, actions, evaluations
+
+  return control
+
+
 class Policy:
-  """DreamZero as a policy for one embodiment (B = 1 per episode, 2 with CFG)."""
+  """DreamZero as a policy for one embodiment (B = 1 per episode, 2 with CFG).
+
+  The DiT is prepared for inference (dit.for_inference: model.quantization). During control the
+  device holds the DiT, the VAE and the episodes' caches; umT5 (once per prompt) and CLIP (once per
+  episode) keep their weights in host memory and visit the device only to encode.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, model: DreamZeroDiT, encoders: encoders_lib.FrozenEncoders,
                norm_stats: dict):
     self.cfg = cfg
-    v = cfg.video
-    self.lf = v.frames_per_chunk // v.vae_temporal
-    self.num_frames = 1 + v.max_chunks * v.frames_per_chunk
-    self.latent_hw = (v.height // v.vae_spatial, v.width // v.vae_spatial)
-    self.tokens_per_frame = (self.latent_hw[0] // cfg.model.patch_size[1]) * (self.latent_hw[1] // cfg.model.patch_size[2])
-    self.capacity = (1 + v.max_chunks * self.lf) * self.tokens_per_frame
-    self.with_uncond = samplers.uses_uncond(cfg.sampler)
-    self.batch = 2 if self.with_uncond else 1
-    self.i2v = encoders_lib.uses_i2v_condition(cfg)
+    self.geometry = geo = Geometry.from_config(cfg)
+    self.lf, self.num_frames, self.latent_hw = geo.lf, geo.num_frames, geo.latent_hw
+    self.tokens_per_frame, self.capacity = geo.tokens_per_frame, geo.capacity
+    self.with_uncond, self.batch, self.i2v = geo.with_uncond, geo.batch, geo.i2v
     from dreamzero_jax.datasets import embodiments
     self.embodiment = embodiments.get(cfg.data.embodiment)
     self.relative_dims = embodiments.relative_dims(cfg.data.relative_action_dims, self.embodiment.action_dim,
                                                    self.embodiment.state_dim)
     self.stats = norm_stats
-    self.encoder = encoders_lib.BatchEncoder(encoders, cfg)
-    self._model_def, self._model_state = nnx.split(model)
-    self._enc_def, self._enc_state = nnx.split(encoders)
+    self._prompt_encoder = encoders_lib.PromptEncoder(encoders.text, cfg, host=True)
+    self._model_def, self._model_state = nnx.split(dit_lib.for_inference(model, cfg.model.quantization))
+    self._vae_def, self._vae_state = nnx.split(encoders.vae)
+    self._image_def, self._image_state = None, None
+    if encoders.image is not None:
+      self._image_def, image_state = nnx.split(encoders.image)
+      self._image_state = jax.device_get(image_state)
     self.mesh = self._cfg_mesh() if cfg.sampler.cfg_parallel else None
     if self.mesh is not None:
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self._model_state = jax.device_put(self._model_state, replicated)
-      self._enc_state = jax.device_put(self._enc_state, replicated)
+      self._vae_state = jax.device_put(self._vae_state, replicated)
     self._jit()
+
+  @property
+  def _enc_state(self) -> nnx.State:
+    """The frozen encoders' parameters (the VAE's on the device, umT5's and CLIP's in host memory)."""
+    parts = dict(vae=self._vae_state, text=self._prompt_encoder.state)
+    if self._image_state is not None:
+      parts['image'] = self._image_state
+    return nnx.State(parts)
 
   def _cfg_mesh(self):
     """A (data=2) mesh for sampler.cfg_parallel: the conditional branch on device 0, the
@@ -91,65 +220,7 @@ class Policy:
   # ---- jitted pieces ----------------------------------------------------------------------------
 
   def _jit(self):
-    cfg, mdef, edef = self.cfg, self._model_def, self._enc_def
-    m = cfg.model
-    # Batch-2 episode arrays [layers, B, ...] split over the CFG devices (no-op without a mesh).
-    by_branch = lambda tree: jax.tree.map(
-        lambda x: sharding.constrain(x, (None, 'activation_batch', *([None] * (x.ndim - 2)))), tree)
-    # Batch-1 inputs repeated for the CFG batch; the I2V condition y of chunk `chunk`'s latent frames.
-    dup = lambda x: None if x is None else jnp.broadcast_to(x, (self.batch, *x.shape[1:]))
-    chunk_cond = lambda cond, chunk: None if cond is None else jax.lax.dynamic_slice_in_dim(
-        cond, 1 + chunk * self.lf, self.lf, axis=1)
-
-    def start(mstate, estate, frame, text, image_frame):
-      """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache, y)."""
-      model, enc = nnx.merge(mdef, mstate), nnx.merge(edef, estate)
-      latent, vae_cache = enc.vae.encode_stream(enc.vae.init_encode_cache(1, *frame.shape[2:4]), frame)
-      cond = enc.vae.i2v_condition(frame[:, 0], self.num_frames) if self.i2v else None
-      image = clip.encode_first_frame(enc.image, image_frame) if enc.image is not None else None
-      if image is not None:
-        image = jnp.broadcast_to(image, (self.batch, *image.shape[1:]))
-      cross_kv = model.cross_kv(*model.embed_context(text, image))
-      cache = kv_cache.empty_cache(m.num_layers, self.batch, self.capacity, m.num_heads, m.dim // m.num_heads,
-                                   jnp.dtype(m.dtype))
-      cross_kv = by_branch(cross_kv)
-      cache = model.write_clean_frames(dup(latent), cache, cross_kv, cond=dup(None if cond is None else cond[:, :1]))
-      return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), cross_kv, vae_cache, cond
-
-    def write(mstate, estate, cache, cross_kv, vae_cache, cond, frames, chunk):
-      """Observed frames [1, frames_per_chunk, H, W, 3] of chunk `chunk` -> cache, VAE cache."""
-      model, enc = nnx.merge(mdef, mstate), nnx.merge(edef, estate)
-      latents, vae_cache = enc.vae.encode_stream(vae_cache, frames)
-      cache = model.write_clean_frames(dup(latents), cache, cross_kv, chunk=chunk, cond=dup(chunk_cond(cond, chunk)))
-      return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), vae_cache
-
-    def denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng):
-      """Samples chunk `chunk`: (video latents [1, lf, h, w, C], normalised actions [1, Ha, A])."""
-      model = nnx.merge(mdef, mstate)
-      v = cfg.video
-      h, w = self.latent_hw
-      x_rng, a_rng = jax.random.split(rng)
-      x0 = {'video': jax.random.normal(x_rng, (1, self.lf, h, w, v.latent_channels)),
-            'action': jax.random.normal(a_rng, (1, v.action_horizon, m.action_dim))}
-      c = chunk_cond(cond, chunk)
-      emb = jnp.full((self.batch,), embodiment_id, jnp.int32)
-      state_b = jnp.broadcast_to(state_vec, (self.batch, 1, m.state_dim))
-
-      def velocity(x, t, with_uncond):
-        tt = jnp.full((self.batch,), t, jnp.float32)
-        vid, act = model.denoise(dup(x['video']), tt, dup(x['action']), tt, state_b, emb, chunk, cache, cross_kv,
-                                 dup(c))
-        cond_v = {'video': vid[:1], 'action': act[:1]}
-        return cond_v, (vid[1:] if with_uncond else None)
-
-      out, info = samplers.sample(velocity, x0, cfg.sampler, cfg.train.num_train_timesteps)
-      return out['video'], out['action'], info.num_evaluations
-
-    def decode(estate, latents):
-      return nnx.merge(edef, estate).vae.decode(latents)
-
-    def encode(estate, video):
-      return nnx.merge(edef, estate).vae.encode(video)
+    fns = step_functions(self.cfg, self.geometry, self._model_def, self._vae_def, self._image_def)
 
     def traced_under_mesh(fn):
       if self.mesh is None:
@@ -160,23 +231,23 @@ class Policy:
           return fn(*args)
       return wrapped
 
-    self._decode = jax.jit(decode)
-    self._encode = jax.jit(encode)
-    self._start = jax.jit(traced_under_mesh(start))
-    self._write = jax.jit(traced_under_mesh(write), donate_argnums=(2, 4))
-    self._denoise = jax.jit(traced_under_mesh(denoise))
+    self._decode = jax.jit(fns.decode)
+    self._encode = jax.jit(fns.encode)
+    self._start = jax.jit(traced_under_mesh(fns.start))
+    self._write = jax.jit(traced_under_mesh(fns.write), donate_argnums=(2, 4))
+    self._denoise = jax.jit(traced_under_mesh(fns.denoise))
 
   # ---- the episode API --------------------------------------------------------------------------
 
   def _text(self, instruction: str) -> jax.Array:
     """The instruction in this embodiment's prompt template (+ the negative prompt with CFG)."""
-    return self.encoder.text([instruction], [self.embodiment.id],
+    return self._prompt_encoder.text([instruction], [self.embodiment.id],
                              self.cfg.sampler.negative_prompt if self.with_uncond else None)
 
   def reset(self, instruction: str, first_frame: np.ndarray, robot_state: np.ndarray, seed: int = 0) -> Episode:
     """first_frame: one canvas frame [H, W, 3] in [-1, 1]; robot_state: raw [state_dim]."""
     frame = jnp.asarray(first_frame, jnp.float32)[None, None]
-    cache, cross_kv, vae_cache, cond = self._start(self._model_state, self._enc_state, frame,
+    cache, cross_kv, vae_cache, cond = self._start(self._model_state, self._vae_state, self._image_state, frame,
                                                    self._text(instruction), frame)
     return Episode(cache, cross_kv, vae_cache, cond, chunk=0, written=0,
                    anchor_state=np.asarray(robot_state, np.float32), rng=jax.random.key(seed),
@@ -203,7 +274,7 @@ class Policy:
       # The context window is full: restart it from the newest real frame as frame 0.
       ep = self.reset(ep.instruction, frames[-1], robot_state, seed=int(jax.random.randint(ep.rng, (), 0, 2**30)))
       return ep
-    cache, vae_cache = self._write(self._model_state, self._enc_state, ep.cache, ep.cross_kv, ep.vae_cache,
+    cache, vae_cache = self._write(self._model_state, self._vae_state, ep.cache, ep.cross_kv, ep.vae_cache,
                                    ep.cond, jnp.asarray(frames, jnp.float32)[None], jnp.int32(ep.written))
     return dataclasses.replace(ep, cache=cache, vae_cache=vae_cache, written=ep.written + 1,
                                anchor_state=np.asarray(robot_state, np.float32))
@@ -223,11 +294,11 @@ class Policy:
 
   def encode_video(self, video: np.ndarray) -> np.ndarray:
     """Canvas frames [1, 1 + 4k, H, W, 3] in [-1, 1] -> normalised latents [1, 1 + k, h, w, C]."""
-    return np.asarray(self._encode(self._enc_state, jnp.asarray(video, jnp.float32)))
+    return np.asarray(self._encode(self._vae_state, jnp.asarray(video, jnp.float32)))
 
   def decode_video(self, latents: np.ndarray) -> np.ndarray:
     """Predicted latents [1, F, h, w, C] -> frames [T, H, W, 3] in [-1, 1] (for evaluation videos)."""
-    return np.asarray(self._decode(self._enc_state, jnp.asarray(latents))[0])
+    return np.asarray(self._decode(self._vae_state, jnp.asarray(latents))[0])
 
   def postprocess(self, actions: np.ndarray, anchor_state: np.ndarray) -> np.ndarray:
     """Normalised padded actions -> raw robot actions (unnormalise, absolute joints, smoothing)."""

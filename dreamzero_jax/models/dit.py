@@ -3,14 +3,18 @@
 Layout: video latents are channels-last [B, F, H, W, C]; token sequences [B, L, D]. Blocks are
 stacked on a leading 'layers' axis and applied with lax.scan (or a Python loop), with remat.
 
-Timesteps are PER TOKEN (DreamZero): t [B, L] in [0, 1000], so the adaLN modulation e0 has shape
-[B, L, 6, D]. Tokens attend under a mask built from token groups (masks.py); at inference the
-self-attention also reads a KV cache of earlier clean frames (past_kv) and can return the K/V of
-its own tokens to extend that cache.
+Timesteps are PER TOKEN (DreamZero), yet a sequence holds only a handful of distinct ones (clean
+frames, each noisy frame's t, each action's t): the time embedding runs on those G timesteps, giving
+an adaLN table [B, G, 6, D], and each token carries its group id (kernels.modulation.TimeGroups).
+The blocks and the video head read the table through kernels.modulation (fused LayerNorm +
+modulate, gated residual), so the per-token e0 [B, L, 6, D] is never built. Tokens attend under a
+mask built from token groups (masks.py); at inference the self-attention also reads a KV cache of
+earlier clean frames (past_kv) and can return the K/V of its own tokens to extend that cache.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -22,9 +26,11 @@ import numpy as np
 from flax import nnx
 
 from dreamzero_jax import sharding
+from dreamzero_jax.kernels import modulation, qk_norm_rope, registry
+from dreamzero_jax.kernels.modulation import TimeGroups
 from dreamzero_jax.models import attention, embodiment, layers, masks, rope
-from dreamzero_jax.models.layers import (Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh, normal, param,
-                                         zeros)
+from dreamzero_jax.models.layers import (Dense, Fp8Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh, normal,
+                                         param, zeros)
 
 REMAT_POLICIES = {
     'none': None,
@@ -60,6 +66,7 @@ class DiTConfig:
   remat_policy: str
   attention: str
   attention_block_q: int
+  kernels: str
   attention_mask: str
   inference_state_attention: str
   seq_pad_multiple: int
@@ -79,6 +86,8 @@ class DiTConfig:
     if kw['inference_state_attention'] not in masks.INFERENCE_STATE_ATTENTION:
       raise ValueError(f'model.inference_state_attention {kw["inference_state_attention"]!r} unknown '
                        f'(known: {", ".join(masks.INFERENCE_STATE_ATTENTION)})')
+    if kw['kernels'] not in registry.FALLBACK:
+      raise ValueError(f'model.kernels {kw["kernels"]!r} unknown (known: {", ".join(registry.FALLBACK)})')
     if kw['remat_policy'] not in REMAT_POLICIES:
       raise ValueError(f'model.remat_policy {kw["remat_policy"]!r} unknown (known: {", ".join(REMAT_POLICIES)})')
     return cls(**kw)
@@ -101,8 +110,9 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x, angles, mask, past_kv):
     """Returns (output, (k, v) of these tokens after norm and RoPE)."""
-    q = rope.apply_rope(self.heads(self.norm_q(self.q(x))), angles)
-    k = rope.apply_rope(self.heads(self.norm_k(self.k(x))), angles)
+    norm_rope = lambda y, norm: qk_norm_rope.qk_norm_rope(self.heads(y), norm.scale[...], angles, eps=norm.eps,
+                                                          impl=self.cfg.kernels)
+    q, k = norm_rope(self.q(x), self.norm_q), norm_rope(self.k(x), self.norm_k)
     v = self.heads(self.v(x))
     keys, values = k, v
     if past_kv is not None:
@@ -159,33 +169,35 @@ class CrossAttention(nnx.Module):
 
 
 class Block(nnx.Module):
-  """x += g1*SelfAttn(LN(x)(1+s1)+b1); x += CrossAttn(LN_affine(x)); x += g2*FFN(LN(x)(1+s2)+b2)."""
+  """x += g1*SelfAttn(LN(x)(1+s1)+b1); x += CrossAttn(LN_affine(x)); x += g2*FFN(LN(x)(1+s2)+b2).
+
+  The modulated LNs (no affine) are fused with their modulation: kernels.modulation.
+  """
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     d = cfg.dim
     self.cfg = cfg
-    self.norm1 = LayerNorm(d, eps=cfg.eps, affine=False)
     self.self_attn = SelfAttention(cfg, rngs=rngs)
     self.norm3 = LayerNorm(d, eps=cfg.eps, affine=True, rngs=rngs) if cfg.cross_attn_norm else None
     self.cross_attn = CrossAttention(cfg, rngs=rngs)
-    self.norm2 = LayerNorm(d, eps=cfg.eps, affine=False)
     self.ffn1 = Dense(d, cfg.ffn_dim, ('embed', 'mlp'), rngs=rngs)
     self.ffn2 = Dense(cfg.ffn_dim, d, ('mlp', 'embed'), rngs=rngs)
     self.modulation = param(rngs, normal(1.0 / math.sqrt(d)), (6, d), (None, 'embed'))
 
-  def __call__(self, x, e0, angles, cross_kv: CrossKV, mask, past_kv=None):
-    """x [B, L, D] fp32 residual stream; e0 [B, L, 6, D] fp32. Returns (x, (k, v))."""
-    dt = self.cfg.dtype
+  def __call__(self, x, e0, group, angles, cross_kv: CrossKV, mask, past_kv=None):
+    """x [B, L, D] fp32 residual stream; e0 [B, G, 6, D] fp32 per-group table, group [L] or [B, L]
+    each token's row of it. Returns (x, (k, v))."""
+    dt, impl = self.cfg.dtype, self.cfg.kernels
     mod = self.modulation[...].astype(jnp.float32) + e0
     shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
-    h = (self.norm1(x) * (1 + scale1) + shift1).astype(dt)
-    y, kv = self.self_attn(h, angles, mask, past_kv)
-    x = x + y.astype(jnp.float32) * gate1
+    modulate = lambda x, shift, scale: modulation.layer_norm_modulate(x, shift, scale, group, eps=self.cfg.eps,
+                                                                       out_dtype=dt, impl=impl)
+    y, kv = self.self_attn(modulate(x, shift1, scale1), angles, mask, past_kv)
+    x = modulation.gated_residual(x, y, gate1, group)
     h = (self.norm3(x) if self.norm3 is not None else x).astype(dt)
     x = x + self.cross_attn(h, cross_kv).astype(jnp.float32)
-    h = (self.norm2(x) * (1 + scale2) + shift2).astype(dt)
-    y = self.ffn2(gelu_tanh(self.ffn1(h)))
-    x = x + y.astype(jnp.float32) * gate2
+    y = self.ffn2(gelu_tanh(self.ffn1(modulate(x, shift2, scale2))))
+    x = modulation.gated_residual(x, y, gate2, group)
     return sharding.constrain(x, ('activation_batch', 'activation_length', 'activation_embed')), kv
 
 
@@ -197,16 +209,29 @@ def time_sinusoid(t: jax.Array, dim: int) -> jax.Array:
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], -1)
 
 
-def teacher_forcing_timesteps(video_t: jax.Array, action_t: jax.Array, tokens_per_frame: int,
-                              num_chunks: int) -> jax.Array:
-  """Per-token t [B, L] of [clean video | noisy video | actions | states]: clean tokens 0, noisy
-  frames video_t [B, F], actions action_t [B, K*Ha], and the state token of chunk k chunk k's
-  action timestep (the official DiT's timestep_action[:, ::horizon]), not 0."""
+def teacher_forcing_groups(video_t: jax.Array, action_t: jax.Array, tokens_per_frame: int,
+                           num_chunks: int) -> TimeGroups:
+  """Timestep groups of [clean video | noisy video | actions | states]: one group for the clean
+  tokens (t=0), one per noisy frame (video_t [B, F]), one per action (action_t [B, K*Ha]); the
+  state token of chunk k joins its chunk's first action (the official DiT's
+  timestep_action[:, ::horizon]), so it runs at chunk k's action timestep, not 0."""
   b, f = video_t.shape
   horizon = action_t.shape[1] // num_chunks
-  return jnp.concatenate([jnp.zeros((b, f * tokens_per_frame)),
-                          jnp.repeat(video_t.astype(jnp.float32), tokens_per_frame, 1),
-                          action_t.astype(jnp.float32), action_t[:, ::horizon].astype(jnp.float32)], 1)
+  groups = modulation.time_groups([(jnp.zeros((b, 1)), f * tokens_per_frame), (video_t, tokens_per_frame),
+                                   (action_t, 1)])
+  state = 1 + f + horizon * np.arange(num_chunks, dtype=np.int32)
+  return TimeGroups(groups.t, np.concatenate([groups.group, state]))
+
+
+def teacher_forcing_timesteps(video_t: jax.Array, action_t: jax.Array, tokens_per_frame: int,
+                              num_chunks: int) -> jax.Array:
+  """Per-token t [B, L] of teacher_forcing_groups."""
+  return teacher_forcing_groups(video_t, action_t, tokens_per_frame, num_chunks).per_token()
+
+
+def per_token_groups(t: jax.Array) -> TimeGroups:
+  """Per-token timesteps [B, L] as groups: each token its own (the modulation of e0 [B, L, 6, D])."""
+  return TimeGroups(t, np.arange(t.shape[1], dtype=np.int32))
 
 
 class DreamZeroDiT(nnx.Module):
@@ -231,7 +256,6 @@ class DreamZeroDiT(nnx.Module):
 
     with layers.stacked(cfg.num_layers):
       self.blocks = Block(cfg, rngs=rngs)  # every parameter [layers, ...], applied by lax.scan
-    self.head_norm = LayerNorm(d, eps=cfg.eps, affine=False)
     self.head = Dense(d, pt * ph * pw * cfg.out_channels, ('embed', None), rngs=rngs, init=zeros)
     self.head_modulation = param(rngs, normal(1.0 / math.sqrt(d)), (2, d), (None, 'embed'))
 
@@ -272,14 +296,15 @@ class DreamZeroDiT(nnx.Module):
     return txt, self.img_norm2(img.astype(jnp.float32)).astype(dt)
 
   def time_embed(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token timesteps t [B, L] -> (e [B, L, D], e0 [B, L, 6, D]), fp32."""
-    # Constrained like the tokens they modulate: left alone, XLA shards e0 by width and gathers the
-    # batch (3x the memory of the 5B step on a v5p slice).
-    tokens = ('activation_batch', 'activation_length', 'activation_embed')
-    h = sharding.constrain(self.time_embedding1(time_sinusoid(t, self.cfg.freq_dim)), tokens)
-    e = sharding.constrain(self.time_embedding2(jax.nn.silu(h)), tokens)
+    """Timesteps t [B, G] (a group table's, or per token) -> (e [B, G, D], e0 [B, G, 6, D]), fp32."""
+    # Split by batch like the tokens they modulate, whole along the (few) groups: left alone, XLA
+    # shards the modulation by width and gathers the batch (per-token e0 was 3x the memory of the
+    # 5B step on a v5p slice).
+    rows = ('activation_batch', None, 'activation_embed')
+    h = sharding.constrain(self.time_embedding1(time_sinusoid(t, self.cfg.freq_dim)), rows)
+    e = sharding.constrain(self.time_embedding2(jax.nn.silu(h)), rows)
     e0 = self.time_projection(jax.nn.silu(e)).reshape(*t.shape, 6, self.cfg.dim)
-    return e, sharding.constrain(e0, ('activation_batch', 'activation_length', None, 'activation_embed'))
+    return e, sharding.constrain(e0, ('activation_batch', None, None, 'activation_embed'))
 
   def embed_actions(self, actions, t, embodiment_id):
     return self.action_encoder(actions.astype(self.cfg.dtype), t, embodiment_id).astype(jnp.float32)
@@ -298,19 +323,22 @@ class DreamZeroDiT(nnx.Module):
 
     return jax.lax.map(one, state)
 
-  def backbone(self, x, t, angles, mask, *, cross_kv: CrossKV, past_kv=None, return_kv: bool = False):
-    """Runs the blocks. x [B, L, D] fp32, t [B, L], angles [L, Dh/2], mask [Lq, Lk] or None.
+  def backbone(self, x, t: TimeGroups | jax.Array, angles, mask, *, cross_kv: CrossKV, past_kv=None,
+               return_kv: bool = False):
+    """Runs the blocks. x [B, L, D] fp32, angles [L, Dh/2], mask [Lq, Lk] or None; t the tokens'
+    timestep groups (TimeGroups), or per-token timesteps [B, L] (each token its own group).
 
     past_kv: (k, v) each [layers, B, Lc, H, Dh] of cached tokens that precede x in the keys.
-    Returns (hidden [B, L, D], e [B, L, D], (k, v) of x stacked over layers or None).
+    Returns (hidden [B, L, D], e [B, G, D] per group, (k, v) of x stacked over layers or None).
     """
-    e, e0 = self.time_embed(t)
+    groups = t if isinstance(t, TimeGroups) else per_token_groups(t)
+    e, e0 = self.time_embed(groups.t)
     x = sharding.constrain(x, ('activation_batch', 'activation_length', 'activation_embed'))
     graphdef, state = nnx.split(self.blocks)
 
     def body(x, xs):
       layer_state, ckv, pkv = xs
-      x, kv = nnx.merge(graphdef, layer_state)(x, e0, angles, ckv, mask, pkv)
+      x, kv = nnx.merge(graphdef, layer_state)(x, e0, groups.group, angles, ckv, mask, pkv)
       return x, (kv if return_kv else None)
 
     policy = self.cfg.remat_policy
@@ -327,11 +355,13 @@ class DreamZeroDiT(nnx.Module):
       kvs = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_kv else None
     return x, e, kvs
 
-  def video_head(self, hidden, e):
-    """Modulated LN + Linear on video tokens: [B, N, D] -> [B, N, pt*ph*pw*C_out] (fp32)."""
+  def video_head(self, hidden, e, group):
+    """Modulated LN + Linear on video tokens: hidden [B, N, D], e [B, G, D] per group, group [N] or
+    [B, N] each token's -> [B, N, pt*ph*pw*C_out] (fp32)."""
     mod = self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None, :]
-    h = self.head_norm(hidden) * (1 + mod[:, :, 1]) + mod[:, :, 0]
-    return self.head(h.astype(self.cfg.dtype)).astype(jnp.float32)
+    h = modulation.layer_norm_modulate(hidden, mod[:, :, 0], mod[:, :, 1], group, eps=self.cfg.eps,
+                                       out_dtype=self.cfg.dtype, impl=self.cfg.kernels)
+    return self.head(h).astype(jnp.float32)
 
   def action_head(self, hidden, embodiment_id):
     return self.action_decoder(hidden.astype(self.cfg.dtype), embodiment_id).astype(jnp.float32)
@@ -342,14 +372,14 @@ class DreamZeroDiT(nnx.Module):
     """The plain Wan DiT: all video tokens see each other. video [B, F, H, W, C_in], t [B] or
     [B, L] (per token) -> velocity [B, F, H, W, C_out]."""
     tokens = self.embed_video(video)
-    b, length = tokens.shape[:2]
+    length = tokens.shape[1]
     pt, ph, pw = self.cfg.patch_size
     grid = (video.shape[1] // pt, video.shape[2] // ph, video.shape[3] // pw)
-    t = jnp.broadcast_to(t[:, None], (b, length)) if t.ndim == 1 else t
+    groups = (TimeGroups(t[:, None], np.zeros(length, np.int32)) if t.ndim == 1 else per_token_groups(t))
     angles = rope.video_angles(*grid, self.cfg.head_dim, self.cfg.rope_theta, frame_offset)
     txt, img = self.embed_context(text, image)
-    hidden, e, _ = self.backbone(tokens, t, angles, None, cross_kv=self.cross_kv(txt, img))
-    return self.unpatchify(self.video_head(hidden, e), grid)
+    hidden, e, _ = self.backbone(tokens, groups, angles, None, cross_kv=self.cross_kv(txt, img))
+    return self.unpatchify(self.video_head(hidden, e, groups.group), grid)
 
   def teacher_forcing(self, clean, noisy, video_t, actions, action_t, state, embodiment_id, text,
                       image=None, cond=None):
@@ -374,7 +404,7 @@ class DreamZeroDiT(nnx.Module):
     x = jnp.concatenate([self.embed_video(clean), self.embed_video(noisy),
                          self.embed_actions(actions, action_t, embodiment_id),
                          self.embed_state(state, embodiment_id)], 1)
-    t = teacher_forcing_timesteps(video_t, action_t, n // f, k)
+    groups = teacher_forcing_groups(video_t, action_t, n // f, k)
     hd, theta = self.cfg.head_dim, self.cfg.rope_theta
     video_angles = rope.video_angles(*grid, hd, theta)
     angles = jnp.concatenate([video_angles, video_angles, rope.linear_angles(jnp.arange(k * ha), hd, theta),
@@ -384,12 +414,12 @@ class DreamZeroDiT(nnx.Module):
     if length > x.shape[1]:  # block-multiple lengths for flash kernels; padding is masked out
       extra = length - x.shape[1]
       x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
-      t = jnp.pad(t, ((0, 0), (0, extra)))
+      groups = groups.padded(length)
       angles = jnp.pad(angles, ((0, extra), (0, 0)))
       layout = masks.pad_layout(layout, length)
     mask = masks.attention_mask(layout, layout, self.cfg.attention_mask)
-    hidden, e, _ = self.backbone(x, t, angles, mask, cross_kv=self.cross_kv(*self.embed_context(text, image)))
-    video_v = self.unpatchify(self.video_head(hidden[:, n:2 * n], e[:, n:2 * n]), grid)
+    hidden, e, _ = self.backbone(x, groups, angles, mask, cross_kv=self.cross_kv(*self.embed_context(text, image)))
+    video_v = self.unpatchify(self.video_head(hidden[:, n:2 * n], e, groups.group[n:2 * n]), grid)
     action_v = self.action_head(hidden[:, 2 * n:2 * n + k * ha], embodiment_id)
     return video_v, action_v
 
@@ -418,8 +448,9 @@ class DreamZeroDiT(nnx.Module):
     x = self.embed_video(self._cond(latents, cond))
     angles = rope.video_angles(*grid, self.cfg.head_dim, self.cfg.rope_theta, first)
     mask = masks.attention_mask(layout, masks.TokenLayout.concat(cache.layout, layout), self.cfg.attention_mask)
-    _, _, (k, v) = self.backbone(x, jnp.zeros(x.shape[:2]), angles, mask, cross_kv=cross_kv,
-                                 past_kv=(cache.k, cache.v), return_kv=True)
+    clean = TimeGroups(jnp.zeros((x.shape[0], 1)), np.zeros(x.shape[1], np.int32))
+    _, _, (k, v) = self.backbone(x, clean, angles, mask, cross_kv=cross_kv, past_kv=(cache.k, cache.v),
+                                 return_kv=True)
     return kv_cache.append(cache, k, v, layout)
 
   def denoise(self, noisy, video_t, actions, action_t, state, embodiment_id, chunk, cache, cross_kv,
@@ -438,8 +469,8 @@ class DreamZeroDiT(nnx.Module):
         self.embed_video(self._cond(noisy, cond)),
         self.embed_actions(actions, jnp.broadcast_to(action_t[:, None], (b, ha)), embodiment_id),
         self.embed_state(state, embodiment_id)], 1)
-    t = jnp.concatenate([jnp.broadcast_to(video_t[:, None], (b, n)), jnp.broadcast_to(action_t[:, None], (b, ha)),
-                         jnp.broadcast_to(action_t[:, None], (b, state.shape[1]))], 1).astype(jnp.float32)
+    # Two groups: the video tokens at video_t; actions and the state token at action_t.
+    groups = modulation.time_groups([(video_t[:, None], n), (action_t[:, None], ha + state.shape[1])])
     hd, theta = self.cfg.head_dim, self.cfg.rope_theta
     angles = jnp.concatenate([
         rope.video_angles(*grid, hd, theta, 1 + chunk * lf),
@@ -448,9 +479,35 @@ class DreamZeroDiT(nnx.Module):
     queries = masks.inference_layout(0, lf, grid[1] * grid[2], ha, state.shape[1]).shifted(chunk)
     mask = masks.attention_mask(queries, masks.TokenLayout.concat(cache.layout, queries), self.cfg.attention_mask,
                                 self.cfg.inference_state_attention)
-    hidden, e, _ = self.backbone(x, t, angles, mask, cross_kv=cross_kv, past_kv=(cache.k, cache.v))
-    video_v = self.unpatchify(self.video_head(hidden[:, :n], e[:, :n]), grid)
+    hidden, e, _ = self.backbone(x, groups, angles, mask, cross_kv=cross_kv, past_kv=(cache.k, cache.v))
+    video_v = self.unpatchify(self.video_head(hidden[:, :n], e, groups.group[:n]), grid)
     return video_v, self.action_head(hidden[:, n:n + ha], embodiment_id)
+
+
+QUANTIZATION = ('none', 'fp8')
+
+
+def for_inference(model: DreamZeroDiT, quantization: str) -> DreamZeroDiT:
+  """A copy of model (arrays shared) whose blocks' linear layers (q, k, v, o, k_img, v_img, ffn: 98% of
+  the 14B weights) hold their kernels as inference uses them: quantization 'none' in model.dtype (the
+  values every call casts them to anyway: same outputs, fp32 master weights at half the memory);
+  'fp8' as e4m3 with per-output-channel scales, run by the fp8 GEMM (kernels/fp8.py, impl
+  model.kernels). The other weights (embeddings, time MLP, heads, embodiment tables) stay as they are.
+  """
+  if quantization not in QUANTIZATION:
+    raise ValueError(f'model.quantization {quantization!r} unknown (known: {", ".join(QUANTIZATION)})')
+  model = nnx.clone(model)
+  dt = model.cfg.dtype
+  for path, dense in list(nnx.iter_graph(model.blocks)):
+    if not isinstance(dense, Dense):
+      continue
+    if quantization == 'fp8':
+      setattr(functools.reduce(getattr, path[:-1], model.blocks), path[-1], Fp8Dense(dense, model.cfg.kernels))
+    else:
+      for var in (dense.kernel, dense.bias):
+        if var is not None and var.dtype != dt:
+          var.set_value(var[...].astype(dt))
+  return model
 
 
 def build_dit(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DreamZeroDiT:

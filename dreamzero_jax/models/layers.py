@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dreamzero_jax.kernels import fp8
+
 Axes = tuple[str | None, ...]
 
 
@@ -98,6 +100,23 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.einsum('...i,io->...o', x, self.kernel[...].astype(x.dtype))
     return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class Fp8Dense(nnx.Module):
+  """A Dense layer's inference form with fp8 weights: kernel [..., in, out] as e4m3 plus per-output-
+  channel scales (kernels/fp8.py), applied by the fp8 GEMM (activations quantised per token)."""
+
+  def __init__(self, dense: Dense, impl: str):
+    axes = dense.kernel.get_metadata()['logical_axes']
+    w = fp8.quantize_weight(dense.kernel[...])
+    self.qweight = nnx.Param(w.qweight, logical_axes=axes)
+    self.scale = nnx.Param(w.scale, logical_axes=(*axes[:-2], axes[-1]))
+    self.bias = dense.bias
+    self.impl = impl
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = fp8.Fp8Weight(self.qweight[...], self.scale[...])
+    return fp8.fp8_matmul(x, w, None if self.bias is None else self.bias[...], out_dtype=x.dtype, impl=self.impl)
 
 
 class LayerNorm(nnx.Module):

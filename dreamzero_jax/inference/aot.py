@@ -1,0 +1,97 @@
+"""The serving control step compiled from abstract shapes: its per-device memory, without weights.
+
+`python -m dreamzero_jax.serve --config C --compile_only` lowers one control tick (policy.control_step:
+VAE-encode the chunk's observed frames, write them into the KV cache, run the config's sampler with
+CFG batched, decode the actions) on this host's backend and reads XLA's memory analysis. Its
+arguments are what the device holds during control: the DiT as served (dit.for_inference:
+model.quantization), the VAE, and one episode's KV cache (both CFG branches), text/image K/V, VAE
+cache and I2V condition. umT5 and CLIP are not: they run once per prompt / episode from host memory.
+
+On a CPU host the figure is for a device with native bf16/fp8 dots: the CPU emulates those dots in
+fp32, and its loop-invariant code motion then hoists the fp32 conversions of the layer-stacked
+weights and KV cache out of the layer loop (the 14B bf16 step showed 78 GiB of temporaries, 4x the
+weights' bytes), so the CPU compile runs with that pass off (CPU_COMPILER_OPTIONS) and converts
+one layer at a time, as a GPU's own dtypes never need to.
+"""
+from __future__ import annotations
+
+import collections
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dreamzero_jax import encoders as encoders_lib
+from dreamzero_jax.inference import policy
+from dreamzero_jax.kernels import registry
+from dreamzero_jax.models import attention
+from dreamzero_jax.models import dit as dit_lib
+
+GIB = 1024 ** 3
+CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
+
+
+def _gib(n: int) -> float:
+  return round(n / GIB, 3)
+
+
+def _bytes_by_dtype(tree) -> dict[str, float]:
+  out = collections.Counter()
+  for x in jax.tree.leaves(tree):
+    out[str(x.dtype)] += x.size * jnp.dtype(x.dtype).itemsize
+  return {k: _gib(v) for k, v in sorted(out.items())}
+
+
+def compile_only(cfg: ml_collections.ConfigDict) -> dict:
+  """Compiles the control step for cfg on the default backend's first device; returns the report."""
+  if cfg.sampler.cfg_parallel:
+    raise ValueError('--compile_only reports one device with the CFG branches batched; '
+                     'unset sampler.cfg_parallel')
+  geo = policy.Geometry.from_config(cfg)
+  m, v = cfg.model, cfg.video
+  model = nnx.eval_shape(lambda: dit_lib.for_inference(dit_lib.build_dit(m, rngs=nnx.Rngs(0)), m.quantization))
+  frozen = nnx.eval_shape(lambda: encoders_lib.FrozenEncoders(cfg, rngs=nnx.Rngs(1)))
+  model_def, mstate = nnx.split(model)
+  vae_def, vae_state = nnx.split(frozen.vae)
+  image_def, image_state = nnx.split(frozen.image) if frozen.image is not None else (None, None)
+  fns = policy.step_functions(cfg, geo, model_def, vae_def, image_def)
+
+  sds = jax.ShapeDtypeStruct
+  frame = sds((1, 1, v.height, v.width, 3), jnp.float32)
+  text = sds((geo.batch, m.text_len, m.text_dim), jnp.float32)
+  cache, cross_kv, vae_cache, cond = jax.eval_shape(fns.start, mstate, vae_state, image_state, frame, text, frame)
+  args = (mstate, vae_state, cache, cross_kv, vae_cache, cond,
+          sds((1, v.frames_per_chunk, v.height, v.width, 3), jnp.float32), sds((), jnp.int32),
+          sds((1, 1, m.state_dim), jnp.float32), sds((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
+  start = time.perf_counter()
+  with attention.record() as attention_used, registry.record() as kernels_used:
+    lowered = jax.jit(policy.control_step(fns), donate_argnums=(2, 4)).lower(*args)
+  device = jax.devices()[0]
+  options = CPU_COMPILER_OPTIONS if device.platform == 'cpu' else {}
+  compiled = lowered.compile(compiler_options=options)
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  ffn1 = [x for x in jax.tree.leaves(nnx.state(model.blocks.ffn1)) if x.ndim == 3]  # [layers, D, ffn]
+  return dict(
+      config_model=dict(dim=m.dim, num_layers=m.num_layers), device=f'{device.platform} {device.device_kind}',
+      quantization=m.quantization,
+      # The blocks' linear weights (98% of the DiT) and what the whole argument holds, by dtype.
+      weights_dtype=str(ffn1[0].dtype),
+      dit_gib_by_dtype=_bytes_by_dtype(mstate), vae_gib=_gib(sum(x.size * x.dtype.itemsize
+                                                                   for x in jax.tree.leaves(vae_state))),
+      kv_cache_dtype=str(cache.k.dtype), kv_cache_gib=_gib(2 * cache.k.size * cache.k.dtype.itemsize),
+      cross_kv_gib=_gib(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cross_kv))),
+      cfg_batch=geo.batch, sampler=f'{cfg.sampler.kind} {cfg.sampler.num_steps} steps, dit_step_mask '
+                                   f'{cfg.sampler.dit_step_mask or "all"}, cfg {cfg.sampler.cfg_scale}',
+      new_tokens=geo.lf * geo.tokens_per_frame + v.action_horizon + 1, cache_tokens=geo.capacity,
+      argument_gib=_gib(mem.argument_size_in_bytes), temp_gib=_gib(mem.temp_size_in_bytes),
+      output_gib=_gib(mem.output_size_in_bytes), alias_gib=_gib(mem.alias_size_in_bytes),
+      # The donated cache and VAE cache alias their outputs: count those bytes once.
+      total_gib=_gib(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                     - mem.alias_size_in_bytes),
+      attention=sorted(attention_used), kernels=sorted(f'{k}:{i}' for k, i in kernels_used),
+      compiler_options=options, compile_s=round(compile_s, 1),
+      scope='one control tick (VAE encode + cache write + sampler + action head), CFG batched; '
+            'umT5/CLIP excluded (host-resident, run once per prompt/episode)')
