@@ -38,3 +38,37 @@ def run_with_fake_devices(script: str, args: list, count: int, expect: str, time
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert expect in out.stdout, out.stdout[-3000:]
   return out.stdout
+
+
+def cache_rollout_errors(cfg, model, chunk_t) -> tuple[list[tuple[float, float]], object]:
+  """Relative errors (video, actions) per chunk of a rollout through the KV cache (real clean frames
+  written after each chunk) against one masked teacher-forcing forward of the same inputs; and the
+  final cache. One chunk per entry of chunk_t (its noise level), random latents/actions/prompt."""
+  from dreamzero_jax.inference import kv_cache
+  m, v = cfg.model, cfg.video
+  k, lf, ha = len(chunk_t), v.frames_per_chunk // v.vae_temporal, v.action_horizon
+  f, h = 1 + k * lf, v.height // v.vae_spatial
+  rng = np.random.default_rng(0)
+  arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  clean, noisy, cond = arr(1, f, h, h, 16), arr(1, f, h, h, 16), arr(1, f, h, h, 20)
+  actions, state = arr(1, k * ha, m.action_dim), arr(1, k, m.state_dim)
+  chunk_t = jnp.asarray(chunk_t, jnp.float32)
+  video_t = jnp.concatenate([jnp.zeros(1), jnp.repeat(chunk_t, lf)])[None]
+  emb, text, image = jnp.array([1], jnp.int32), arr(1, m.text_len, m.text_dim), arr(1, m.image_tokens, m.image_dim)
+  full_video, full_actions = jax.jit(model.teacher_forcing)(clean, noisy, video_t, actions,
+                                                            jnp.repeat(chunk_t, ha)[None], state, emb, text, image,
+                                                            cond)
+  cross_kv = model.cross_kv(*model.embed_context(text, image))
+  cache = kv_cache.empty_cache(m.num_layers, 1, f * (h // 2) ** 2, m.num_heads, m.dim // m.num_heads)
+  cache = model.write_clean_frames(clean[:, :1], cache, cross_kv, cond=cond[:, :1])
+  denoise = jax.jit(model.denoise)
+  write = jax.jit(lambda lat, cache, c, cnd: model.write_clean_frames(lat, cache, cross_kv, chunk=c, cond=cnd))
+  rel = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
+  errors = []
+  for c in range(k):
+    frames, acts = slice(1 + c * lf, 1 + (c + 1) * lf), slice(c * ha, (c + 1) * ha)
+    vid, act = denoise(noisy[:, frames], chunk_t[c:c + 1], actions[:, acts], chunk_t[c:c + 1], state[:, c:c + 1],
+                       emb, jnp.int32(c), cache, cross_kv, cond[:, frames])
+    errors.append((rel(vid, full_video[:, frames]), rel(act, full_actions[:, acts])))
+    cache = write(clean[:, frames], cache, jnp.int32(c), cond[:, frames])  # the REAL frames enter the cache
+  return errors, cache

@@ -8,11 +8,10 @@ from flax import nnx
 
 from dreamzero_jax import flow
 from dreamzero_jax.config import load_config
-from dreamzero_jax.inference import kv_cache
 from dreamzero_jax.models import dit, masks
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.training import objective
-from tests.helpers import random_model
+from tests.helpers import cache_rollout_errors, random_model
 from tests.test_train_step import fixed_batch
 
 K, LF, TPF, HA = 3, 2, 4, 5
@@ -83,30 +82,7 @@ def test_state_query_sees_the_whole_cache_under_the_official_rule():
 def _rollout_vs_teacher_forcing(rule):
   """Max relative difference of a 2-chunk cache rollout's outputs from the teacher-forcing forward."""
   cfg, model = _model([f'model.inference_state_attention={rule}'])
-  m, v = cfg.model, cfg.video
-  k, lf, ha = 2, v.frames_per_chunk // v.vae_temporal, v.action_horizon
-  f, h = 1 + k * lf, v.height // v.vae_spatial
-  rng = np.random.default_rng(0)
-  arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-  clean, noisy, cond = arr(1, f, h, h, 16), arr(1, f, h, h, 16), arr(1, f, h, h, 20)
-  actions, state = arr(1, k * ha, m.action_dim), arr(1, k, m.state_dim)
-  chunk_t = jnp.asarray([800.0, 300.0])
-  video_t = jnp.concatenate([jnp.zeros(1), jnp.repeat(chunk_t, lf)])[None]
-  emb, text, image = jnp.array([1], jnp.int32), arr(1, m.text_len, m.text_dim), arr(1, m.image_tokens, m.image_dim)
-  full_video, full_actions = model.teacher_forcing(clean, noisy, video_t, actions, jnp.repeat(chunk_t, ha)[None],
-                                                   state, emb, text, image, cond)
-  cross_kv = model.cross_kv(*model.embed_context(text, image))
-  cache = kv_cache.empty_cache(m.num_layers, 1, f * (h // 2) ** 2, m.num_heads, m.dim // m.num_heads)
-  cache = model.write_clean_frames(clean[:, :1], cache, cross_kv, cond=cond[:, :1])
-  worst = 0.0
-  for c in range(k):
-    frames, acts = slice(1 + c * lf, 1 + (c + 1) * lf), slice(c * ha, (c + 1) * ha)
-    vid, act = model.denoise(noisy[:, frames], chunk_t[c:c + 1], actions[:, acts], chunk_t[c:c + 1],
-                             state[:, c:c + 1], emb, jnp.int32(c), cache, cross_kv, cond[:, frames])
-    for a, b in ((vid, full_video[:, frames]), (act, full_actions[:, acts])):
-      worst = max(worst, float(jnp.abs(a - b).max() / jnp.abs(b).max()))
-    cache = model.write_clean_frames(clean[:, frames], cache, cross_kv, chunk=jnp.int32(c), cond=cond[:, frames])
-  return worst
+  return max(max(e) for e in cache_rollout_errors(cfg, model, [800.0, 300.0])[0])
 
 
 def test_cache_rollout_equals_teacher_forcing_under_the_consistent_rule_only():

@@ -81,5 +81,5 @@ def test_serve_compile_only_prints_the_control_steps_memory(capsys):
   assert report['cfg_batch'] == 2 and report['kernels'] and 'fp8_matmul:xla' in report['kernels']
   parts = report['argument_gib'] + report['temp_gib'] + report['output_gib'] - report['alias_gib']
   assert report['total_gib'] > 0 and abs(report['total_gib'] - parts) < 2e-3
-  assert serve.main(['--compile_only']) == 1
+  assert serve.main(['--compile_only']) == 2   # bad input: a one-line error, exit 2 like every command
   assert '--compile_only needs --config' in capsys.readouterr().err
