@@ -1,8 +1,8 @@
 """Train-step time and MFU for a 14B-width slice: 4 layers, 5120 wide, the DROID sequence, batch 1.
 
 The full 14B step does not fit one GPU; a few layers at full width and full sequence length have
-the same per-layer cost, so step time and MFU measured here carry over per layer (DESIGN.md
-section 10 has the reference figure: 436 ms, 42% MFU on an H100). Model FLOPs count the forward
+the same per-layer cost, so step time and MFU measured here carry over per layer (docs/gpu_reference.md
+has the reference figure: 436 ms, 42% MFU on an H100). Model FLOPs count the forward
 matmuls and unmasked attention three times (forward + backward), not the remat recompute, as MFU
 conventionally does. Without a GPU the script shrinks the width and canvas so it runs on the
 CPU in seconds and says so: those numbers only check that the script works.

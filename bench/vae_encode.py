@@ -1,6 +1,6 @@
 """Streaming Wan VAE encode: 4 new frames with the feature cache, the per-chunk cost at inference.
 
-Every inference chunk encodes the newly observed frames into the cache (DESIGN.md section 4); this
+Every inference chunk encodes the newly observed frames into the cache (docs/model.md); this
 times that step at the config's canvas size with random weights, jitted, and prints a table.
 
   python bench/vae_encode.py [--config configs/dreamzero_14b_droid.py] [--runs 5] [--dtype float32]

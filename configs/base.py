@@ -19,7 +19,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # The DiT (DESIGN.md section 2) plus DreamZero's action/state modules (section 3).
+  # The DiT plus DreamZero's action/state modules (docs/model.md).
   c.model = ml_collections.ConfigDict(dict(
       dim=5120, num_layers=40, num_heads=40, ffn_dim=13824, freq_dim=256,
       in_channels=36, out_channels=16, patch_size=(1, 2, 2),
@@ -46,7 +46,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       seq_pad_multiple=128,      # pad token sequences to a multiple (cuDNN flash backward needs it)
   ))
 
-  # Video geometry and chunking (DESIGN.md section 4).
+  # Video geometry and chunking (docs/model.md).
   c.video = ml_collections.ConfigDict(dict(
       height=352, width=640,     # the 2x2 canvas
       vae_spatial=8, vae_temporal=4, latent_channels=16,
@@ -69,7 +69,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       dir='', name='droid', embodiment='droid',
       cameras=('wrist_image_left', 'exterior_image_1_left', 'exterior_image_2_left'),
-      canvas_layout='droid',     # 'droid' (wrist on top row) or 'grid' (DESIGN.md section 4)
+      canvas_layout='droid',     # 'droid' (wrist on top row) or 'grid' (docs/model.md)
       control_hz=15, frame_stride=3, action_dim=8, state_dim=8,
       relative_action_dims=tuple(range(7)),  # action dims taken relative to the anchor state's same dim
       prompt_template='',        # '' = the embodiment's (embodiments.PROMPT_TEMPLATES), or a name / text
@@ -106,7 +106,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       cfg_parallel=False,        # True: the CFG branches on two devices (one each), not batched on one
       negative_prompt=DREAMZERO_NEGATIVE_PROMPT))
 
-  # Action post-processing (DESIGN.md section 7): 2x upsample, Savitzky-Golay, downsample.
+  # Action post-processing (docs/inference.md): 2x upsample, Savitzky-Golay, downsample.
   c.postprocess = ml_collections.ConfigDict(dict(
       smooth=True, savgol_window=7, savgol_polyorder=2,
       gripper_dims=(), gripper_threshold=0.5, gripper_low=0.0, gripper_high=1.0))

@@ -7,7 +7,7 @@
     client.reset()                              # the next infer starts a new episode
 
 The first request of a session (and the one after reset) carries 1 camera frame, later ones the
-frame count of `metadata['observation_spec']` (INTERFACES.md "Policy server protocol").
+frame count of `metadata['observation_spec']` (docs/inference.md "Server protocol").
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 `--config C --compile_only` compiles the control step from abstract shapes and prints its
 per-device memory as one JSON line (inference/aot.py); no checkpoint needed.
 
-Protocol (INTERFACES.md "Policy server protocol"): on connect the server sends the backend's
+Protocol (docs/inference.md "Server protocol"): on connect the server sends the backend's
 metadata (plus the camera frame counts of first and later calls); each request is one
 msgpack-numpy map of observations + prompt (+ session_id, + reset); each reply is
 {actions, server_timing} or {error: '<field>: <what is wrong>'}.

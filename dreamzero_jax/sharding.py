@@ -1,4 +1,4 @@
-"""Mesh construction and logical-axis sharding rules (DESIGN.md section 9).
+"""Mesh construction and logical-axis sharding rules (docs/data_and_sharding.md).
 
 Parameters and activations carry logical axis names; one ordered rule list in the config maps
 them to mesh axes. `constrain` is a no-op unless `use_mesh_rules` has installed a mesh and rules,
@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
 
-# 14B on a TPU pod (DESIGN.md section 9). Each logical name maps to a mesh axis, a tuple of axes,
+# 14B on a TPU pod (docs/data_and_sharding.md). Each logical name maps to a mesh axis, a tuple of axes,
 # or None (replicated). Weights are also split over 'context': its devices hold different tokens of
 # the same examples, so without that they would each keep a full fsdp shard of the weights.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (

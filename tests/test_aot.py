@@ -61,7 +61,7 @@ def test_compile_only_reports_sharded_memory_for_a_tpu_slice():
 
 
 def test_sequence_length_of_droid_14b():
-  """K=4 chunks on the 352x640 canvas: 2 x 9 x 880 video + 96 action + 4 state tokens (DESIGN.md 4)."""
+  """K=4 chunks on the 352x640 canvas: 2 x 9 x 880 video + 96 action + 4 state tokens (docs/model.md)."""
   cfg = load_config('configs/dreamzero_14b_droid.py')
   assert aot.sequence_length(cfg) == (15_940, 16_000)
   batch = aot.abstract_batch(cfg, 128)

@@ -1,4 +1,4 @@
-"""Chunk masks: cell-by-cell against DESIGN.md section 5, and what a forward can and cannot see."""
+"""Chunk masks: cell-by-cell against docs/model.md, and what a forward can and cannot see."""
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ def _block(frame):
 
 
 def _design_rule(q, k):
-  """DESIGN.md section 5, literally."""
+  """docs/model.md, literally."""
   (qk, qi), (kk, ki) = q, k
   if qk == 'clean' and qi == 0:
     return kk == 'clean' and ki == 0

@@ -13,7 +13,7 @@ from dreamzero_jax.inference import kv_cache
 from dreamzero_jax.models import dit, layers, masks
 from tests import test_policy
 from tests.helpers import random_model
-from tests.test_kernels import _rel, _teacher_forcing_and_denoise
+from tests.test_kernels import _teacher_forcing_and_denoise
 
 # fp8 (e4m3 weights per output channel, activations per token, e4m3 KV cache) against fp32 on the
 # tiny policy: measured ~1% of the largest action; the bound leaves room for other seeds.

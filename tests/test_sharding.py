@@ -80,7 +80,7 @@ def test_param_specs_match_the_golden_file():
 
 
 def test_golden_shards_the_big_matrices_over_fsdp_and_tensor():
-  """The rules do what DESIGN.md section 9 says, so the golden file cannot silently go replicated."""
+  """The rules do what docs/data_and_sharding.md says, so the golden file cannot silently go replicated."""
   with open(GOLDEN) as f:
     params = json.load(f)['params']
   embed = ['fsdp', 'context']

@@ -24,7 +24,7 @@ def test_14b_cli_prints_the_wan21_i2v_14b_count():
   total = int(lines[-1].removeprefix('total_params='))
   dreamzero = int(next(l for l in lines if l.startswith('dreamzero_params=')).split('=')[1])
   assert total == 16394878784 + dreamzero
-  assert 85e6 < dreamzero < 95e6  # DESIGN.md section 3: about 89M
+  assert 85e6 < dreamzero < 95e6  # docs/model.md: about 89M
 
 
 @pytest.mark.parametrize('config,reference', [

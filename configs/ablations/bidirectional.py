@@ -1,4 +1,4 @@
-"""AR vs bidirectional (paper ablation; DESIGN.md section 5): the clip is denoised jointly.
+"""AR vs bidirectional (paper ablation; docs/model.md): the clip is denoised jointly.
 
 Every noisy, action and state token of the clip sees every other one and the conditioning frame
 (masks.BIDIRECTIONAL_RULES); teacher forcing's clean history copies would leak the targets, so no

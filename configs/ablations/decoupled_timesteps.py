@@ -1,4 +1,4 @@
-"""Decoupled video/action timesteps (the official code's variant; DESIGN.md section 6).
+"""Decoupled video/action timesteps (the official code's variant; docs/objective.md).
 
 Video t = (1 - r) * 1000 with r ~ Beta(3, 1); action t uniform, drawn independently per chunk.
 The default (shared) schedule gives a chunk's video latents and actions one timestep.

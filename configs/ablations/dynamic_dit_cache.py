@@ -1,5 +1,5 @@
 """Dynamic DiT caching (paper): skip 4 steps when the cosine similarity of the last two action
-velocities exceeds 0.95, 2 when it exceeds 0.93, instead of the fixed 8-of-16 mask (DESIGN.md section 7).
+velocities exceeds 0.95, 2 when it exceeds 0.93, instead of the fixed 8-of-16 mask (docs/inference.md).
 """
 from configs import ablations
 

@@ -1,6 +1,6 @@
 """DreamZero-Flash (paper): train with mostly-noisy video, serve in ONE denoising step.
 
-Training draws video t = 1 - eta, eta ~ Beta(7, 1) and action t uniform (DESIGN.md section 6), so
+Training draws video t = 1 - eta, eta ~ Beta(7, 1) and action t uniform (docs/objective.md), so
 the action head learns to read actions off a barely denoised video. One sampler step leaves the
 unconditional branch nothing to change in the actions: the policy skips it (samplers.uses_uncond).
 """

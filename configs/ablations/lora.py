@@ -1,4 +1,4 @@
-"""LoRA instead of full fine-tuning (paper: LoRA was "not very effective"; DESIGN.md section 6).
+"""LoRA instead of full fine-tuning (paper: LoRA was "not very effective"; docs/objective.md).
 
 Rank-4 factors on q, k, v, o and the FFN of every block; the base DiT is frozen; DreamZero's new
 action/state modules still train in full. Learning rate 1e-4 as the official LoRA recipe.

@@ -1,4 +1,4 @@
-"""Raw action chunks: no 2x upsample + Savitzky-Golay + downsample (paper: smoothing; DESIGN.md section 7)."""
+"""Raw action chunks: no 2x upsample + Savitzky-Golay + downsample (paper: smoothing; docs/inference.md)."""
 from configs import ablations
 
 BASELINE = 'dreamzero_14b_droid'

@@ -1,4 +1,4 @@
-"""`python -m dreamzero_jax.datasets build|stats|inspect ...` (INTERFACES.md).
+"""`python -m dreamzero_jax.datasets build|stats|inspect ...` (README, "Commands").
 
   build metaworld --out DIR [--tasks a,b] [--episodes N] [--image_size S] [--seed S]
   build droid --src RLDS_DIR --out DIR

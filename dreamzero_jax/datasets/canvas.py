@@ -1,4 +1,4 @@
-"""Camera views pasted into one 2x2 canvas frame (DESIGN.md section 4), cropped and augmented.
+"""Camera views pasted into one 2x2 canvas frame (docs/model.md), cropped and augmented.
 
 Layouts (canvas H x W, quadrants H/2 x W/2):
   'droid': cameras (wrist, exterior 1, exterior 2): the wrist view fills the top row (resized to

@@ -1,4 +1,4 @@
-"""Which steps of an episode make one training clip (DESIGN.md section 8).
+"""Which steps of an episode make one training clip (docs/data_and_sharding.md).
 
 A clip starts at step `s` and holds k <= K chunks of Hz actions. With frame stride f and
 F = frames_per_chunk (F * f == Hz):

@@ -1,16 +1,16 @@
 """What the policy server needs from a model: the `PolicyBackend` protocol and request checks.
 
-The server (serve.py) speaks the wire protocol of INTERFACES.md; a backend turns checked,
+The server (serve.py) speaks the wire protocol of docs/inference.md; a backend turns checked,
 canonical observations into actions and owns everything model-side (normalisation, KV cache,
 sampler). Keeping the seam this small lets the server be tested without a model.
 
 Observation spec entries are {'shape': [...], 'dtype': str}. An entry of shape [T, H, W, 3] and
 dtype uint8 is a camera stream: the first call of a session sends 1 frame (HxWx3 or 1xHxWx3),
 later calls send the T frames observed while the last chunk ran, at the training stride. Clients
-built for the official server send fewer frames over the same chunk (DESIGN.md section 7: 1 frame,
+built for the official server send fewer frames over the same chunk (docs/inference.md: 1 frame,
 then 4, where our DROID model trains on 8 a chunk): n frames with n dividing T are accepted and
 each is repeated T/n times, which puts every frame at or just before its training position. A
-later call of 1 frame restarts the episode from it (DESIGN.md section 7: the cache resets on a
+later call of 1 frame restarts the episode from it (docs/inference.md: the cache resets on a
 1-frame input). All cameras of a request send the same number of frames.
 """
 from __future__ import annotations

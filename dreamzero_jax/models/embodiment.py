@@ -1,4 +1,4 @@
-"""DreamZero's per-embodiment action encoder, state encoder and action decoder (DESIGN.md section 3).
+"""DreamZero's per-embodiment action encoder, state encoder and action decoder (docs/model.md).
 
 Each weight is a table indexed by embodiment id, so a new embodiment adds a row without touching
 the others (the official release forces one shared set). Initialised 0.02 * randn, biases zero.

@@ -1,4 +1,4 @@
-"""Block-causal chunk masks from token-group rules (DESIGN.md section 5).
+"""Block-causal chunk masks from token-group rules (docs/model.md).
 
 Every token carries a group (what it is) and a chunk index (which chunk it belongs to). A mask is
 a short list of rules "queries of group A may see keys of group B when the chunk relation holds";
@@ -122,7 +122,7 @@ def video_layout(frames: np.ndarray | range, tokens_per_frame: int, frames_per_c
 
 def teacher_forcing_layout(num_chunks: int, latent_frames_per_chunk: int, tokens_per_frame: int,
                            action_horizon: int, state_tokens: int = 1) -> TokenLayout:
-  """[clean video | noisy video | K*horizon actions | K states] (DESIGN.md section 4)."""
+  """[clean video | noisy video | K*horizon actions | K states] (docs/model.md)."""
   frames = range(1 + num_chunks * latent_frames_per_chunk)
   chunks = np.arange(num_chunks)
   return TokenLayout.concat(

@@ -4,7 +4,7 @@ A token's rotation is a vector of head_dim/2 angles applied to consecutive chann
 (x[2i], x[2i+1]) as complex numbers, the pairing of the official Wan code. Video tokens split
 the pairs into (t, h, w) groups of sizes head_dim/2 - 2*(head_dim//6), head_dim//6, head_dim//6
 (22/21/21 for head_dim 128), each with its own frequency ladder. 1-D tokens use one ladder over
-all pairs (DESIGN.md section 2).
+all pairs (docs/model.md).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 umT5 differs from T5 in one way that matters here: every layer owns its relative-position bias
 table (T5 shares the first layer's). Layers are stacked on a leading 'layers' axis and scanned,
 so a 24-layer 4096-wide encoder compiles once. Outputs past each prompt's true length are zeroed
-per sample (DESIGN.md section 2; the official release gets this wrong for batch > 1).
+per sample (docs/model.md; the official release gets this wrong for batch > 1).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 With libtpu installed (the `[tpu]` extra), jax.experimental.topologies describes a slice such as
 'v5p:4x4x8' as compile-only devices; the step is lowered on abstract inputs over a mesh of them
 and compiled, and XLA's memory analysis says what one device would hold. This is how a config's
-mesh and rules are checked against a chip's HBM before paying for the pod (DESIGN.md section 9).
+mesh and rules are checked against a chip's HBM before paying for the pod (docs/data_and_sharding.md).
 
 The step trains the DiT on precomputed latents: the frozen encoders (VAE, umT5, CLIP) are not
 part of it, so their memory is not counted.

@@ -1,4 +1,4 @@
-"""Chunk-wise joint flow matching with teacher forcing (DESIGN.md section 6).
+"""Chunk-wise joint flow matching with teacher forcing (docs/objective.md).
 
 The model sees [clean video | noisy video | noisy actions | states] under the chunk mask. Each
 chunk's video latents and actions are noised at that chunk's level (flow.chunk_timesteps); the

@@ -1,4 +1,4 @@
-"""Shardings of the train state and batches, and the sharded train step (DESIGN.md section 9).
+"""Shardings of the train state and batches, and the sharded train step (docs/data_and_sharding.md).
 
 Every parameter carries logical axis names (models/layers.py); `cfg.mesh.rules` maps them to mesh
 axes (sharding.logical_to_spec). A dimension that a mesh axis does not divide keeps only the
