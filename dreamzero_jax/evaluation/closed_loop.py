@@ -87,8 +87,8 @@ def write_gif(path: str, cfg, real: list[dict], predicted_frames: np.ndarray | N
   out[0].save(path, save_all=True, append_images=out[1:], duration=100, loop=0)
 
 
-def _summary(split: str, runs: list[dict]) -> dict:
-  return dict(split=split, success_rate=float(np.mean([r['success'] for r in runs])),
+def _summary(runs: list[dict]) -> dict:
+  return dict(success_rate=float(np.mean([r['success'] for r in runs])),
               progress=float(np.mean([r['progress'] for r in runs])),
               length=float(np.mean([r['length'] for r in runs])), episodes=runs)
 
@@ -132,7 +132,7 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
       if variation is not None:
         run.update(task_index=variation.task_index, reset_seed=variation.reset_seed)
       runs.append(run)
-    summary = _summary(split, runs)
+    summary = dict(split=split, **_summary(runs))
     (replay_tasks if split == 'replay' else report['tasks'])[task] = summary
     print(f'{split:>6} {task:<24} success {summary["success_rate"]:.2f}  progress {summary["progress"]:.2f}  '
           f'length {summary["length"]:.0f}', flush=True)
@@ -144,8 +144,7 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
                            length=float(np.mean([t['length'] for t in rows])), tasks=len(rows))
   if replay_tasks:  # replay: over its episodes (a handful, unevenly spread over tasks)
     runs = [r for t in replay_tasks.values() for r in t['episodes']]
-    report['replay'] = dict(_summary('replay', runs), tasks=replay_tasks)
-    del report['replay']['split']
+    report['replay'] = dict(_summary(runs), tasks=replay_tasks)
   report['seconds'] = round(time.time() - start, 1)
   with open(os.path.join(out_dir, 'report.json'), 'w') as fh:
     json.dump(report, fh, indent=1)
