@@ -128,7 +128,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # one) is held out for the reconstruction PSNR, measured at the end and every eval_every steps
   # (0 = only at the end).
   c.vae_train = ml_collections.ConfigDict(dict(
-      steps=2000, batch_size=1, lr=2e-3, warmup_steps=20, grad_clip=1.0, l1_weight=1.0,
+      steps=1500, batch_size=1, lr=2e-3, warmup_steps=20, grad_clip=1.0, l1_weight=1.0,
       kl_weight=1e-4, heldout_fraction=0.1, checkpoint_every=100, log_every=20, eval_every=0))
 
   # Mesh sizes (one -1 takes the remaining devices) and the logical-axis -> mesh-axis rules.

@@ -156,6 +156,9 @@ def test_init_vae_of_another_config_or_non_finite_is_refused(trained, tmp_path):
     encoders.build_frozen_encoders(other)
   assert str(e.value).startswith('init.vae: ') and 'vae.base_dim: 8 (checkpoint) vs 16 (config)' in str(e.value)
   assert '\n' not in str(e.value)
+  # Nor does the trainer continue (or answer with) a run of another vae config.
+  with pytest.raises(ValueError, match=r'holds a VAE trained for another vae config: vae\.base_dim: 8'):
+    vae_training.train_vae(other, os.path.dirname(result['path']))
   # A NaN written around save_arrays (which refuses it) is refused when read.
   bad = str(tmp_path / 'bad')
   os.makedirs(bad)

@@ -253,10 +253,14 @@ def heldout_psnr(cfg: ml_collections.ConfigDict, params: dict, frames: EpisodeFr
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def _stored_result(out_dir: str, steps: int) -> dict | None:
+def _stored_result(cfg: ml_collections.ConfigDict, out_dir: str, steps: int) -> dict | None:
+  """workdir/vae's result if it was trained to `steps` or more; refuses one of another vae config."""
   if not os.path.isfile(os.path.join(out_dir, checkpoint.META_FILE)):
     return None
   meta = checkpoint.read_weights_meta(out_dir)
+  diffs = checkpoint.config_differences(meta.get('config', {}), cfg, ('vae',))
+  if diffs:
+    raise ValueError(f'{out_dir} holds a VAE trained for another vae config: ' + '; '.join(diffs))
   if meta.get('steps', -1) < steps:
     return None
   return dict(psnr_db=meta['psnr_db'], path=out_dir, steps=meta['steps'])
@@ -272,7 +276,7 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = 
   t = cfg.vae_train
   steps = steps or t.steps
   out_dir = os.path.join(os.path.abspath(workdir), VAE_DIR)
-  done = _stored_result(out_dir, steps)
+  done = _stored_result(cfg, out_dir, steps)
   if done:
     return done
   frames = episode_frames(cfg)
