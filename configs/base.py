@@ -75,6 +75,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       prompt_template='',        # '' = the embodiment's (embodiments.PROMPT_TEMPLATES), or a name / text
       num_workers=0, seed=0,
       idle_threshold=1e-3,       # a chunk moving less than this (state and action units) is idle
+      anchor_stride=1,           # clips anchored every this many steps of a segment (1 = every step)
+      # Encode every distinct clip once with the frozen encoders (unaugmented) before training and
+      # train the DiT on the stored latents (training/latent_cache.py); needs augmentation off.
+      latent_cache=False,
+      latent_cache_dir='',       # '' = WORKDIR/latent_cache
       # Views as the release prepares them (its transform/video.py): each view cropped to this
       # fraction of each side, at a random place in training and centred in evaluation and serving;
       # then in training torchvision-style colour jitter (factors drawn from [1-x, 1+x], hue shift

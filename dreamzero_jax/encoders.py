@@ -146,10 +146,15 @@ class PromptEncoder:
 
 
 class BatchEncoder:
-  """Turns data batches (the pipeline's contract) into LatentBatch, caching prompt embeddings."""
+  """Turns data batches (the pipeline's contract) into LatentBatch, caching prompt embeddings.
 
-  def __init__(self, encoders: FrozenEncoders, cfg: ml_collections.ConfigDict):
+  A batch with `latent_row` instead of `video` (data.latent_cache) takes its latents, I2V condition
+  and CLIP features from `cache` (training/latent_cache.py), which `pixels` filled.
+  """
+
+  def __init__(self, encoders: FrozenEncoders, cfg: ml_collections.ConfigDict, cache=None):
     self.i2v = uses_i2v_condition(cfg)
+    self.cache = cache
     graphdef, state = nnx.split(encoders)
     self._state = state
 
@@ -163,8 +168,17 @@ class BatchEncoder:
     self._pixels = jax.jit(pixels)
     self.prompts = PromptEncoder(encoders.text, cfg)
 
+  def pixels(self, video) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Video [B, T, H, W, 3] in [-1, 1] -> (VAE latents, I2V condition or None, CLIP features or None)."""
+    return self._pixels(self._state, jnp.asarray(video))
+
   def __call__(self, batch: dict) -> LatentBatch:
-    latents, cond, image = self._pixels(self._state, jnp.asarray(batch['video']))
+    if 'latent_row' in batch:
+      if self.cache is None:
+        raise ValueError('batch has latent_row but no latent cache was given')
+      latents, cond, image = (None if x is None else jnp.asarray(x) for x in self.cache.gather(batch['latent_row']))
+    else:
+      latents, cond, image = self.pixels(batch['video'])
     return LatentBatch(
         latents=latents, cond=cond, text=self.prompts.text(batch['instruction'], batch['embodiment_id']), image=image,
         actions=jnp.asarray(batch['actions']), action_mask=jnp.asarray(batch['action_mask']),

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from dreamzero_jax import checkpoint, encoders
-from dreamzero_jax.training import aot, trainer
+from dreamzero_jax.training import aot, latent_cache, trainer
 
 # bf16 dense peak per chip (datasheet), for MFU.
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
@@ -49,7 +49,9 @@ def check_data_batch(batch: dict, cfg) -> None:
   """The pipeline's batch against the config, with the field named on a mismatch."""
   v, m, b = cfg.video, cfg.model, trainer.update_batch_size(cfg.train) // jax.process_count()
   k = v.max_chunks
-  want = {'video': (b, 1 + k * v.frames_per_chunk, v.height, v.width, 3),
+  pixels = (('latent_row', (b,)) if cfg.data.latent_cache else
+            ('video', (b, 1 + k * v.frames_per_chunk, v.height, v.width, 3)))
+  want = {pixels[0]: pixels[1],
           'actions': (b, k * v.action_horizon, m.action_dim), 'action_mask': (b, k * v.action_horizon, m.action_dim),
           'state': (b, k, m.state_dim), 'chunk_mask': (b, k), 'embodiment_id': (b,), 'instruction': (b,)}
   for name, shape in want.items():
@@ -142,11 +144,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
   deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
   os.makedirs(workdir, exist_ok=True)
+  frozen = encoders.build_frozen_encoders(cfg)
+  encode = encoders.BatchEncoder(frozen, cfg)
   if data is None:
     from dreamzero_jax.datasets import pipeline
-    data = iter(pipeline.make_dataset(cfg, train=True))
+    rows = None
+    if cfg.data.latent_cache:
+      encode.cache = latent_cache.build_or_load(cfg, workdir, encode, frozen)
+      rows = encode.cache.member_rows
+      print(f'latent cache: {len(encode.cache.valid)} clips in {encode.cache.path}')
+    data = iter(pipeline.make_dataset(cfg, train=True, latent_rows=rows))
     norm_stats = _norm_stats(cfg)
-  encode = encoders.BatchEncoder(encoders.build_frozen_encoders(cfg), cfg)
   graphdef, abstract = trainer.abstract_train_state(cfg)
   dit_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
       jax.eval_shape(lambda s: trainer.full_params(s, cfg.train), abstract)))
