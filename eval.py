@@ -65,7 +65,8 @@ def in_process(backend):
 @contextlib.contextmanager
 def through_server(backend):
   """Serves `backend` on a loopback port from a thread; yields an infer factory using the client."""
-  from dreamzero_jax import client as client_lib, serve
+  import dreamzero_client as client_lib
+  from dreamzero_jax import serve
   server, ports, handles = serve.PolicyServer(backend, max_sessions=4), queue.Queue(), {}
 
   async def main():

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from dreamzero_jax import msgpack_numpy  # noqa: E402
+from dreamzero_client import msgpack_numpy  # noqa: E402
 from dreamzero_jax.config import split_config_args  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

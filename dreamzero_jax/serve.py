@@ -5,7 +5,8 @@ per-device memory as one JSON line (inference/aot.py); no checkpoint needed.
 
 Protocol (docs/inference.md "Server protocol"): on connect the server sends the backend's
 metadata (plus the camera frame counts of first and later calls); each request is one
-msgpack-numpy map of observations + prompt (+ session_id, + reset); each reply is
+msgpack-numpy map (the client package's codec, clients/python) of observations + prompt
+(+ session_id, + reset); each reply is
 {actions, server_timing} or {error: '<field>: <what is wrong>'}.
 
 Threads: the event loop only moves bytes; requests are decoded and checked on a small decode
@@ -36,8 +37,8 @@ import numpy as np
 from websockets.asyncio import server as ws_server
 from websockets.exceptions import ConnectionClosed
 
+from dreamzero_client import msgpack_numpy
 from dreamzero_jax import config as config_lib
-from dreamzero_jax import msgpack_numpy
 from dreamzero_jax.inference import backend as backend_lib
 
 log = logging.getLogger(__name__)

@@ -94,7 +94,7 @@ def test_flash_one_step_runs_without_the_unconditional_branch():
 
 def test_server_runs_a_trained_checkpoint_end_to_end(tmp_path):
   """train.py workdir -> load_backend -> websocket server -> client: shaped actions, errors survive."""
-  from dreamzero_jax import client as client_lib
+  import dreamzero_client
   from dreamzero_jax.inference import policy as policy_lib
   from dreamzero_jax.training import loop
   from tests.test_serve import _health, raw_connection, raw_infer, running_server
@@ -126,10 +126,10 @@ def test_server_runs_a_trained_checkpoint_end_to_end(tmp_path):
     with raw_connection(port) as ws:   # an openpi client: no session_id, the connection is the session
       for frames in (1, 8):
         assert raw_infer(ws, {**obs(frames), 'prompt': 'reach'})['actions'].shape == (8, 4)
-    with client_lib.PolicyClient('127.0.0.1', port, session_id='s1', timeout_s=120) as c:
+    with dreamzero_client.PolicyClient('127.0.0.1', port, session_id='s1', timeout_s=120) as c:
       reply = c.infer({**obs(1), 'prompt': 'reach'})
       assert reply['actions'].shape == (8, 4) and reply['actions'].dtype == np.float32
-      with pytest.raises(client_lib.PolicyServerError, match='observation/state'):
+      with pytest.raises(dreamzero_client.PolicyServerError, match='observation/state'):
         c.infer({**obs(8), 'observation/state': np.zeros(3, np.float32), 'prompt': 'reach'})
       for _ in range(3):  # past max_chunks: the context window restarts
         reply = c.infer({**obs(8), 'prompt': 'reach'})

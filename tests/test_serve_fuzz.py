@@ -7,7 +7,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dreamzero_jax import msgpack_numpy, serve
+from dreamzero_client import msgpack_numpy
+from dreamzero_jax import serve
 from dreamzero_jax.inference import backend as backend_lib
 
 FRAMES, HEIGHT, WIDTH = 4, 6, 8
