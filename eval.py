@@ -182,7 +182,8 @@ def main(argv=None) -> int:
   backend = policy_lib.PolicyServerBackend(pol)
   with (through_server(backend) if args.via_server else contextlib.nullcontext(in_process(backend))) as factory:
     report = closed_loop.evaluate(cfg, factory, seen, unseen, args.episodes, args.max_steps, args.out,
-                                  decode=pol.decode_video, seed=args.seed, replay=replay)
+                                  decode=pol.decode_video, encode=pol.encode_video, seed=args.seed,
+                                  replay=replay)
   print(f'report: {os.path.join(args.out, "report.json")} ({report["crashed"]} crashed episodes); '
         f'gifs: {", ".join(report["gifs"])}')
   return 0
