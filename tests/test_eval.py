@@ -138,3 +138,16 @@ def test_prediction_psnr_scores_predicted_frames_against_the_frames_that_followe
   assert closed_loop.prediction_psnr(real, predicted) > 100
   predicted[1:] = 0.2                     # error 0.1 on the [0, 1] scale: 20 dB
   np.testing.assert_allclose(closed_loop.prediction_psnr(real, predicted[:5]), 20.0, rtol=1e-5)
+
+
+def test_expert_and_random_baselines_run_through_the_same_loop(tmp_path):
+  """The reference rows of a results table: the scripted expert solves reach, random actions do not."""
+  rates = {}
+  for kind in ('expert', 'random'):
+    out = str(tmp_path / kind)
+    assert eval_cli.main(['--config', 'configs/tiny.py', '--checkpoint', str(tmp_path / 'none'), '--out', out,
+                          '--policy', kind, '--tasks', 'reach-v3', '--unseen_tasks', '', '--episodes', '1',
+                          '--max_steps', '80', *[f'--config.{o}' for o in OVERRIDES]]) == 0
+    report = json.load(open(os.path.join(out, 'report.json')))
+    rates[kind] = report['seen']['success_rate']
+  assert rates == {'expert': 1.0, 'random': 0.0}

@@ -39,6 +39,8 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
                      task_index=v.task_index, reset_seed=v.reset_seed)
   record = dict(task=task, seed=seed, success=False, progress=0.0, length=0, failure=None, actions=[])
   real, predicted = [], []
+  if hasattr(infer, 'bind'):   # a baseline that reads the simulator (the scripted expert)
+    infer.bind(env)
   try:
     images, state = env.reset()
     real.append(images)
@@ -70,6 +72,43 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
     env.close()
   record['real'], record['predicted'] = real, predicted
   return record
+
+
+class Baseline:
+  """A reference policy driven through the same loop, chunk by chunk: 'expert' (Meta-World's
+  scripted policy for the task, from the full simulator state, the policy the data came from,
+  replanning every step inside the chunk as it was recorded) or 'random' (actions uniform in
+  [-1, 1], seeded per episode)."""
+
+  def __init__(self, kind: str, task: str, horizon: int, seed: int):
+    if kind not in ('expert', 'random'):
+      raise ValueError(f'--policy: unknown baseline {kind!r} (expert or random)')
+    self.kind, self.horizon, self.env = kind, horizon, None
+    self.rng = np.random.default_rng(seed)
+    if kind == 'expert':
+      from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
+      self.expert = ENV_POLICY_MAP[task]()
+
+  def bind(self, env) -> None:
+    self.env = env
+
+  def __call__(self, observation: dict):
+    del observation
+    if self.kind == 'random':
+      return self.rng.uniform(-1.0, 1.0, (self.horizon, 4)).astype(np.float32), None
+    return _ExpertChunk(self), None
+
+
+class _ExpertChunk:
+  """The expert's chunk: each action computed when it is taken (from the state it is taken in)."""
+
+  def __init__(self, baseline: Baseline):
+    self.baseline = baseline
+
+  def __iter__(self):
+    for _ in range(self.baseline.horizon):
+      obs = self.baseline.env.last_obs
+      yield np.clip(self.baseline.expert.get_action(obs), -1.0, 1.0).astype(np.float32)
 
 
 def canvas_frames(cfg, real: list[dict]) -> np.ndarray:
