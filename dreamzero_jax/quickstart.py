@@ -56,7 +56,7 @@ def main(argv=None) -> int:
   if code:
     return code
   print(f'[3/3] closed-loop evaluation in {eval_dir}', flush=True)
-  import eval as eval_cli  # the repository's eval.py
+  from dreamzero_jax import evaluate as eval_cli
   code = eval_cli.main(['--checkpoint', workdir, '--out', eval_dir, '--tasks', args.tasks,
                         '--unseen_tasks', args.unseen_tasks, '--episodes', str(args.eval_episodes),
                         '--max_steps', str(args.eval_steps), '--replay', str(args.replay)])

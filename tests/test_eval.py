@@ -14,7 +14,7 @@ from dreamzero_jax.training import loop  # noqa: E402
 from tests.test_policy import STATS  # noqa: E402
 from tests.test_train_loop import ListIterator, synthetic_batches  # noqa: E402
 
-import eval as eval_cli  # noqa: E402
+from dreamzero_jax import evaluate as eval_cli  # noqa: E402
 
 OVERRIDES = ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.steps=1', 'sampler.num_steps=2',
              'sampler.dit_step_mask="11"', 'sampler.cfg_scale=3.0', 'serve.camera_height=16',
