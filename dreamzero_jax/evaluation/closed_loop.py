@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from dreamzero_jax.evaluation.metaworld_env import MetaWorldEnv, Variation
+from dreamzero_jax.datasets import canvas
+from dreamzero_jax.envs.metaworld import MetaWorldEnv, Variation, instruction
 
 
 def _observation(images: dict, state: np.ndarray, cameras, frames=None) -> dict:
@@ -74,7 +75,6 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
 
 def write_gif(path: str, cfg, real: list[dict], predicted_frames: np.ndarray | None) -> None:
   """Real canvas frames (left) next to the model's predicted frames (right)."""
-  from dreamzero_jax.datasets import canvas
   frames = [canvas.compose_arrays([f[c][None] for c in cfg.data.cameras], cfg.data.canvas_layout,
                                   cfg.video.height, cfg.video.width)[0] for f in real]
   out = []
@@ -104,7 +104,6 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
   rate, progress and length averaged over its tasks (replay: over its episodes); per task those of
   its episodes (seen/unseen under `tasks`, replay under replay.tasks).
   """
-  from data.metaworld.metaworld_dataset_builder import instruction
   os.makedirs(out_dir, exist_ok=True)
   report = dict(tasks={}, seen={}, unseen={}, replay={}, crashed=0, gifs=[])
   start = time.time()
