@@ -41,6 +41,9 @@ def parse(argv):
   p.add_argument('--via_server', action='store_true', help='run the rollouts through the websocket server')
   p.add_argument('--seed', type=int, default=1000,
                  help='seen/unseen episode e runs MT1(task, seed + e): away from the build seeds, new variations')
+  p.add_argument('--policy', default='model', choices=('model', 'expert', 'random'),
+                 help="closed_loop: the checkpoint's policy, or a baseline through the same loop (the scripted "
+                      'expert, or uniform random actions); baselines need only --config or a checkpoint for its config')
   p.add_argument('--replay', type=int, default=0,
                  help='also replay N training episodes (their own variations and reset seeds; split "replay")')
   return p.parse_args(rest), overrides
@@ -93,6 +96,29 @@ def through_server(backend):
       c.close()
     handles['loop'].call_soon_threadsafe(handles['stop'].set)
     thread.join(60)
+
+
+def checkpoint_config(workdir: str):
+  """The config a train.py workdir's newest checkpoint was trained with."""
+  from dreamzero_jax import checkpoint
+  from dreamzero_jax.inference import policy as policy_lib
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise ValueError(f'--checkpoint {workdir}: holds no checkpoint (or pass --config)')
+  return policy_lib._config_from_dict(ckpt.read_config(step))  # pylint: disable=protected-access
+
+
+def baseline(kind: str, horizon: int):
+  """An infer factory for a baseline policy; the session id names the split, task and episode."""
+  import zlib
+  from dreamzero_jax.evaluation import closed_loop
+
+  def factory(session_id):
+    _, rest = session_id.split('-', 1)
+    task = rest.rsplit('-', 1)[0]
+    return closed_loop.Baseline(kind, task, horizon, seed=zlib.crc32(session_id.encode()))
+  return factory
 
 
 def latency(policy, cfg, steps: int = 5) -> dict:
@@ -148,8 +174,13 @@ def main(argv=None) -> int:
   try:
     cfg = load_config(args.config, overrides) if args.config else None
     tasks = _tasks(args) if args.mode == 'closed_loop' else None
-    pol = policy_lib.load_policy(args.checkpoint, cfg)
-    cfg = pol.cfg
+    if args.policy != 'model' and args.mode != 'closed_loop':
+      raise ValueError(f'--policy {args.policy}: baselines run in --mode closed_loop only')
+    if args.policy == 'model':
+      pol = policy_lib.load_policy(args.checkpoint, cfg)
+      cfg = pol.cfg
+    elif cfg is None:
+      cfg = checkpoint_config(args.checkpoint)
     if args.mode == 'offline':
       from dreamzero_jax.datasets import pipeline
       batches = iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1))
@@ -179,10 +210,16 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
       print(f'error: --replay reads the training data (data.dir={cfg.data.dir!r}): {e}', file=sys.stderr)
       return 2
+  if args.policy != 'model':
+    report = closed_loop.evaluate(cfg, baseline(args.policy, cfg.video.action_horizon), seen, unseen, args.episodes,
+                                  args.max_steps, args.out, seed=args.seed, replay=replay)
+    print(f'report: {os.path.join(args.out, "report.json")} ({args.policy} policy)')
+    return 0
   backend = policy_lib.PolicyServerBackend(pol)
   with (through_server(backend) if args.via_server else contextlib.nullcontext(in_process(backend))) as factory:
     report = closed_loop.evaluate(cfg, factory, seen, unseen, args.episodes, args.max_steps, args.out,
-                                  decode=pol.decode_video, seed=args.seed, replay=replay)
+                                  decode=pol.decode_video, encode=pol.encode_video, seed=args.seed,
+                                  replay=replay)
   print(f'report: {os.path.join(args.out, "report.json")} ({report["crashed"]} crashed episodes); '
         f'gifs: {", ".join(report["gifs"])}')
   return 0

@@ -66,6 +66,8 @@ def test_closed_loop_report_and_gif(workdir, tmp_path):
   assert report['tasks']['hand-insert-v3']['split'] == 'unseen'
   for task in report['tasks'].values():
     assert {'success_rate', 'progress', 'length'} <= set(task) and task['length'] > 0
+    assert 0 < task['prediction_psnr_db'] < 100   # the predicted frames scored against the real ones
+  assert report['seen']['prediction_psnr_db'] == report['tasks']['reach-v3']['prediction_psnr_db']
   from PIL import Image
   gif = Image.open(report['gifs'][0])
   assert gif.n_frames > 1 and gif.size == (64, 32)   # real | predicted, side by side
@@ -127,3 +129,25 @@ def test_bad_tasks_and_data_dir_are_one_line_errors(workdir, tmp_path, capsys):
                         *[f'--config.{o}' for o in OVERRIDES], f'--config.data.dir={tmp_path}/nothing']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: data.dir: no dataset'), err
+
+
+def test_prediction_psnr_scores_predicted_frames_against_the_frames_that_followed():
+  real = np.zeros((9, 4, 4, 3), np.float32)
+  predicted = real.copy()
+  predicted[0] = 1.0                      # frame 0 is the observed one: never scored
+  assert closed_loop.prediction_psnr(real, predicted) > 100
+  predicted[1:] = 0.2                     # error 0.1 on the [0, 1] scale: 20 dB
+  np.testing.assert_allclose(closed_loop.prediction_psnr(real, predicted[:5]), 20.0, rtol=1e-5)
+
+
+def test_expert_and_random_baselines_run_through_the_same_loop(tmp_path):
+  """The reference rows of a results table: the scripted expert solves reach, random actions do not."""
+  rates = {}
+  for kind in ('expert', 'random'):
+    out = str(tmp_path / kind)
+    assert eval_cli.main(['--config', 'configs/tiny.py', '--checkpoint', str(tmp_path / 'none'), '--out', out,
+                          '--policy', kind, '--tasks', 'reach-v3', '--unseen_tasks', '', '--episodes', '1',
+                          '--max_steps', '80', *[f'--config.{o}' for o in OVERRIDES]]) == 0
+    report = json.load(open(os.path.join(out, 'report.json')))
+    rates[kind] = report['seen']['success_rate']
+  assert rates == {'expert': 1.0, 'random': 0.0}

@@ -96,6 +96,7 @@ class MetaWorldEnv:
     return images
 
   def _observe(self, obs) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    self.last_obs = obs   # the full observation, for the scripted-expert baseline only
     return self.render(), np.asarray(obs[:4], np.float32)
 
   def reset(self):

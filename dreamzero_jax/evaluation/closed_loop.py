@@ -40,6 +40,8 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
                      task_index=v.task_index, reset_seed=v.reset_seed)
   record = dict(task=task, seed=seed, success=False, progress=0.0, length=0, failure=None, actions=[])
   real, predicted = [], []
+  if hasattr(infer, 'bind'):   # a baseline that reads the simulator (the scripted expert)
+    infer.bind(env)
   try:
     images, state = env.reset()
     real.append(images)
@@ -73,10 +75,71 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
   return record
 
 
+class Baseline:
+  """A reference policy driven through the same loop, chunk by chunk: 'expert' (Meta-World's
+  scripted policy for the task, from the full simulator state, the policy the data came from,
+  replanning every step inside the chunk as it was recorded) or 'random' (actions uniform in
+  [-1, 1], seeded per episode)."""
+
+  def __init__(self, kind: str, task: str, horizon: int, seed: int):
+    if kind not in ('expert', 'random'):
+      raise ValueError(f'--policy: unknown baseline {kind!r} (expert or random)')
+    self.kind, self.horizon, self.env = kind, horizon, None
+    self.rng = np.random.default_rng(seed)
+    if kind == 'expert':
+      from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
+      self.expert = ENV_POLICY_MAP[task]()
+
+  def bind(self, env) -> None:
+    self.env = env
+
+  def __call__(self, observation: dict):
+    del observation
+    if self.kind == 'random':
+      return self.rng.uniform(-1.0, 1.0, (self.horizon, 4)).astype(np.float32), None
+    return _ExpertChunk(self), None
+
+
+class _ExpertChunk:
+  """The expert's chunk: each action computed when it is taken (from the state it is taken in)."""
+
+  def __init__(self, baseline: Baseline):
+    self.baseline = baseline
+
+  def __iter__(self):
+    for _ in range(self.baseline.horizon):
+      obs = self.baseline.env.last_obs
+      yield np.clip(self.baseline.expert.get_action(obs), -1.0, 1.0).astype(np.float32)
+
+
+def canvas_frames(cfg, real: list[dict]) -> np.ndarray:
+  """The recorded camera frames of an episode as canvas frames [T, H, W, 3] in [-1, 1]."""
+  return np.stack([canvas.compose_arrays([f[c][None] for c in cfg.data.cameras], cfg.data.canvas_layout,
+                                         cfg.video.height, cfg.video.width)[0] for f in real])
+
+
+def predicted_video(cfg, real: list[dict], predicted: list[np.ndarray], encode: Callable,
+                    decode: Callable) -> np.ndarray:
+  """The episode's predicted frames [1 + 4 n, H, W, 3], aligned with the real ones: frame 0's latent
+  (encoded from the real first frame, as the policy did) followed by every chunk's predicted latents,
+  decoded as one clip by the causal decoder (a chunk's latents continue the clip; decoded alone, its
+  first latent would be read as a clip's lone first frame)."""
+  first = encode(canvas_frames(cfg, real[:1])[None])
+  return decode(np.concatenate([first, *predicted], axis=1))
+
+
+def prediction_psnr(real: np.ndarray, predicted: np.ndarray) -> float:
+  """PSNR (dB, pixels in [0, 1]) of the predicted frames 1.. against the real frames they predicted."""
+  n = min(len(real), len(predicted))
+  if n < 2:
+    return float('nan')
+  mse = np.mean(((real[1:n] - predicted[1:n]) / 2.0) ** 2)
+  return float(10 * np.log10(1.0 / max(mse, 1e-12)))
+
+
 def write_gif(path: str, cfg, real: list[dict], predicted_frames: np.ndarray | None) -> None:
   """Real canvas frames (left) next to the model's predicted frames (right)."""
-  frames = [canvas.compose_arrays([f[c][None] for c in cfg.data.cameras], cfg.data.canvas_layout,
-                                  cfg.video.height, cfg.video.width)[0] for f in real]
+  frames = canvas_frames(cfg, real)
   out = []
   for i, frame in enumerate(frames):
     right = np.zeros_like(frame) - 1.0
@@ -93,9 +156,15 @@ def _summary(runs: list[dict]) -> dict:
               length=float(np.mean([r['length'] for r in runs])), episodes=runs)
 
 
+def _mean_psnr(summary: dict, rows: list[dict]) -> None:
+  values = [t['prediction_psnr_db'] for t in rows if np.isfinite(t.get('prediction_psnr_db', np.nan))]
+  if values:
+    summary['prediction_psnr_db'] = float(np.mean(values))
+
+
 def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_unseen, episodes: int,
              max_steps: int, out_dir: str, decode: Callable | None = None, seed: int = 0,
-             replay: list[Variation] = ()) -> dict:
+             replay: list[Variation] = (), encode: Callable | None = None) -> dict:
   """Runs every task `episodes` times, and each of `replay` (training episodes' own variations) once;
   writes report.json and one GIF per task and split into out_dir.
 
@@ -103,6 +172,9 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
   away from the dataset's build seed for variations it never saw). Report: per split a success
   rate, progress and length averaged over its tasks (replay: over its episodes); per task those of
   its episodes (seen/unseen under `tasks`, replay under replay.tasks).
+
+  With `encode` and `decode` (the policy's VAE), each task's first episode's predicted video is
+  decoded for its GIF and scored against the real frames: `prediction_psnr_db` per task and split.
   """
   os.makedirs(out_dir, exist_ok=True)
   report = dict(tasks={}, seen={}, unseen={}, replay={}, crashed=0, gifs=[])
@@ -115,14 +187,16 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
       jobs[split, task] = [(seed + e, None) for e in range(episodes)]
   replay_tasks = {}
   for (split, task), episodes_of_task in jobs.items():
-    runs = []
+    runs, first_psnr = [], None
     for e, (ep_seed, variation) in enumerate(episodes_of_task):
       rec = run_episode(infer_factory(f'{split}-{task}-{e}'), cfg, task, instruction(task), ep_seed, max_steps,
                         variation)
+      psnr = None
       if e == 0:
         predicted = None
-        if decode is not None and rec['predicted']:
-          predicted = np.concatenate([decode(v) for v in rec['predicted']])
+        if decode is not None and encode is not None and rec['predicted']:
+          predicted = predicted_video(cfg, rec['real'], rec['predicted'], encode, decode)
+          psnr = prediction_psnr(canvas_frames(cfg, rec['real']), predicted)
         path = os.path.join(out_dir, f'{task}.gif' if split != 'replay' else f'replay-{task}.gif')
         write_gif(path, cfg, rec['real'], predicted)
         report['gifs'].append(path)
@@ -131,19 +205,26 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
       if variation is not None:
         run.update(task_index=variation.task_index, reset_seed=variation.reset_seed)
       runs.append(run)
+      if psnr is not None:
+        first_psnr = psnr
     summary = dict(split=split, **_summary(runs))
+    if first_psnr is not None:
+      summary['prediction_psnr_db'] = first_psnr
     (replay_tasks if split == 'replay' else report['tasks'])[task] = summary
+    psnr_text = f'  prediction {first_psnr:.1f} dB' if first_psnr is not None else ''
     print(f'{split:>6} {task:<24} success {summary["success_rate"]:.2f}  progress {summary["progress"]:.2f}  '
-          f'length {summary["length"]:.0f}', flush=True)
+          f'length {summary["length"]:.0f}{psnr_text}', flush=True)
   for split in ('seen', 'unseen'):
     rows = [t for t in report['tasks'].values() if t['split'] == split]
     if rows:
       report[split] = dict(success_rate=float(np.mean([t['success_rate'] for t in rows])),
                            progress=float(np.mean([t['progress'] for t in rows])),
                            length=float(np.mean([t['length'] for t in rows])), tasks=len(rows))
+      _mean_psnr(report[split], rows)
   if replay_tasks:  # replay: over its episodes (a handful, unevenly spread over tasks)
     runs = [r for t in replay_tasks.values() for r in t['episodes']]
     report['replay'] = dict(_summary(runs), tasks=replay_tasks)
+    _mean_psnr(report['replay'], list(replay_tasks.values()))
   report['seconds'] = round(time.time() - start, 1)
   with open(os.path.join(out_dir, 'report.json'), 'w') as fh:
     json.dump(report, fh, indent=1)
