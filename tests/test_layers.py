@@ -34,7 +34,7 @@ TOP_LEVEL = ('train', 'eval', 'configs', 'data', 'bench', 'tests')
 # Optional heavy extras: imported inside the functions that need them.
 ALLOWED_IN_FUNCTIONS = (
     'torch',                               # converters and references ([test])
-    'metaworld', 'mujoco',                 # the simulator ([sim])
+    'metaworld', 'mujoco', 'matplotlib',   # the simulator and the results plots ([sim])
     'libtpu', 'jax.experimental.topologies', 'jax.experimental.pallas.ops.tpu',   # TPU only
     'tensorflow',                          # RLDS sources ([tf])
     'av', 'pyarrow',                       # LeRobot video and parquet
