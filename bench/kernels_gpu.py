@@ -39,11 +39,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dreamzero_jax.config import load_config  # noqa: E402
-from dreamzero_jax.inference import kv_cache  # noqa: E402
 from dreamzero_jax.inference.policy import Geometry  # noqa: E402
 from dreamzero_jax.kernels import fp8, modulation, qk_norm_rope, registry  # noqa: E402
 from dreamzero_jax.kernels.check import timed_ms  # noqa: E402
-from dreamzero_jax.models import dit, masks  # noqa: E402
+from dreamzero_jax.models import dit, kv_cache, masks  # noqa: E402
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_peers', 'torch_dit_forward.py')
 

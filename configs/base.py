@@ -5,6 +5,7 @@ Every field here is read somewhere; an override of a key that is not here is an 
 import ml_collections
 
 from dreamzero_jax import sharding
+from dreamzero_jax.datasets import embodiments
 
 # The official DreamZero negative prompt (dreamzero_cotrain.py): the unconditional branch of video
 # CFG. (Wan's own default is a Chinese prompt; DreamZero trained and serves with this English one.)
@@ -66,12 +67,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.image_encoder = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=14, width=1280, num_layers=32, num_heads=16, mlp_dim=5120))
 
+  # The embodiment's layout comes from its registry entry (datasets/embodiments.py): cameras,
+  # canvas_layout ('droid': wrist on the top row, or 'grid'; docs/model.md), control_hz, frame_stride,
+  # action_dim, state_dim, relative_action_dims (action dims taken relative to the anchor state's).
   c.data = ml_collections.ConfigDict(dict(
-      dir='', name='droid', embodiment='droid',
-      cameras=('wrist_image_left', 'exterior_image_1_left', 'exterior_image_2_left'),
-      canvas_layout='droid',     # 'droid' (wrist on top row) or 'grid' (docs/model.md)
-      control_hz=15, frame_stride=3, action_dim=8, state_dim=8,
-      relative_action_dims=tuple(range(7)),  # action dims taken relative to the anchor state's same dim
+      dir='', name='droid', **embodiments.data_config('droid'),
       prompt_template='',        # '' = the embodiment's (embodiments.PROMPT_TEMPLATES), or a name / text
       num_workers=0, seed=0,
       idle_threshold=1e-3,       # a chunk moving less than this (state and action units) is idle

@@ -4,6 +4,7 @@ Build the data first:
   python -m dreamzero_jax.datasets build metaworld --out DIR --tasks reach-v3,push-v3 --episodes 50
 """
 from configs import base
+from dreamzero_jax.datasets import embodiments
 
 
 def get_config(arg=None):
@@ -15,10 +16,9 @@ def get_config(arg=None):
   # 128x128 canvas of 64x64 views; 80 Hz control, a frame every 2 steps, 16-step chunks (0.2 s).
   c.video.update(dict(height=128, width=128, frames_per_chunk=8, max_chunks=4,
                       action_horizon=16))
-  c.data.update(dict(dir='', name='metaworld', embodiment='metaworld',
-                     cameras=('corner', 'corner2', 'behindGripper'), canvas_layout='grid',
-                     control_hz=80, frame_stride=2, action_dim=4, state_dim=4,
-                     relative_action_dims=(),
+  c.data.update(embodiments.data_config('metaworld'))
+  c.data.update(dict(dir='', name='metaworld',
+                     frame_stride=2,   # a frame every 2 control steps (the embodiment's default: every step)
                      # No crop: the 64x64 views are small; mild jitter as before.
                      augment_crop_scale=1.0, augment_brightness=0.1, augment_contrast=0.1,
                      augment_saturation=0.0, augment_hue=0.0))

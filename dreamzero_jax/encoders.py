@@ -7,7 +7,7 @@ Nothing here is ever optimised: the train step only sees its outputs.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,9 @@ from flax import nnx
 
 from dreamzero_jax.datasets import embodiments
 from dreamzero_jax.models import clip, text_cache, umt5, vae
+from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.models.vae import I2V_MASK_CHANNELS
-from dreamzero_jax.training.objective import LatentBatch
+from dreamzero_jax.models.weights import release
 
 
 class ByteTokenizer:
@@ -85,25 +86,21 @@ def build_frozen_encoders(cfg: ml_collections.ConfigDict) -> FrozenEncoders:
   random ones drawn at cfg.seed + 1 when it is '' (toy configs and tests)."""
   if not cfg.init.converted:
     return FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
-  from dreamzero_jax import convert
-  _, params = convert.load_converted(cfg.init.converted, cfg, parts=('encoders',))
+  _, params = release.load_converted(cfg.init.converted, cfg, parts=('encoders',))
   return with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), params)
 
 
 def initial_dit_params(cfg: ml_collections.ConfigDict) -> dict:
   """The DiT parameters (pure dict) a fresh run starts from: cfg.init.converted's weights as host
   numpy arrays (placed by the caller, e.g. straight into a pod's shards), or random at cfg.seed."""
-  from dreamzero_jax.models.dit import build_dit
   if not cfg.init.converted:
     return nnx.state(build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))).to_pure_dict()
-  from dreamzero_jax import convert
-  params, _ = convert.load_converted(cfg.init.converted, cfg, parts=('dit',))
+  params, _ = release.load_converted(cfg.init.converted, cfg, parts=('dit',))
   return params
 
 
 def initial_dit(cfg: ml_collections.ConfigDict):
   """The DiT module of initial_dit_params on the default device."""
-  from dreamzero_jax.models.dit import build_dit
   return with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))
 
 
@@ -143,6 +140,19 @@ class PromptEncoder:
     if negative_prompt is not None:
       prompts.append(negative_prompt)
     return jnp.asarray(self.prompts(prompts))
+
+
+class LatentBatch(NamedTuple):
+  """A training batch after the frozen encoders: what the DiT consumes."""
+  latents: jax.Array          # [B, F, h, w, C] clean VAE latents, F = 1 + K * lf
+  cond: jax.Array | None      # [B, F, h, w, 20] the I2V condition y, or None (T2V / TI2V)
+  text: jax.Array             # [B, Lt, text_dim] umT5 embeddings, zero past each prompt
+  image: jax.Array | None     # [B, Li, image_dim] CLIP features, or None
+  actions: jax.Array          # [B, K*Ha, A] normalised to [-1, 1]
+  action_mask: jax.Array      # [B, K*Ha, A] bool
+  state: jax.Array            # [B, K, S]
+  chunk_mask: jax.Array       # [B, K] bool
+  embodiment_id: jax.Array    # [B] int32
 
 
 class BatchEncoder:

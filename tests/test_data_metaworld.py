@@ -226,8 +226,8 @@ def test_replay_variations_restart_the_training_episodes_themselves(mw_dir):
   """dataset_variations gives each episode's variation and reset seed: in its environment the
   scripted expert repeats the recorded episode (same states and actions), unlike in a new variation."""
   from metaworld.policies import ENV_POLICY_MAP
+  from dreamzero_jax.envs.metaworld import MetaWorldEnv, Variation
   from dreamzero_jax.evaluation import metaworld_env
-  from dreamzero_jax.evaluation.metaworld_env import MetaWorldEnv, Variation
   variations = metaworld_env.dataset_variations(mw_dir, 'metaworld')
   assert variations == [Variation('reach-v3', 0, 0, 0), Variation('push-v3', 0, 0, 0)]
   rec = episodes.open_dataset(mw_dir, 'metaworld').source[1]

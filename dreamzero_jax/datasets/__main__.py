@@ -19,6 +19,7 @@ import sys
 from typing import Sequence
 
 import numpy as np
+from absl import flags
 
 from dreamzero_jax import config as config_lib
 from dreamzero_jax.datasets import embodiments, episodes, normalization, pipeline
@@ -139,9 +140,7 @@ def main(argv: Sequence[str]) -> int:
     if args.command == 'stats':
       _stats(cfg, args.from_official, args.out)
     else:
-      # grain's worker processes read absl flags; this program parses its own.
-      from absl import flags  # pylint: disable=g-import-not-at-top
-      flags.FLAGS.mark_as_parsed()
+      flags.FLAGS.mark_as_parsed()   # grain's worker processes read absl flags; this program parses its own
       _inspect(cfg, args.batches, train=not args.eval)
   except (episodes.DataError, config_lib.ConfigError, ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from dreamzero_jax.evaluation.metaworld_env import MetaWorldEnv, Variation
+from dreamzero_jax.datasets import canvas
+from dreamzero_jax.envs.metaworld import MetaWorldEnv, Variation, instruction
 
 
 def _observation(images: dict, state: np.ndarray, cameras, frames=None) -> dict:
@@ -113,7 +114,6 @@ class _ExpertChunk:
 
 def canvas_frames(cfg, real: list[dict]) -> np.ndarray:
   """The recorded camera frames of an episode as canvas frames [T, H, W, 3] in [-1, 1]."""
-  from dreamzero_jax.datasets import canvas
   return np.stack([canvas.compose_arrays([f[c][None] for c in cfg.data.cameras], cfg.data.canvas_layout,
                                          cfg.video.height, cfg.video.width)[0] for f in real])
 
@@ -176,7 +176,6 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
   With `encode` and `decode` (the policy's VAE), each task's first episode's predicted video is
   decoded for its GIF and scored against the real frames: `prediction_psnr_db` per task and split.
   """
-  from data.metaworld.metaworld_dataset_builder import instruction
   os.makedirs(out_dir, exist_ok=True)
   report = dict(tasks={}, seen={}, unseen={}, replay={}, crashed=0, gifs=[])
   start = time.time()

@@ -28,7 +28,8 @@ from flax import nnx
 from dreamzero_jax import encoders as encoders_lib
 from dreamzero_jax import sharding
 from dreamzero_jax.datasets import canvas, normalization
-from dreamzero_jax.inference import kv_cache, postprocess, samplers
+from dreamzero_jax.inference import postprocess, samplers
+from dreamzero_jax.models import kv_cache
 from dreamzero_jax.models import clip
 from dreamzero_jax.models import dit as dit_lib
 from dreamzero_jax.models.dit import DreamZeroDiT
