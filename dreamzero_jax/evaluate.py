@@ -21,13 +21,20 @@ import queue
 import sys
 import threading
 import time
+import zlib
 
+import dreamzero_client as client_lib
 import jax
 import numpy as np
 
+from dreamzero_jax import checkpoint, serve
+from dreamzero_jax.config import ConfigError, load_config, split_config_args
+from dreamzero_jax.datasets import pipeline
+from dreamzero_jax.evaluation import closed_loop, metaworld_env, offline
+from dreamzero_jax.inference import policy as policy_lib
+
 
 def parse(argv):
-  from dreamzero_jax.config import split_config_args
   overrides, rest = split_config_args(argv)
   p = argparse.ArgumentParser(prog='python eval.py', description=__doc__)
   p.add_argument('--checkpoint', required=True, help='a train.py workdir')
@@ -69,8 +76,6 @@ def in_process(backend):
 @contextlib.contextmanager
 def through_server(backend):
   """Serves `backend` on a loopback port from a thread; yields an infer factory using the client."""
-  import dreamzero_client as client_lib
-  from dreamzero_jax import serve
   server, ports, handles = serve.PolicyServer(backend, max_sessions=4), queue.Queue(), {}
 
   async def main():
@@ -101,8 +106,6 @@ def through_server(backend):
 
 def checkpoint_config(workdir: str):
   """The config a train.py workdir's newest checkpoint was trained with."""
-  from dreamzero_jax import checkpoint
-  from dreamzero_jax.inference import policy as policy_lib
   ckpt = checkpoint.Checkpointer(workdir, async_save=False)
   step = ckpt.latest_step()
   if step is None:
@@ -112,8 +115,6 @@ def checkpoint_config(workdir: str):
 
 def baseline(kind: str, horizon: int):
   """An infer factory for a baseline policy; the session id names the split, task and episode."""
-  import zlib
-  from dreamzero_jax.evaluation import closed_loop
 
   def factory(session_id):
     _, rest = session_id.split('-', 1)
@@ -155,7 +156,6 @@ def _spread(variations: list, n: int) -> list:
 
 def _tasks(args) -> tuple[list[str], list[str]]:
   """(seen, unseen) Meta-World tasks; an unknown name is refused before any model is loaded."""
-  from dreamzero_jax.evaluation import metaworld_env
   seen, unseen = metaworld_env.ml45_split()
   seen = seen if args.tasks is None else [t for t in args.tasks.split(',') if t]
   unseen = unseen if args.unseen_tasks is None else [t for t in args.unseen_tasks.split(',') if t]
@@ -170,8 +170,6 @@ def _tasks(args) -> tuple[list[str], list[str]]:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args, overrides = parse(argv)
-  from dreamzero_jax.config import ConfigError, load_config
-  from dreamzero_jax.inference import policy as policy_lib
   try:
     cfg = load_config(args.config, overrides) if args.config else None
     tasks = _tasks(args) if args.mode == 'closed_loop' else None
@@ -183,7 +181,6 @@ def main(argv=None) -> int:
     elif cfg is None:
       cfg = checkpoint_config(args.checkpoint)
     if args.mode == 'offline':
-      from dreamzero_jax.datasets import pipeline
       batches = iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1))
   except (ConfigError, ValueError, OSError) as e:  # DataError is a ValueError
     print(f'error: {e}', file=sys.stderr)
@@ -193,13 +190,11 @@ def main(argv=None) -> int:
     if args.mode == 'latency':
       report = dict(mode='latency', **latency(pol, cfg))
     else:
-      from dreamzero_jax.evaluation import offline
       report = dict(mode='offline', **offline.evaluate(pol, batches, args.clips))
     with open(os.path.join(args.out, 'report.json'), 'w') as fh:
       json.dump(report, fh, indent=1)
     print(json.dumps(report))
     return 0
-  from dreamzero_jax.evaluation import closed_loop, metaworld_env
   if cfg.data.embodiment != 'metaworld':
     print(f'error: closed_loop evaluates Meta-World; this checkpoint is for {cfg.data.embodiment!r}', file=sys.stderr)
     return 2

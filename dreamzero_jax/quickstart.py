@@ -14,7 +14,11 @@ import os
 import sys
 import time
 
+from dreamzero_jax import evaluate as eval_cli
 from dreamzero_jax.config import load_config, split_config_args
+from dreamzero_jax.datasets import __main__ as datasets_cli
+from dreamzero_jax.evaluation import metaworld_env
+from dreamzero_jax.training import loop
 
 
 def main(argv=None) -> int:
@@ -34,7 +38,6 @@ def main(argv=None) -> int:
   p.add_argument('--max_minutes', type=float, help='wall-clock budget of the training stage (resumable)')
   args = p.parse_args(rest)
   if 'ml45' in (args.tasks, args.unseen_tasks):
-    from dreamzero_jax.evaluation import metaworld_env
     train_tasks, test_tasks = metaworld_env.ml45_split()
     args.tasks = ','.join(train_tasks) if args.tasks == 'ml45' else args.tasks
     args.unseen_tasks = ','.join(test_tasks) if args.unseen_tasks == 'ml45' else args.unseen_tasks
@@ -43,7 +46,6 @@ def main(argv=None) -> int:
   cfg = load_config(args.config, [f'data.dir={data_dir}', *overrides])
   size = cfg.serve.camera_height
 
-  from dreamzero_jax.datasets import __main__ as datasets_cli
   if not os.path.isdir(os.path.join(data_dir, 'metaworld')):
     print(f'[1/3] building Meta-World data ({args.tasks}, {args.episodes} episodes each) in {data_dir}', flush=True)
     code = datasets_cli.main(['build', 'metaworld', '--out', data_dir, '--tasks', args.tasks,
@@ -51,12 +53,10 @@ def main(argv=None) -> int:
     if code:
       return code
   print(f'[2/3] training {args.config} for {cfg.train.steps} steps in {workdir}', flush=True)
-  from dreamzero_jax.training import loop
   code = loop.train(cfg, workdir, max_minutes=args.max_minutes)
   if code:
     return code
   print(f'[3/3] closed-loop evaluation in {eval_dir}', flush=True)
-  from dreamzero_jax import evaluate as eval_cli
   code = eval_cli.main(['--checkpoint', workdir, '--out', eval_dir, '--tasks', args.tasks,
                         '--unseen_tasks', args.unseen_tasks, '--episodes', str(args.eval_episodes),
                         '--max_steps', str(args.eval_steps), '--replay', str(args.replay)])

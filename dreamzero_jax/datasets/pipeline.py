@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -257,7 +258,6 @@ def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
   could not encode (data.on_corrupt=skip) are left out.
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  (only for the host topology)
     process_index, process_count = jax.process_index(), jax.process_count()
   # One optimiser update's examples (micro-batches of train.batch_size x train.grad_accum_steps).
   batch_size = config.train.batch_size * config.train.grad_accum_steps

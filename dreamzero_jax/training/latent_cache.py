@@ -26,6 +26,7 @@ import tempfile
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 from flax import nnx
 
 from dreamzero_jax.datasets import pipeline
@@ -141,7 +142,6 @@ def build_or_load(cfg: ml_collections.ConfigDict, workdir: str, batch_encoder, e
 
 def _encode(members, distinct, batch_encoder, out: str, total: int) -> None:
   """Encodes every distinct clip (unaugmented) in batches of ENCODE_BATCH into out/*.npy."""
-  import tqdm
   files: dict[str, np.ndarray] = {}
   valid = np.zeros(total, bool)
   pending: list[tuple[int, np.ndarray]] = []

@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
 
-from dreamzero_jax import checkpoint, encoders
-from dreamzero_jax.training import aot, latent_cache, trainer
+from dreamzero_jax import checkpoint, encoders, sharding
+from dreamzero_jax.datasets import normalization, pipeline
+from dreamzero_jax.training import aot, latent_cache, partition, trainer
 
 # bf16 dense peak per chip (datasheet), for MFU.
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
@@ -66,8 +69,6 @@ class Logger:
   writes (the others keep a silent bar)."""
 
   def __init__(self, workdir: str, total: int):
-    from tensorboardX import SummaryWriter
-    import tqdm
     self.primary = jax.process_index() == 0
     self.writer = SummaryWriter(os.path.join(workdir, 'tb')) if self.primary else None
     self.bar = tqdm.tqdm(total=total, dynamic_ncols=True, desc='train', disable=not self.primary)
@@ -102,7 +103,6 @@ def nonfinite_leaves(tree) -> tuple[int, int]:
 def check_resumed_stats(saved: dict, dataset: dict, workdir: str, step: int) -> None:
   """Refuses a resume whose dataset statistics differ from the checkpoint's: its batches would be
   normalised one way and its checkpoints would tell the server another."""
-  from dreamzero_jax.datasets import normalization
   diffs = normalization.stats_differences(saved, dataset)
   if diffs:
     raise ValueError(f'{workdir}: the checkpoint (step {step}) was trained with other normalisation statistics '
@@ -112,7 +112,6 @@ def check_resumed_stats(saved: dict, dataset: dict, workdir: str, step: int) -> 
 
 def _norm_stats(cfg) -> dict:
   """The statistics that normalise the primary dataset (saved with it, or computed as the pipeline does)."""
-  from dreamzero_jax.datasets import pipeline
   return pipeline.open_member(cfg, cfg.data.name, 1.0, train=True).loader.stats
 
 
@@ -122,8 +121,6 @@ def _compiled_step(cfg, graphdef, abstract_state):
   step = trainer.make_train_step(graphdef, cfg)
   if jax.device_count() == 1:
     return jax.jit(step, donate_argnums=0), lambda batch: batch, None
-  from dreamzero_jax import sharding
-  from dreamzero_jax.training import partition
   mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
   state_sh, batch_sh = partition.train_shardings(cfg, mesh, abstract_state,
                                                  aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
@@ -147,7 +144,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   frozen = encoders.build_frozen_encoders(cfg)
   encode = encoders.BatchEncoder(frozen, cfg)
   if data is None:
-    from dreamzero_jax.datasets import pipeline
     rows = None
     if cfg.data.latent_cache:
       encode.cache = latent_cache.build_or_load(cfg, workdir, encode, frozen)
