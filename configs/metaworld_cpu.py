@@ -10,6 +10,7 @@ branch would only cost time).
 Variants: `:quick` is the default job (python -m dreamzero_jax.quickstart): fewer steps.
 """
 from configs import base
+from dreamzero_jax.datasets import embodiments
 
 
 def get_config(arg=None):
@@ -22,10 +23,8 @@ def get_config(arg=None):
   c.vae.update(dict(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
   c.text_encoder.update(dict(vocab_size=384, dim=16, ffn_dim=32, num_heads=2, num_layers=2,
                              num_buckets=8, max_distance=16))
-  c.data.update(dict(name='metaworld', embodiment='metaworld',
-                     cameras=('corner', 'corner2', 'behindGripper'), canvas_layout='grid',
-                     control_hz=80, frame_stride=1, action_dim=4, state_dim=4, relative_action_dims=(),
-                     anchor_stride=8, latent_cache=True,
+  c.data.update(embodiments.data_config('metaworld'))   # cameras, dims, rate, stride 1
+  c.data.update(dict(name='metaworld', anchor_stride=8, latent_cache=True,
                      # The cache holds unaugmented clips: no crop, no jitter.
                      augment_crop_scale=1.0, augment_brightness=0.0, augment_contrast=0.0,
                      augment_saturation=0.0, augment_hue=0.0))
