@@ -93,3 +93,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   mesh, rules = ctx
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def replicate(tree, mesh: Mesh):
+  """Every array of `tree` whole on each device of `mesh` (no copy where it already is)."""
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
