@@ -9,7 +9,7 @@ pytest.importorskip('metaworld')
 
 from dreamzero_jax.config import load_config  # noqa: E402
 from dreamzero_jax.evaluation import closed_loop  # noqa: E402
-from dreamzero_jax.inference import policy as policy_lib  # noqa: E402
+from dreamzero_jax.serving import loading as policy_lib  # noqa: E402
 from dreamzero_jax.training import loop  # noqa: E402
 from tests.test_policy import STATS  # noqa: E402
 from tests.test_train_loop import ListIterator, synthetic_batches  # noqa: E402

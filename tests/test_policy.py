@@ -95,8 +95,8 @@ def test_flash_one_step_runs_without_the_unconditional_branch():
 def test_server_runs_a_trained_checkpoint_end_to_end(tmp_path):
   """train.py workdir -> load_backend -> websocket server -> client: shaped actions, errors survive."""
   import dreamzero_client
-  from dreamzero_jax.inference import policy as policy_lib
   from dreamzero_jax.inference import rollout
+  from dreamzero_jax.serving import loading as policy_lib
   from dreamzero_jax.training import loop
   from tests.test_serve import _health, raw_connection, raw_infer, running_server
   from tests.test_train_loop import ListIterator, synthetic_batches

@@ -26,7 +26,7 @@ from flax import nnx
 
 from dreamzero_jax import encoders as encoders_lib
 from dreamzero_jax import sharding
-from dreamzero_jax.datasets import canvas, embodiments, normalization
+from dreamzero_jax.datasets import embodiments, normalization
 from dreamzero_jax.inference import kv_cache, postprocess, rollout
 from dreamzero_jax.models import dit as dit_lib
 from dreamzero_jax.models.dit import DreamZeroDiT
@@ -168,160 +168,10 @@ class Policy:
     return a.astype(np.float32)
 
 
-# ---- the server backend ---------------------------------------------------------------------------
-
-def _state_fields(embodiment_name: str, state_dim: int) -> dict[str, int]:
-  """Request keys carrying the robot state, in state order (DROID: joints then gripper)."""
-  if embodiment_name == 'droid':
-    return {'observation/joint_position': 7, 'observation/gripper_position': 1}
-  return {'observation/state': state_dim}
-
-
-class PolicyServerBackend:
-  """Adapts Policy to the server's PolicyBackend protocol; owns canvas building and normalisation."""
-
-  def __init__(self, policy: Policy):
-    self.policy = policy
-    cfg = policy.cfg
-    self.cameras = [f'observation/{c}' for c in cfg.data.cameras]
-    self.state_fields = _state_fields(cfg.data.embodiment, policy.embodiment.state_dim)
-    cam_h, cam_w = cfg.serve.camera_height, cfg.serve.camera_width
-    spec = {k: {'shape': [cfg.video.frames_per_chunk, cam_h, cam_w, 3], 'dtype': 'uint8'} for k in self.cameras}
-    spec.update({k: {'shape': [n], 'dtype': 'float32'} for k, n in self.state_fields.items()})
-    e = policy.embodiment
-    self._metadata = dict(observation_spec=spec, action_shape=[cfg.video.action_horizon, e.action_dim],
-                          action_horizon=cfg.video.action_horizon, control_hz=cfg.data.control_hz,
-                          embodiment=e.name, protocol_version=1)
-
-  @property
-  def metadata(self):
-    return self._metadata
-
-  def _canvas(self, observation) -> np.ndarray:
-    cfg = self.policy.cfg
-    return canvas.compose_arrays([observation[k] for k in self.cameras], cfg.data.canvas_layout,
-                                 cfg.video.height, cfg.video.width, cfg.data.augment_crop_scale)
-
-  def _state(self, observation) -> np.ndarray:
-    return np.concatenate([np.asarray(observation[k], np.float32).reshape(-1) for k in self.state_fields])
-
-  def new_session(self, prompt, observation):
-    return self.policy.reset(prompt, self._canvas(observation)[0], self._state(observation))
-
-  def infer(self, session_state, observation):
-    actions, ep, timing, _ = self.infer_with_video(session_state, observation)
-    return actions, ep, timing
-
-  def warmup(self) -> None:
-    """Runs a first and a later call on blank observations: every jitted piece of the control step
-    (start, denoise, write) is compiled before the server reports ready."""
-    def blank(frames):
-      return {k: np.zeros([frames, *e['shape'][1:]] if k in self.cameras else e['shape'], e['dtype'])
-              for k, e in self._metadata['observation_spec'].items()}
-    first = blank(1)
-    _, ep, _ = self.infer(self.new_session('warm up', first), first)
-    self.infer(ep, blank(self.policy.cfg.video.frames_per_chunk))
-
-  def infer_with_video(self, session_state, observation):
-    """infer() plus the predicted video latents of the chunk (for evaluation videos)."""
-    import time
-    t0 = time.perf_counter()
-    frames = self._canvas(observation)
-    t1 = time.perf_counter()
-    ep = session_state
-    if ep.chunk > 0:  # later calls carry the frames observed while the last chunk ran
-      ep = self.policy.observe(ep, frames, self._state(observation))
-    t2 = time.perf_counter()
-    actions, video, ep, _ = self.policy.step(ep)
-    t3 = time.perf_counter()
-    return actions, ep, {'canvas': 1e3 * (t1 - t0), 'observe': 1e3 * (t2 - t1), 'denoise': 1e3 * (t3 - t2)}, video
-
-
-def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
-                norm_stats_path: str | None = None) -> Policy:
-  """A Policy from a train.py workdir (its newest checkpoint; EMA parameters when present), or from
-  a `python -m dreamzero_jax.convert` output (an official release, served as converted).
-
-  `norm_stats_path`: a norm_stats.json (`python -m dreamzero_jax.datasets stats` writes one) or the
-  release's statistics (meta/relative_stats_dreamzero.json with its siblings, or a checkpoint's
-  metadata.json) used instead of the checkpoint's; required for a converted checkpoint, which carries none.
-  """
-  import json
-  import os
-  from dreamzero_jax import checkpoint, convert
-  from dreamzero_jax.datasets import embodiments
-  from dreamzero_jax.training import trainer
-  stats = None
-  if os.path.isdir(os.path.join(checkpoint_dir, 'checkpoints')):
-    ckpt = checkpoint.Checkpointer(checkpoint_dir, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-      raise ValueError(f'--checkpoint {checkpoint_dir}: holds no checkpoint')
-    ckpt_config = ckpt.read_config(step)
-    if config is None:
-      config = _config_from_dict(ckpt_config)
-    graphdef, abstract = trainer.abstract_train_state(config)
-    state, _, saved_stats = ckpt.restore(step, abstract, config)
-    ckpt.close()
-    params = state.ema if state.ema is not None else state.params
-    if state.frozen is not None:
-      params = trainer.merge_lora(state.frozen, params, config.train.lora_alpha, config.train.lora_rank)
-    dit = nnx.merge(graphdef, params)
-    stats = saved_stats
-    # The row of the embodiment it trained on, and any rows of the conversion it started from.
-    saved = _config_from_dict(ckpt_config)
-    rows = {embodiments.get(saved.data.embodiment).id}
-    if saved.init.converted and os.path.isdir(saved.init.converted):
-      rows |= set(convert.read_manifest(saved.init.converted)['embodiment_rows'] or ())
-  elif os.path.isfile(os.path.join(checkpoint_dir, 'config.json')):
-    if config is None:
-      with open(os.path.join(checkpoint_dir, 'config.json')) as f:
-        config = _config_from_dict(json.load(f))
-    config.init.converted = os.path.abspath(checkpoint_dir)
-    rows = set(convert.read_manifest(checkpoint_dir)['embodiment_rows'] or ())
-    dit = None   # read once the embodiment row is known to be real
-    if not norm_stats_path:
-      raise ValueError(f'--checkpoint {checkpoint_dir}: a converted checkpoint carries no normalisation '
-                       'statistics: pass --norm_stats (python -m dreamzero_jax.datasets stats writes one)')
-  else:
-    raise ValueError(f'--checkpoint {checkpoint_dir}: neither a train.py workdir (checkpoints/) nor a '
-                     'converted checkpoint (config.json)')
-  e = embodiments.get(config.data.embodiment)
-  if e.id not in rows:
-    # Its action/state modules would be the random initialisation: refuse rather than serve noise.
-    raise ValueError(f'--checkpoint {checkpoint_dir}: embodiment row {e.id} ({e.name}) of the action/state '
-                     f'modules was never converted or trained (real rows: {sorted(rows) or "none"}); convert a '
-                     'DreamZero checkpoint into that row (convert --embodiment_id) or train on that embodiment')
-  if norm_stats_path:  # ours or the release's file; a checkpoint's own were checked when training began
-    stats = normalization.read_stats(norm_stats_path, e, config.video.action_horizon,
-                                     config.data.relative_action_dims)
-    normalization.check_stats(stats, e.state_dim, e.action_dim, config.video.action_horizon,
-                              config.data.relative_action_dims, norm_stats_path)
-  if not stats:
-    raise ValueError(f'--checkpoint {checkpoint_dir}: the checkpoint carries no normalisation statistics')
-  if dit is None:
-    dit = encoders_lib.initial_dit(config)
-  return Policy(config, dit, encoders_lib.build_frozen_encoders(config), stats)
-
-
-def _config_from_dict(saved: dict) -> ml_collections.ConfigDict:
-  """The config stored in a checkpoint (JSON lists back to tuples where the defaults have tuples)."""
-  from configs import base
-  cfg = base.get_base_config()
-
-  def fill(node, values):
-    for key, value in values.items():
-      if isinstance(value, dict) and key in node and isinstance(node[key], ml_collections.ConfigDict):
-        fill(node[key], value)
-      elif key == 'relative_action_dims' and isinstance(value, int):
-        node[key] = tuple(range(value))   # saved before explicit dims: the leading N
-      else:
-        node[key] = tuple(value) if isinstance(value, list) else value
-
-  fill(cfg, saved)
-  return cfg
-
-
-def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
-                 norm_stats_path: str | None = None) -> PolicyServerBackend:
-  return PolicyServerBackend(load_policy(checkpoint_dir, config, norm_stats_path))
+def __getattr__(name: str):
+  """Transitional, until eval.py imports them from dreamzero_jax.serving: load_policy, load_backend
+  and PolicyServerBackend moved to serving/ (loading.py, adapters.py)."""
+  if name in ('load_policy', 'load_backend', 'PolicyServerBackend'):
+    from dreamzero_jax.serving import loading
+    return getattr(loading, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
