@@ -44,7 +44,6 @@ from dreamzero_jax.models.weights import vae as vae_weights
 from dreamzero_jax.models.weights.common import Target, WeightMismatchError
 from dreamzero_jax.models.weights.release import COMPONENTS, MANIFEST, abstract_params, config_components, flatten
 # Re-exported for inference/policy.py until it reads models/weights/release.py itself (issue 12: being moved).
-from dreamzero_jax.models.weights.release import read_manifest  # noqa: F401  pylint: disable=unused-import
 
 # Wrappers the official trainers save around the modules (DreamZero's VLA, DiT-only and ComfyUI saves):
 # stripped before the names are matched. Longest first.

@@ -27,11 +27,12 @@ import dreamzero_client as client_lib
 import jax
 import numpy as np
 
-from dreamzero_jax import checkpoint, serve
+from dreamzero_jax import checkpoint
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.datasets import pipeline
 from dreamzero_jax.evaluation import closed_loop, metaworld_env, offline
-from dreamzero_jax.inference import policy as policy_lib
+from dreamzero_jax.serving import loading
+from dreamzero_jax.serving import server as server_lib
 
 
 def parse(argv):
@@ -76,7 +77,7 @@ def in_process(backend):
 @contextlib.contextmanager
 def through_server(backend):
   """Serves `backend` on a loopback port from a thread; yields an infer factory using the client."""
-  server, ports, handles = serve.PolicyServer(backend, max_sessions=4), queue.Queue(), {}
+  server, ports, handles = server_lib.PolicyServer(backend, max_sessions=4), queue.Queue(), {}
 
   async def main():
     handles['loop'], handles['stop'] = asyncio.get_running_loop(), asyncio.Event()
@@ -110,7 +111,7 @@ def checkpoint_config(workdir: str):
   step = ckpt.latest_step()
   if step is None:
     raise ValueError(f'--checkpoint {workdir}: holds no checkpoint (or pass --config)')
-  return policy_lib._config_from_dict(ckpt.read_config(step))  # pylint: disable=protected-access
+  return loading.config_from_dict(ckpt.read_config(step))
 
 
 def baseline(kind: str, horizon: int):
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     if args.policy != 'model' and args.mode != 'closed_loop':
       raise ValueError(f'--policy {args.policy}: baselines run in --mode closed_loop only')
     if args.policy == 'model':
-      pol = policy_lib.load_policy(args.checkpoint, cfg)
+      pol = loading.load_policy(args.checkpoint, cfg)
       cfg = pol.cfg
     elif cfg is None:
       cfg = checkpoint_config(args.checkpoint)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
                                   args.max_steps, args.out, seed=args.seed, replay=replay)
     print(f'report: {os.path.join(args.out, "report.json")} ({args.policy} policy)')
     return 0
-  backend = policy_lib.PolicyServerBackend(pol)
+  backend = loading.PolicyServerBackend(pol)
   with (through_server(backend) if args.via_server else contextlib.nullcontext(in_process(backend))) as factory:
     report = closed_loop.evaluate(cfg, factory, seen, unseen, args.episodes, args.max_steps, args.out,
                                   decode=pol.decode_video, encode=pol.encode_video, seed=args.seed,

@@ -203,7 +203,7 @@ def test_training_and_serving_use_the_converted_weights(refs, official, official
   # init.converted: a fresh run starts the DiT from the converted weights (lr 0 keeps them), the
   # frozen encoders are the converted ones in training and in the policy loaded from the workdir.
   from dreamzero_jax import encoders
-  from dreamzero_jax.inference.policy import load_policy
+  from dreamzero_jax.serving.loading import load_policy
   from dreamzero_jax.training import loop
   from tests.test_train_loop import ListIterator, synthetic_batches
   cfg = _cfg(f'init.converted={official}', 'train.steps=1', 'train.lr=0.0', 'train.warmup_fraction=0.0',
@@ -227,7 +227,7 @@ def test_training_and_serving_use_the_converted_weights(refs, official, official
 @TINY_CLIP
 def test_a_converted_checkpoint_serves_with_norm_stats(refs, official, official_params, tmp_path):
   from dreamzero_jax.datasets import normalization
-  from dreamzero_jax.inference import policy as policy_lib
+  from dreamzero_jax.serving import loading as policy_lib
   with pytest.raises(ValueError, match='carries no normalisation statistics: pass --norm_stats'):
     policy_lib.load_backend(official)
   from dreamzero_jax.datasets.episodes import LowDim
@@ -363,7 +363,7 @@ def test_a_policy_refuses_an_embodiment_row_never_converted(refs, tmp_path):
   """A plain Wan DiT has no action/state modules: serving it would act with random modules, so the
   policy refuses naming the row; a DreamZero checkpoint converted into the row serves."""
   from dreamzero_jax.datasets import normalization
-  from dreamzero_jax.inference import policy as policy_lib
+  from dreamzero_jax.serving import loading as policy_lib
   stats = {g: dict(q01=[-1.0] * 4, q99=[1.0] * 4, mean=[0.0] * 4, std=[1.0] * 4) for g in ('state', 'action')}
   stats['settings'] = dict(action_horizon=refs.cfg.video.action_horizon, relative_action_dims=[])
   path = str(tmp_path / 'norm_stats.json')

@@ -9,7 +9,7 @@ pytest.importorskip('metaworld')
 
 from dreamzero_jax.config import load_config  # noqa: E402
 from dreamzero_jax.evaluation import closed_loop  # noqa: E402
-from dreamzero_jax.inference import policy as policy_lib  # noqa: E402
+from dreamzero_jax.serving import loading  # noqa: E402
 from dreamzero_jax.training import loop  # noqa: E402
 from tests.test_policy import STATS  # noqa: E402
 from tests.test_train_loop import ListIterator, synthetic_batches  # noqa: E402
@@ -30,7 +30,7 @@ def workdir(tmp_path_factory):
 
 
 def test_server_and_in_process_rollouts_take_identical_actions(workdir):
-  backend = policy_lib.load_backend(workdir)
+  backend = loading.load_backend(workdir)
   cfg = backend.policy.cfg
   with eval_cli.through_server(backend) as server_factory:
     via_server = closed_loop.run_episode(server_factory('a'), cfg, 'reach-v3', 'reach the goal position', 3, 20)
@@ -47,7 +47,7 @@ def test_closed_loop_episode_runs_with_fp8_weights(workdir):
   first_chunk = {}
   for quantization in ('none', 'fp8'):
     cfg = load_config('configs/tiny.py', OVERRIDES + [f'model.quantization={quantization}'])
-    backend = policy_lib.load_backend(workdir, cfg)
+    backend = loading.load_backend(workdir, cfg)
     rec = closed_loop.run_episode(eval_cli.in_process(backend)('a'), cfg, 'reach-v3', 'reach the goal position', 3,
                                   cfg.video.action_horizon * 2)
     assert rec['failure'] is None and len(rec['actions']) == cfg.video.action_horizon * 2
@@ -84,7 +84,7 @@ def test_jerk_is_the_mean_squared_third_difference_of_executed_actions():
 
 
 def test_a_crashed_episode_is_a_recorded_failure(workdir):
-  cfg = policy_lib.load_policy(workdir).cfg
+  cfg = loading.load_policy(workdir).cfg
 
   def nan_policy(obs):
     return np.full((cfg.video.action_horizon, 4), np.nan, np.float32), None
@@ -95,7 +95,7 @@ def test_a_crashed_episode_is_a_recorded_failure(workdir):
 
 def test_offline_metrics_on_held_out_clips(workdir):
   from dreamzero_jax.evaluation import offline
-  policy = policy_lib.load_policy(workdir)
+  policy = loading.load_policy(workdir)
   batches = synthetic_batches(policy.cfg, n=2)
   report = offline.evaluate(policy, iter(batches), max_clips=3)
   assert report['clips'] == 3

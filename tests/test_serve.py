@@ -20,8 +20,8 @@ from websockets.sync import client as ws_client
 
 import dreamzero_client
 from dreamzero_client import msgpack_numpy
-from dreamzero_jax import serve
-from dreamzero_jax.inference import backend as backend_lib
+from dreamzero_jax.serving import protocol
+from dreamzero_jax.serving import server as server_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAMERAS = ('observation/exterior_image_1_left', 'observation/exterior_image_2_left',
@@ -92,7 +92,7 @@ def observation(frames, joint0=0.5, rng=np.random.default_rng(0)):
 @contextlib.contextmanager
 def running_server(backend, max_sessions=16):
   """Serves `backend` on an OS-chosen loopback port from a thread; stops it on exit."""
-  policy_server = serve.PolicyServer(backend, max_sessions)
+  policy_server = server_lib.PolicyServer(backend, max_sessions)
   ports, handles = queue.Queue(), {}
 
   async def main():
@@ -249,14 +249,14 @@ def test_reset_prompt_change_and_frame_counts(server):
 def test_fewer_frames_are_repeated_to_the_training_stride():
   spec = CountingBackend.metadata['observation_spec']
   request = {**observation(2), 'session_id': 's'}
-  got = backend_lib.validate_observation(spec, request, first_call=False)
+  got = protocol.validate_observation(spec, request, first_call=False)
   for key in CAMERAS:
     assert got[key].shape == (FRAMES, HEIGHT, WIDTH, 3)
     np.testing.assert_array_equal(got[key], request[key][[0, 0, 1, 1]])
   mixed = {**request, CAMERAS[1]: request[CAMERAS[1]][:1]}
   with pytest.raises(ValueError, match=f'^{CAMERAS[1]}: 1 frames, but {CAMERAS[0]} has 2'):
-    backend_lib.validate_observation(spec, mixed, first_call=False)
-  assert backend_lib.restarts_episode(spec, backend_lib.validate_observation(
+    protocol.validate_observation(spec, mixed, first_call=False)
+  assert protocol.restarts_episode(spec, protocol.validate_observation(
       spec, {**observation(1), 'session_id': 's'}, first_call=False))
 
 
@@ -450,8 +450,8 @@ def test_main_rejects_a_bad_port_before_loading_the_model(tmp_path):
 
 
 def test_sigterm_stops_server_gracefully():
-  code = ('from tests.test_serve import CountingBackend; from dreamzero_jax import serve; '
-          'serve.run(CountingBackend(), "127.0.0.1", 0, 4)')
+  code = ('from tests.test_serve import CountingBackend; from dreamzero_jax.serving import server; '
+          'server.run(CountingBackend(), "127.0.0.1", 0, 4)')
   proc = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, stdout=subprocess.PIPE,
                           text=True)
   try:

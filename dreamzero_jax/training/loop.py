@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
-from dreamzero_jax import checkpoint, encoders, sharding
+from dreamzero_jax import checkpoint, encoders
 from dreamzero_jax.datasets import normalization, pipeline
 from dreamzero_jax.training import aot, latent_cache, partition, trainer
 
@@ -116,16 +116,10 @@ def _norm_stats(cfg) -> dict:
 
 
 def _compiled_step(cfg, graphdef, abstract_state):
-  """The jitted step and how a batch reaches it: one device, or sharded over cfg.mesh (multi-host:
-  each host feeds its own slice of the global batch)."""
-  step = trainer.make_train_step(graphdef, cfg)
-  if jax.device_count() == 1:
-    return jax.jit(step, donate_argnums=0), lambda batch: batch, None
-  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-  state_sh, batch_sh = partition.train_shardings(cfg, mesh, abstract_state,
-                                                 aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
-  compiled = partition.shard_train_step(step, mesh, state_sh, batch_sh, partition.config_rules(cfg))
-  return compiled, lambda batch: partition.global_batch(batch, batch_sh), state_sh
+  """The jitted step and how a batch reaches it, over cfg's mesh (one device is a mesh of one;
+  multi-host: each host feeds its own slice of the global batch)."""
+  return partition.compiled_train_step(cfg, graphdef, abstract_state,
+                                       aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats: dict | None = None,
@@ -160,9 +154,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   start = ckpt.latest_step()
   if start is not None:
     # Straight into the step's shardings: each process reads only the shards it holds.
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = aot.with_shardings(abstract, state_sharding if state_sharding is not None else
-                                jax.tree.map(lambda _: one, abstract))
+    target = aot.with_shardings(abstract, state_sharding)
     state, data_state, saved_stats = ckpt.restore(start, target, cfg)
     if norm_stats and saved_stats:
       check_resumed_stats(saved_stats, norm_stats, workdir, start)
@@ -174,14 +166,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
     if cfg.init.converted:
       print(f'starting from the converted weights in {cfg.init.converted}')
     params, key = encoders.initial_dit_params(cfg), jax.random.key(cfg.seed)
-    if state_sharding is None:
-      state = trainer.state_from_params(jax.tree.map(jnp.asarray, params), cfg, key)
-    else:
-      # Parameters go straight into their shards and the optimiser state is built there: no
-      # device ever holds the whole state (14B: ~200 GB in fp32 with AdamW).
-      base = state_sharding.frozen if cfg.train.lora_rank > 0 else state_sharding.params
-      state = jax.jit(lambda p, k: trainer.state_from_params(p, cfg, k), out_shardings=state_sharding)(
-          jax.device_put(params, base), key)
+    # Parameters go straight into their shards and the optimiser state is built there: no
+    # device ever holds the whole state (14B: ~200 GB in fp32 with AdamW).
+    base = state_sharding.frozen if cfg.train.lora_rank > 0 else state_sharding.params
+    state = jax.jit(lambda p, k: trainer.state_from_params(p, cfg, k), out_shardings=state_sharding)(
+        jax.device_put(params, base), key)
   flops, peak = train_flops(cfg, dit_params), peak_flops()
   tokens = trainer.update_batch_size(cfg.train) * aot.sequence_length(cfg)[0]
   logger = Logger(workdir, cfg.train.steps)
