@@ -359,7 +359,11 @@ class Suite:
                                 seconds=report.get('seconds'), crashed=report.get('crashed'),
                                 metrics=eval_metrics(report))
     step = latest_step(self.path('arms', name, 'train'))
-    status = 'finished' if len(evals) == len(arm.evals) else 'not started' if step is None else 'training'
+    if len(evals) == len(arm.evals):
+      status = 'finished'
+    else:
+      status = ('not started' if step is None else 'training' if step < self.base.train.steps else
+                'trained, evaluation unfinished')
     return dict(what=arm.what, changes=arm.changes, data=arm.data, status=status, step=step,
                 steps=self.base.train.steps, evals=evals)
 
@@ -425,7 +429,8 @@ class Suite:
         f'repetitive data: {s["repetitive_variations"]} variations per task; {s["eval_episodes"]} evaluation '
         f'episodes per task of at most {s["max_steps"]} steps; VAE: {s["vae"]}; seeds {summary["seeds"]}.', '',
         f'Seen tasks (evaluated on variations the data never held): {", ".join(self.seen)}. '
-        f'Unseen tasks: {", ".join(self.unseen)}' + (' (the held-out ML45 test tasks).' if self.unseen_are_ml45 else '.'),
+        f'Unseen tasks: {", ".join(self.unseen)}'
+        + (' (the held-out ML45 test tasks).' if self.unseen_are_ml45 else '.'),
         '', f'Verdict: {VERDICT_RULE}', '',
         '| claim | metric | ours (95% interval) | paper | verdict |', '|---|---|---|---|---|']
     for row in summary['claims']:
