@@ -1,7 +1,7 @@
 """Meta-World on a laptop-class CPU: a small DreamZero that learns in minutes on 2 cores.
 
 Every lever toward few tokens and fast steps: a 64x64 canvas of three 32x32 views (16 tokens per
-latent frame), a small VAE trained on the dataset's own frames (training/vae.py; `init.vae`),
+latent frame),
 frozen encoders run once per clip (data.latent_cache), clips anchored on the replanning grid
 (data.anchor_stride = the action horizon), no CLIP branch (the I2V condition carries frame 0),
 and no classifier-free guidance (the prompt is not dropped in training, so an unconditional
@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.sampler.update(dict(num_steps=4, dit_step_mask='1111', cfg_scale=1.0))
   c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
   if arg == 'quick':
-    c.train.update(dict(steps=1500, checkpoint_every=500))
+    c.train.update(dict(steps=1200, checkpoint_every=400))
   elif arg is not None:
     raise ValueError(f'configs/metaworld_cpu.py: unknown variant {arg!r} (known: quick)')
   return c

@@ -19,7 +19,14 @@ class ConfigError(ValueError):
   """A config file or override that cannot be applied."""
 
 
+# A source checkout's root (configs/ beside the package): relative config paths also resolve there,
+# so `--config configs/tiny.py` works from any directory.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _import_config_module(path: str):
+  if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(os.path.join(_CHECKOUT, path)):
+    path = os.path.join(_CHECKOUT, path)
   if not os.path.isfile(path):
     raise ConfigError(f'config file not found: {path}')
   # Config files import their siblings as `configs.<name>`: the directory holding the `configs`
