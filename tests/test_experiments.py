@@ -11,10 +11,10 @@ from dreamzero_jax.experiments import __main__ as experiments_cli  # noqa: E402
 from dreamzero_jax.experiments import claims  # noqa: E402
 
 TINY = ['--config.model.dim=32', '--config.model.num_layers=1', '--config.model.num_heads=2',
-        '--config.model.ffn_dim=64', '--config.model.embodiment_hidden=32', '--config.train.steps=2',
-        '--config.train.batch_size=1', '--config.train.log_every=1', '--config.video.max_chunks=2',
-        '--config.video.height=32', '--config.video.width=32', '--config.serve.camera_height=16',
-        '--config.serve.camera_width=16']
+        '--config.model.ffn_dim=64', '--config.model.freq_dim=16', '--config.model.embodiment_hidden=16',
+        '--config.train.steps=2', '--config.train.batch_size=1', '--config.train.log_every=1',
+        '--config.vae.base_dim=4', '--config.video.max_chunks=2', '--config.video.height=32',
+        '--config.video.width=32', '--config.serve.camera_height=16', '--config.serve.camera_width=16']
 
 
 def test_verdict_rule():
