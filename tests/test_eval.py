@@ -67,10 +67,20 @@ def test_closed_loop_report_and_gif(workdir, tmp_path):
   for task in report['tasks'].values():
     assert {'success_rate', 'progress', 'length'} <= set(task) and task['length'] > 0
     assert 0 < task['prediction_psnr_db'] < 100   # the predicted frames scored against the real ones
+    assert task['jerk'] >= 0 and task['chunk_ms'] > 0 and task['episodes'][0]['jerk'] == task['jerk']
   assert report['seen']['prediction_psnr_db'] == report['tasks']['reach-v3']['prediction_psnr_db']
   from PIL import Image
   gif = Image.open(report['gifs'][0])
   assert gif.n_frames > 1 and gif.size == (64, 32)   # real | predicted, side by side
+
+
+def test_jerk_is_the_mean_squared_third_difference_of_executed_actions():
+  ramp = [np.full(4, 0.1 * t, np.float32) for t in range(6)]
+  assert closed_loop.action_jerk(ramp) == pytest.approx(0.0, abs=1e-12)   # constant velocity: no jerk
+  step = [np.zeros(4, np.float32)] * 3 + [np.ones(4, np.float32)] * 3
+  assert closed_loop.action_jerk(step) == pytest.approx((1 + 4 + 1) / 3)   # third differences 1, -2, 1
+  assert closed_loop.action_jerk([np.full(4, 5.0, np.float32)] * 3 + [np.zeros(4, np.float32)]) == 1.0  # clipped
+  assert closed_loop.action_jerk(ramp[:3]) is None
 
 
 def test_a_crashed_episode_is_a_recorded_failure(workdir):

@@ -29,7 +29,7 @@ LAYERS = (
     ('evaluation', 4, ('dreamzero_jax.evaluation*',)),
     ('serving', 5, ('dreamzero_jax.serve', 'dreamzero_jax.serving*')),
     ('entry points', 6, ('dreamzero_jax.quickstart', 'dreamzero_jax.evaluate', 'dreamzero_jax.convert',
-                          'dreamzero_jax.summary')),
+                          'dreamzero_jax.summary', 'dreamzero_jax.experiments*')),
 )
 # Repository top level that the package must not import: scripts, configs, builders, benchmarks.
 TOP_LEVEL = ('train', 'eval', 'configs', 'data', 'bench', 'tests')

@@ -36,3 +36,16 @@ def test_table_lists_every_task_and_policy_with_the_mean_interval(tmp_path):
   for path in (png, curve):
     from PIL import Image
     assert Image.open(path).size[0] > 100 and np.asarray(Image.open(path)).std() > 0
+
+
+def test_episodes_of_reads_any_metric_and_interval_bars_draw(tmp_path):
+  report = {'tasks': {'a': {'split': 'seen', 'episodes': [{'success': True, 'progress': 1.0, 'jerk': None},
+                                                          {'success': False, 'progress': 0.5, 'jerk': 0.2}]}},
+            'replay': {}}
+  assert results.episodes_of(report, 'seen', 'progress') == {'a': [1.0, 0.5]}
+  assert results.episodes_of(report, 'seen', 'jerk') == {'a': [0.2]}   # episodes without a value left out
+  assert results.episodes_of(report, 'unseen') == {}
+  png = results.interval_bars({'seen': {'x': (0.5, 0.4, 0.6), 'y': (0.2, 0.1, 0.3)}, 'unseen': {'x': (0.3, 0.2, 0.4)}},
+                              str(tmp_path / 'bars.png'), title='t', reference={'seen': {'x': 0.62}})
+  from PIL import Image
+  assert Image.open(png).size[0] > 100 and np.asarray(Image.open(png)).std() > 0

@@ -1,7 +1,8 @@
 """Meta-World episodes generated on the spot by the scripted expert policies (no downloads).
 
-Episode e of a task uses the task variation e mod 50 and reset seed `seed + e`: a rebuild with
-the same arguments gives the same states, actions and (on the same renderer) the same images.
+Episode e of a task uses the task variation e mod 50 (e mod `variations` when given: fewer
+variations, repeated) and reset seed `seed + e`: a rebuild with the same arguments gives the same
+states, actions and (on the same renderer) the same images.
 State = hand xyz + gripper opening (observation[:4]); actions (dx, dy, dz, grip) in [-1, 1]. The
 simulator, the variations and the task instructions: dreamzero_jax/envs/metaworld.py (shared with the
 closed-loop evaluation).
@@ -18,13 +19,13 @@ from dreamzero_jax.datasets import embodiments, episodes
 from dreamzero_jax.envs.metaworld import MetaWorldEnv, instruction, training_variation
 
 
-def _run_episode(args: tuple[str, int, int, int, int, int, str]) -> dict[str, Any]:
+def _run_episode(args: tuple[str, int, int, int, int, int, str, int]) -> dict[str, Any]:
   """One expert rollout with every camera rendered at each step (runs in a worker process)."""
-  task, index, seed, size, max_steps, tail, image_format = args
+  task, index, seed, size, max_steps, tail, image_format, variations = args
   # The [sim] extra, imported in the worker processes.
   from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
   cameras = embodiments.get('metaworld').cameras
-  v = training_variation(task, index, seed)
+  v = training_variation(task, index, seed, variations)
   sim = MetaWorldEnv(v.task, v.seed, cameras, size, size, task_index=v.task_index, reset_seed=v.reset_seed)
   env = sim.env
   policy = ENV_POLICY_MAP[task]()
@@ -58,8 +59,9 @@ class Metaworld(episodes.EpisodeBuilder):
 
   def __init__(self, *, tasks: Sequence[str] = ('reach-v3',), episodes_per_task: int = 4,
                image_size: int = 128, seed: int = 0, max_steps: int = 500, tail: int = 16,
-               image_format: str = 'jpeg', workers: int = 0, **kwargs):
+               image_format: str = 'jpeg', workers: int = 0, variations: int = 0, **kwargs):
     self._tasks, self._episodes_per_task = tuple(tasks), episodes_per_task
+    self._variations = variations   # 0: every episode its own variation
     self._image_size, self._seed, self._max_steps, self._tail = image_size, seed, max_steps, tail
     self._image_format, self._workers = image_format, workers or os.cpu_count() or 1
     super().__init__(**kwargs)
@@ -70,15 +72,16 @@ class Metaworld(episodes.EpisodeBuilder):
         embodiment=e.name, cameras=e.cameras,
         image_shapes={c: (self._image_size, self._image_size) for c in e.cameras},
         control_hz=e.control_hz, state_dim=e.state_dim, action_dim=e.action_dim,
-        num_alternatives=1, source=f'metaworld tasks={",".join(self._tasks)} seed={self._seed}')
+        num_alternatives=1, source=f'metaworld tasks={",".join(self._tasks)} seed={self._seed}'
+                                   + (f' variations={self._variations}' if self._variations else ''))
 
   def episodes(self) -> Iterator[dict[str, Any]]:
     from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
     for task in self._tasks:
       if task not in ENV_POLICY_MAP:
         raise episodes.DataError(f'--tasks: no scripted policy for {task!r}')
-    jobs = [(task, i, self._seed, self._image_size, self._max_steps, self._tail,
-             self._image_format) for task in self._tasks for i in range(self._episodes_per_task)]
+    jobs = [(task, i, self._seed, self._image_size, self._max_steps, self._tail, self._image_format,
+             self._variations) for task in self._tasks for i in range(self._episodes_per_task)]
     # Fresh processes: each owns its EGL context, and rollouts are independent.
     with multiprocessing.get_context('spawn').Pool(min(self._workers, len(jobs))) as pool:
       yield from pool.imap(_run_episode, jobs)

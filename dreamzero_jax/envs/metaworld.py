@@ -59,10 +59,10 @@ class Variation(NamedTuple):
   reset_seed: int
 
 
-def training_variation(task: str, index: int, seed: int) -> Variation:
-  """Episode `index` of a task in a dataset built with `seed` (data/metaworld: variation index, reset
-  seed seed + index)."""
-  return Variation(task, seed, index, seed + index)
+def training_variation(task: str, index: int, seed: int, variations: int = 0) -> Variation:
+  """Episode `index` of a task in a dataset built with `seed` (data/metaworld: variation index, or
+  index mod `variations` when the build repeats that many; reset seed seed + index)."""
+  return Variation(task, seed, index % variations if variations else index, seed + index)
 
 
 class MetaWorldEnv:

@@ -29,23 +29,43 @@ def _observation(images: dict, state: np.ndarray, cameras, frames=None) -> dict:
   return obs
 
 
+def action_jerk(actions: list[np.ndarray]) -> float | None:
+  """Mean squared jerk of an episode's executed actions (clipped to [-1, 1] as the simulator takes
+  them): the third difference over control steps, squared, averaged over steps and action dims.
+  None under 4 actions."""
+  if len(actions) < 4:
+    return None
+  executed = np.clip(np.stack(actions).astype(np.float64), -1.0, 1.0)
+  return float(np.mean(np.diff(executed, n=3, axis=0) ** 2))
+
+
 def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_steps: int,
                 variation: Variation | None = None) -> dict:
   """infer(observation with prompt) -> (actions [Ha, A], predicted latents or None).
 
-  The task instance is MT1(task, seed)'s variation `seed` reset with `seed`, or `variation`."""
+  The task instance is MT1(task, seed)'s variation `seed` reset with `seed`, or `variation`. The
+  record holds the action smoothness (`jerk`, action_jerk) and the latency per chunk (`chunk_ms`:
+  the median wall time of the policy calls after the first, which starts the session and compiles;
+  None with fewer than 2 calls)."""
   cameras = cfg.data.cameras
   v = variation or Variation(task, seed, seed, seed)
   env = MetaWorldEnv(v.task, v.seed, cameras, cfg.serve.camera_height, cfg.serve.camera_width,
                      task_index=v.task_index, reset_seed=v.reset_seed)
   record = dict(task=task, seed=seed, success=False, progress=0.0, length=0, failure=None, actions=[])
-  real, predicted = [], []
+  real, predicted, calls = [], [], []
+
+  def ask(observation: dict):
+    start = time.perf_counter()
+    out = infer({**observation, 'prompt': prompt})
+    calls.append(time.perf_counter() - start)
+    return out
+
   if hasattr(infer, 'bind'):   # a baseline that reads the simulator (the scripted expert)
     infer.bind(env)
   try:
     images, state = env.reset()
     real.append(images)
-    actions, video = infer({**_observation(images, state, cameras), 'prompt': prompt})
+    actions, video = ask(_observation(images, state, cameras))
     while record['length'] < max_steps and not record['success']:
       if video is not None:
         predicted.append(video)
@@ -63,8 +83,7 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
       real.extend(frames)
       if record['success'] or record['length'] >= max_steps or len(frames) < cfg.video.frames_per_chunk:
         break
-      actions, video = infer({**_observation(images, state, cameras, frames[-cfg.video.frames_per_chunk:]),
-                              'prompt': prompt})
+      actions, video = ask(_observation(images, state, cameras, frames[-cfg.video.frames_per_chunk:]))
   except Exception as e:  # pylint: disable=broad-except  (a crashed episode is a failure, not a crash)
     record['failure'] = f'{type(e).__name__}: {e}'
     record['success'] = False
@@ -72,6 +91,8 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
   finally:
     env.close()
   record['real'], record['predicted'] = real, predicted
+  record['jerk'] = action_jerk(record['actions'])
+  record['chunk_ms'] = 1e3 * float(np.median(calls[1:])) if len(calls) > 1 else None
   return record
 
 
@@ -150,10 +171,17 @@ def write_gif(path: str, cfg, real: list[dict], predicted_frames: np.ndarray | N
   out[0].save(path, save_all=True, append_images=out[1:], duration=100, loop=0)
 
 
+def _mean_of(rows: list[dict], key: str, reduce=np.mean) -> float | None:
+  """`reduce` over the rows' values of `key` that exist (jerk and latency are None for short episodes)."""
+  values = [r[key] for r in rows if r.get(key) is not None]
+  return float(reduce(values)) if values else None
+
+
 def _summary(runs: list[dict]) -> dict:
   return dict(success_rate=float(np.mean([r['success'] for r in runs])),
               progress=float(np.mean([r['progress'] for r in runs])),
-              length=float(np.mean([r['length'] for r in runs])), episodes=runs)
+              length=float(np.mean([r['length'] for r in runs])), jerk=_mean_of(runs, 'jerk'),
+              chunk_ms=_mean_of(runs, 'chunk_ms', np.median), episodes=runs)
 
 
 def _mean_psnr(summary: dict, rows: list[dict]) -> None:
@@ -170,8 +198,9 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
 
   Seen and unseen episode e runs MT1(task, seed + e)'s variation seed + e (evaluate with a seed
   away from the dataset's build seed for variations it never saw). Report: per split a success
-  rate, progress and length averaged over its tasks (replay: over its episodes); per task those of
-  its episodes (seen/unseen under `tasks`, replay under replay.tasks).
+  rate, progress, length and jerk averaged over its tasks (replay: over its episodes) and the median
+  latency per chunk (chunk_ms); per task those of its episodes (seen/unseen under `tasks`, replay
+  under replay.tasks).
 
   With `encode` and `decode` (the policy's VAE), each task's first episode's predicted video is
   decoded for its GIF and scored against the real frames: `prediction_psnr_db` per task and split.
@@ -201,7 +230,7 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
         write_gif(path, cfg, rec['real'], predicted)
         report['gifs'].append(path)
       report['crashed'] += rec['failure'] is not None
-      run = {k: rec[k] for k in ('seed', 'success', 'progress', 'length', 'failure')}
+      run = {k: rec[k] for k in ('seed', 'success', 'progress', 'length', 'failure', 'jerk', 'chunk_ms')}
       if variation is not None:
         run.update(task_index=variation.task_index, reset_seed=variation.reset_seed)
       runs.append(run)
@@ -219,7 +248,8 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
     if rows:
       report[split] = dict(success_rate=float(np.mean([t['success_rate'] for t in rows])),
                            progress=float(np.mean([t['progress'] for t in rows])),
-                           length=float(np.mean([t['length'] for t in rows])), tasks=len(rows))
+                           length=float(np.mean([t['length'] for t in rows])), jerk=_mean_of(rows, 'jerk'),
+                           chunk_ms=_mean_of(rows, 'chunk_ms', np.median), tasks=len(rows))
       _mean_psnr(report[split], rows)
   if replay_tasks:  # replay: over its episodes (a handful, unevenly spread over tasks)
     runs = [r for t in replay_tasks.values() for r in t['episodes']]

@@ -11,15 +11,17 @@ from dreamzero_jax.envs.metaworld import Variation, training_variation
 
 def dataset_variations(data_dir: str, name: str = 'metaworld') -> list[Variation]:
   """The variations of a built Meta-World dataset's episodes, in dataset order (episode ids
-  'task/index', the build seed in the dataset's source line)."""
+  'task/index'; the build seed, and the variations per task of a repeated build, in the dataset's
+  source line)."""
   stored = episodes.open_dataset(data_dir, name)
   seed = re.search(r'\bseed=(\d+)', stored.spec.source)
   if not stored.spec.source.startswith('metaworld') or seed is None:
     raise ValueError(f'--replay: {stored.path} is not a Meta-World dataset built here (source {stored.spec.source!r})')
+  variations = re.search(r'\bvariations=(\d+)', stored.spec.source)
   out = []
   for eid in stored.lowdim.episode_id:
     task, _, index = (eid.decode() if isinstance(eid, bytes) else str(eid)).rpartition('/')
-    out.append(training_variation(task, int(index), int(seed.group(1))))
+    out.append(training_variation(task, int(index), int(seed.group(1)), int(variations.group(1)) if variations else 0))
   return out
 
 

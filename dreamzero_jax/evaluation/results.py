@@ -26,12 +26,12 @@ def bootstrap_ci(per_task: Sequence[Sequence[float]], samples: int = 2000, seed:
   return point, float(low), float(high)
 
 
-def episodes_of(report: dict, split: str = 'seen') -> dict[str, list[float]]:
-  """{task: [success of each episode]} of one split of an eval.py report."""
-  if split == 'replay':
-    return {task: [float(e['success']) for e in t['episodes']] for task, t in report['replay'].get('tasks', {}).items()}
-  return {task: [float(e['success']) for e in t['episodes']] for task, t in report['tasks'].items()
-          if t['split'] == split}
+def episodes_of(report: dict, split: str = 'seen', metric: str = 'success') -> dict[str, list[float]]:
+  """{task: [`metric` of each episode]} of one split of an eval.py report (success, progress, jerk,
+  ...; episodes without a value, such as the jerk of a 3-step episode, left out)."""
+  tasks = report['replay'].get('tasks', {}) if split == 'replay' else {
+      task: t for task, t in report['tasks'].items() if t['split'] == split}
+  return {task: [float(e[metric]) for e in t['episodes'] if e.get(metric) is not None] for task, t in tasks.items()}
 
 
 def table(reports: dict[str, dict], split: str = 'seen') -> tuple[str, dict]:
@@ -103,6 +103,36 @@ def success_bars(data: dict, out_png: str, title: str = '') -> str:
   ax.set_ylabel('success rate')
   ax.set_title(title)
   ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return out_png
+
+
+def interval_bars(groups: dict[str, dict[str, tuple[float, float, float]]], out_png: str, title: str = '',
+                  ylabel: str = '', reference: dict[str, dict[str, float]] | None = None) -> str:
+  """Bars of (point, low, high) per group (x) and series (colour), the interval as error bars; a
+  `reference` value ({group: {series: value}}, e.g. the paper's) is drawn as a black tick on its bar."""
+  plt = _pyplot()
+  names = list(dict.fromkeys(n for series in groups.values() for n in series))
+  width = 0.8 / max(len(names), 1)
+  fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(groups) * len(names)), 3.5))
+  labelled = False
+  for i, name in enumerate(names):
+    x = np.array([g for g, series in enumerate(groups.values()) if name in series]) + i * width
+    points = np.array([series[name] for series in groups.values() if name in series], np.float64)
+    errors = np.maximum(np.stack([points[:, 0] - points[:, 1], points[:, 2] - points[:, 0]]), 0.0)
+    ax.bar(x, points[:, 0], width, yerr=errors, capsize=3, label=name)
+    marks = [(xi, (reference or {}).get(group, {}).get(name))
+             for xi, group in zip(x, [g for g, series in groups.items() if name in series])]
+    for xi, value in marks:
+      if value is not None:
+        ax.plot([xi - width / 2, xi + width / 2], [value, value], 'k-', lw=2, label=None if labelled else 'paper')
+        labelled = True
+  ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, list(groups))
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
   plt.close(fig)
