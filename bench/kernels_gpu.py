@@ -39,11 +39,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dreamzero_jax.config import load_config  # noqa: E402
-from dreamzero_jax.inference import kv_cache  # noqa: E402
-from dreamzero_jax.inference.policy import Geometry  # noqa: E402
+from dreamzero_jax.inference.rollout import RolloutSpec  # noqa: E402
 from dreamzero_jax.kernels import fp8, modulation, qk_norm_rope, registry  # noqa: E402
 from dreamzero_jax.kernels.check import timed_ms  # noqa: E402
-from dreamzero_jax.models import dit, masks  # noqa: E402
+from dreamzero_jax.models import dit, kv_cache, masks  # noqa: E402
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_peers', 'torch_dit_forward.py')
 
@@ -117,7 +116,7 @@ def dit_rows(config: str, impl: str, batches, repeats: int, rng):
     cfg = load_config(config, ['model.param_dtype="bfloat16"', f'model.kernels={impl}',
                                f'model.quantization={quantization}'])
     m, v = cfg.model, cfg.video
-    geo = Geometry.from_config(cfg)
+    geo = RolloutSpec.from_config(cfg)
     model = dit.for_inference(nnx.jit(lambda: dit.build_dit(m, rngs=nnx.Rngs(0)))(), quantization)
     graphdef, state = nnx.split(model)
     h, w = geo.latent_hw

@@ -1,5 +1,8 @@
 """Control-step latency of the policy, broken into VAE encode, cache write, denoise, action decode.
 
+Times the policy's own chunk functions (inference/rollout.py: observe's two halves, encode_observed
+and write_observed, then denoise) on the episode a Policy starts, and the policy's action decode.
+
   python bench/policy_latency.py [--config configs/dreamzero_14b_droid.py] [--config.x=v ...]
 
 Random weights (built on the device under jit, params in model.param_dtype). On a GPU run it with
@@ -10,6 +13,7 @@ command for the PyTorch peer. Without a GPU it times the tiny config on the CPU.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -23,6 +27,8 @@ from flax import nnx  # noqa: E402
 
 from dreamzero_jax import encoders  # noqa: E402
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
+from dreamzero_jax.datasets import embodiments  # noqa: E402
+from dreamzero_jax.inference import rollout  # noqa: E402
 from dreamzero_jax.inference.policy import Policy  # noqa: E402
 from dreamzero_jax.models.dit import build_dit  # noqa: E402
 
@@ -41,13 +47,16 @@ def timed(fn, *args, repeats=5):
 
 def main(argv):
   overrides, rest = split_config_args(argv)
+  parser = argparse.ArgumentParser(prog='python bench/policy_latency.py', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', help='configs/NAME.py[:ARG] (default: the 14B DROID config on a GPU, else '
+                      'configs/tiny.py); --config.a.b=v overrides follow it')
   gpu = jax.default_backend() == 'gpu'
-  spec = rest[rest.index('--config') + 1] if '--config' in rest else (
-      'configs/dreamzero_14b_droid.py' if gpu else 'configs/tiny.py')
-  cfg = load_config(spec, (['model.param_dtype="bfloat16"'] if gpu else []) + overrides)
+  config_path = parser.parse_args(rest).config or ('configs/dreamzero_14b_droid.py' if gpu else 'configs/tiny.py')
+  cfg = load_config(config_path, (['model.param_dtype="bfloat16"'] if gpu else []) + overrides)
   model = nnx.jit(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))()
   frozen = nnx.jit(lambda: encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)))()
-  e = __import__('dreamzero_jax.datasets.embodiments', fromlist=['get']).get(cfg.data.embodiment)
+  e = embodiments.get(cfg.data.embodiment)
   stats = {'state': dict(q01=[-1.0] * e.state_dim, q99=[1.0] * e.state_dim),
            'action': dict(q01=[-1.0] * e.action_dim, q99=[1.0] * e.action_dim)}
   policy = Policy(cfg, model, frozen, stats)
@@ -58,17 +67,12 @@ def main(argv):
   state = np.zeros(e.state_dim, np.float32)
   ep = policy.reset('pick up the cup', first, state)
 
-  vae = frozen.vae
-  vae_ms, (latents, _) = timed(jax.jit(vae.encode_stream), ep.vae_cache, frames)
-  dup = lambda x: jnp.broadcast_to(x, (policy.batch, *x.shape[1:]))
-  cond = None if ep.cond is None else dup(ep.cond[:, 1:1 + policy.lf])
-  write = jax.jit(lambda cache, lat, c: model.write_clean_frames(lat, cache, ep.cross_kv, chunk=jnp.int32(0),
-                                                                 cond=c))
-  write_ms, _ = timed(write, ep.cache, dup(latents), cond)
-  denoise = lambda: policy._denoise(policy._model_state, ep.cache, ep.cross_kv, ep.cond,
-                                    policy._normalised_state(state), jnp.int32(e.id), jnp.int32(0),
-                                    jax.random.key(0))
-  denoise_ms, (_, actions, evaluations) = timed(denoise)
+  spec, (dit, vae, _) = policy.spec, policy.networks
+  vae_ms, (latents, _) = timed(rollout.encode_observed, spec, vae, ep.vae_cache, frames)
+  write_ms, _ = timed(rollout.write_observed, spec, dit, ep.cache, ep.cross_kv, ep.cond, latents, jnp.int32(0))
+  denoise_ms, (_, actions, evaluations) = timed(
+      rollout.denoise, spec, dit, ep.cache, ep.cross_kv, ep.cond, policy.normalised_state(state), jnp.int32(e.id),
+      jnp.int32(0), jax.random.key(0))
   actions = np.asarray(actions[0])
   t = time.perf_counter()
   for _ in range(20):
@@ -79,7 +83,7 @@ def main(argv):
   print('| device | config | sampler | VAE encode ms | cache write ms | denoise ms | action decode ms | total ms |')
   print('|---|---|---|---|---|---|---|---|')
   total = vae_ms + write_ms + denoise_ms + decode_ms
-  print(f'| {device} | {spec} | {s.kind} {s.num_steps} steps, DiT x{int(evaluations)}, cfg {s.cfg_scale}'
+  print(f'| {device} | {config_path} | {s.kind} {s.num_steps} steps, DiT x{int(evaluations)}, cfg {s.cfg_scale}'
         f'{" batched" if policy.batch == 2 else ""} | {vae_ms:.1f} | {write_ms:.1f} | {denoise_ms:.1f} | '
         f'{decode_ms:.2f} | {total:.1f} |')
 

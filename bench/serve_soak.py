@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from dreamzero_jax import msgpack_numpy  # noqa: E402
+from dreamzero_client import msgpack_numpy  # noqa: E402
 from dreamzero_jax.config import split_config_args  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,18 +39,20 @@ TIMEOUT_S = 600.0
 def serve_random(max_sessions: int, overrides: list[str]) -> None:
   """The child process: the tiny policy with random weights behind the server, until SIGTERM."""
   from flax import nnx
-  from dreamzero_jax import encoders, serve
+  from dreamzero_jax import encoders
   from dreamzero_jax.config import load_config
   from dreamzero_jax.datasets import embodiments
-  from dreamzero_jax.inference.policy import Policy, PolicyServerBackend
+  from dreamzero_jax.inference.policy import Policy
   from dreamzero_jax.models.dit import build_dit
+  from dreamzero_jax.serving import server
+  from dreamzero_jax.serving.adapters import PolicyServerBackend
   cfg = load_config(os.path.join(ROOT, 'configs/tiny.py'), overrides)
   model = nnx.jit(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))()
   frozen = nnx.jit(lambda: encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)))()
   e = embodiments.get(cfg.data.embodiment)
   stats = {'state': dict(q01=[-1.0] * e.state_dim, q99=[1.0] * e.state_dim),
            'action': dict(q01=[-1.0] * e.action_dim, q99=[1.0] * e.action_dim)}
-  serve.run(PolicyServerBackend(Policy(cfg, model, frozen, stats)), '127.0.0.1', 0, max_sessions)
+  server.run(PolicyServerBackend(Policy(cfg, model, frozen, stats)), '127.0.0.1', 0, max_sessions)
 
 
 def malformed(kind: int, good: dict, spec: dict) -> tuple[bytes | str, str]:

@@ -2,20 +2,14 @@
 30 Hz control, 24-step chunks with a frame every 3 steps, state 20, action 22 (the 20 position dims
 relative to the anchor state), 3 views on a 2x2 grid."""
 from configs import base
+from dreamzero_jax.datasets import embodiments
 
 
 def get_config(arg=None):
   del arg
   c = base.get_base_config()
   c.data.name = 'agibot'
-  c.data.embodiment = 'agibot'
-  c.data.cameras = ('top_head', 'hand_left', 'hand_right')
-  c.data.canvas_layout = 'grid'
-  c.data.control_hz = 30
-  c.data.frame_stride = 3
-  c.data.action_dim = 22
-  c.data.state_dim = 20
-  c.data.relative_action_dims = tuple(range(20))
+  c.data.update(embodiments.data_config('agibot'))
   # AgiBot's row of the per-embodiment tables is its id, 2: `convert` writes the release's single
   # shared action/state module set there and the policy reads it from there.
   c.model.num_embodiments = 3

@@ -1,9 +1,12 @@
-"""Meta-World: the built-in dataset (no downloads), a small model trainable on one GPU.
+"""Meta-World on one GPU: configs/metaworld_cpu.py's recipe scaled up (128x128 canvas of 64x64 views,
+a 256-wide DiT, all 45 ML45 train tasks). One command builds the data, trains the small VAE and the
+policy, and evaluates it beside the scripted expert and a random policy (docs/small_scale.md):
 
-Build the data first:
-  python -m dreamzero_jax.datasets build metaworld --out DIR --tasks reach-v3,push-v3 --episodes 50
+  python -m dreamzero_jax.quickstart --config configs/metaworld.py --tasks ml45 --unseen_tasks ml45 \
+      --episodes 50 --eval_episodes 20 --eval_steps 300 --replay 20 --baselines --out runs/metaworld_ml45
 """
 from configs import base
+from dreamzero_jax.datasets import embodiments
 
 
 def get_config(arg=None):
@@ -15,15 +18,16 @@ def get_config(arg=None):
   # 128x128 canvas of 64x64 views; 80 Hz control, a frame every 2 steps, 16-step chunks (0.2 s).
   c.video.update(dict(height=128, width=128, frames_per_chunk=8, max_chunks=4,
                       action_horizon=16))
-  c.data.update(dict(dir='', name='metaworld', embodiment='metaworld',
-                     cameras=('corner', 'corner2', 'behindGripper'), canvas_layout='grid',
-                     control_hz=80, frame_stride=2, action_dim=4, state_dim=4,
-                     relative_action_dims=(),
-                     # No crop: the 64x64 views are small; mild jitter as before.
-                     augment_crop_scale=1.0, augment_brightness=0.1, augment_contrast=0.1,
+  c.data.update(embodiments.data_config('metaworld'))
+  c.data.update(dict(dir='', name='metaworld',
+                     frame_stride=2,   # a frame every 2 control steps (the embodiment's default: every step)
+                     # Frozen encoders run once per clip (data.latent_cache) on clips anchored where the
+                     # policy replans; the cache holds unaugmented clips: no crop, no jitter.
+                     anchor_stride=16, latent_cache=True,
+                     augment_crop_scale=1.0, augment_brightness=0.0, augment_contrast=0.0,
                      augment_saturation=0.0, augment_hue=0.0))
-  # Frozen encoders at small widths (no pretrained weights are downloaded: they stay random and
-  # frozen, fixed feature maps the DiT learns to read).
+  # The VAE is trained on the dataset's frames first (training/vae.py; the quickstart does it and
+  # sets init.vae); umT5 stays random and frozen (distinct prompts still embed distinctly).
   c.vae.update(dict(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
   c.text_encoder.update(dict(vocab_size=384, dim=16, ffn_dim=32, num_heads=2, num_layers=2,
                              num_buckets=8, max_distance=16))

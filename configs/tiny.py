@@ -3,6 +3,7 @@
 Variants: `configs/tiny.py:t2v` drops the image branch (16 input channels, no CLIP).
 """
 from configs import base
+from dreamzero_jax.datasets import embodiments
 
 # Wan's own (Chinese) default negative prompt, kept for the toy model: its tests were tuned with it
 # (8 byte tokens of prompt). The DreamZero configs use the release's English one (base.py).
@@ -24,10 +25,7 @@ def get_config(arg=None):
                              num_buckets=8, max_distance=16))
   c.image_encoder.update(dict(image_size=28, patch_size=14, width=12, num_layers=2,
                               num_heads=2, mlp_dim=24))
-  c.data.update(dict(name='metaworld', embodiment='metaworld',
-                     cameras=('corner', 'corner2', 'behindGripper'), canvas_layout='grid',
-                     control_hz=80, frame_stride=1, action_dim=4, state_dim=4,
-                     relative_action_dims=(),
+  c.data.update(dict(name='metaworld', **embodiments.data_config('metaworld'),
                      # No crop: the 64x64 views are small; mild jitter as before.
                      augment_crop_scale=1.0, augment_brightness=0.1, augment_contrast=0.1,
                      augment_saturation=0.0, augment_hue=0.0))

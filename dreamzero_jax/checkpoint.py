@@ -1,5 +1,10 @@
 """Self-describing Orbax checkpoints: train state, config, data-iterator state and norm stats.
 
+Each step holds the items `state` (the whole TrainState: resuming), `params` (what inference
+serves: the EMA parameters when train.ema_decay > 0, else the trained ones; under LoRA its
+factors, the frozen base staying in `state`), `config`, `norm_stats` and `data`. Serving reads
+`params` (restore_params) and never the optimiser moments, twice the parameters' bytes under AdamW.
+
 Written asynchronously by one CheckpointManager per workdir, keeping the newest N. Orbax writes
 each step into a temporary directory and renames it when complete, so a crash mid-write leaves
 no half checkpoint to resume from. On restore the stored config is compared with the current
@@ -75,6 +80,17 @@ def _state_tree(state) -> dict:
   return {k: v for k, v in state._asdict().items() if v is not None}
 
 
+def _served(state):
+  """The parameters inference runs: the EMA when kept, else the trained ones."""
+  return state.ema if state.ema is not None else state.params
+
+
+def _restore_targets(abstract):
+  """ShapeDtypeStructs (with the shardings the caller gave, if any) of an abstract or real pytree."""
+  return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+                      jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None)), abstract)
+
+
 class Checkpointer:
   """Saves and restores training runs in `workdir`."""
 
@@ -90,6 +106,7 @@ class Checkpointer:
   def save(self, step: int, state, config: ml_collections.ConfigDict, data_state: Any = None,
            norm_stats: Any = None) -> None:
     args = dict(state=ocp.args.StandardSave(_state_tree(state)),
+                params=ocp.args.StandardSave(_served(state)),
                 config=ocp.args.JsonSave(_jsonable(config.to_dict())),
                 norm_stats=ocp.args.JsonSave(_jsonable(norm_stats or {})),
                 data=ocp.args.JsonSave(_jsonable(data_state or {})))
@@ -98,20 +115,42 @@ class Checkpointer:
   def read_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
-  def restore(self, step: int, abstract_state, config: ml_collections.ConfigDict):
-    """Returns (state, data_state, norm_stats); refuses a checkpoint from an incompatible config."""
+  def _check_compatible(self, step: int, config: ml_collections.ConfigDict) -> None:
     diffs = config_differences(self.read_config(step), config, ignore=EXECUTION_FIELDS)
     if diffs:
       raise IncompatibleCheckpointError(
           f'{self.workdir} holds a checkpoint (step {step}) from an incompatible config: ' + '; '.join(diffs))
-    target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
-                          jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None)),
-                          _state_tree(abstract_state))
+
+  def restore(self, step: int, abstract_state, config: ml_collections.ConfigDict):
+    """Returns (state, data_state, norm_stats); refuses a checkpoint from an incompatible config."""
+    self._check_compatible(step, config)
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), norm_stats=ocp.args.JsonRestore(),
-        data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(_restore_targets(_state_tree(abstract_state))),
+        norm_stats=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
     fields = {k: out['state'].get(k) for k in abstract_state._fields}
     return type(abstract_state)(**fields), out['data'], out['norm_stats']
+
+  def restore_params(self, step: int, abstract_state, config: ml_collections.ConfigDict):
+    """Returns (served parameters, frozen LoRA base or None, norm_stats), reading no optimiser state.
+
+    The served parameters are the `params` item (EMA parameters when kept); under LoRA they are
+    the factors and only the `frozen` subtree of the state item is read beside them. A checkpoint
+    written before the `params` item existed restores its whole state instead. Refuses a
+    checkpoint from an incompatible config, as `restore` does.
+    """
+    self._check_compatible(step, config)
+    if 'params' not in self.manager.item_metadata(step):
+      state, _, norm_stats = self.restore(step, abstract_state, config)
+      return _served(state), state.frozen, norm_stats
+    args = dict(params=ocp.args.StandardRestore(_restore_targets(_served(abstract_state))),
+                norm_stats=ocp.args.JsonRestore())
+    if abstract_state.frozen is not None:
+      frozen = {'frozen': _restore_targets(abstract_state.frozen)}
+      args['state'] = ocp.args.PyTreeRestore(frozen, restore_args=ocp.checkpoint_utils.construct_restore_args(frozen),
+                                             partial_restore=True)
+    out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    frozen = out['state']['frozen'] if abstract_state.frozen is not None else None
+    return out['params'], frozen, out['norm_stats']
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

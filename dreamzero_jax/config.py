@@ -19,7 +19,14 @@ class ConfigError(ValueError):
   """A config file or override that cannot be applied."""
 
 
+# A source checkout's root (configs/ beside the package): relative config paths also resolve there,
+# so `--config configs/tiny.py` works from any directory.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _import_config_module(path: str):
+  if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(os.path.join(_CHECKOUT, path)):
+    path = os.path.join(_CHECKOUT, path)
   if not os.path.isfile(path):
     raise ConfigError(f'config file not found: {path}')
   # Config files import their siblings as `configs.<name>`: the directory holding the `configs`
@@ -73,9 +80,8 @@ POSITIVE_FIELDS = (
     'video.height', 'video.width', 'video.vae_spatial', 'video.vae_temporal',
     'video.latent_channels', 'video.frames_per_chunk', 'video.max_chunks', 'video.action_horizon',
     'data.control_hz', 'data.frame_stride', 'data.action_dim', 'data.state_dim',
-    'data.max_corrupt', 'sampler.num_steps', 'serve.camera_height', 'serve.camera_width',
-    'vae_train.steps', 'vae_train.batch_size', 'vae_train.checkpoint_every',
-    'vae_train.log_every')
+    'data.max_corrupt', 'data.anchor_stride', 'sampler.num_steps', 'serve.camera_height', 'serve.camera_width',
+    'vae_train.steps', 'vae_train.batch_size', 'vae_train.checkpoint_every', 'vae_train.log_every')
 # Counts for which 0 means "none" or "off".
 NON_NEGATIVE_FIELDS = ('train.lora_rank', 'data.num_workers', 'data.relative_action_dims',
                        'model.image_dim', 'model.attention_block_q', 'vae_train.eval_every')

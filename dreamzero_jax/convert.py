@@ -11,9 +11,7 @@ The output appears at DIR only when complete: it is written into DIR.tmp-* and r
 A tensor holding NaN or inf (as read, or after the cast to its parameter dtype) refuses the conversion
 naming it, unless --allow_nonfinite.
 
-DIR holds config.json (the config converted for), manifest.json (the components converted and the rows
-of the per-embodiment action/state tables a DreamZero checkpoint filled) and params/, an Orbax PyTree
-checkpoint {'dit': ..., 'encoders': ...} of the nnx.Param pure dicts, which `load_converted` restores.
+DIR holds config.json, manifest.json and params/ (models/weights/release.py, which reads it back).
 `--components dit,vae,text,image` picks what to convert (default: what the sources hold): a DiT-only
 release converts alone, and the config of an absent component is never read.
 """
@@ -28,42 +26,29 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from flax import nnx
 
 from dreamzero_jax import torch_files
-from dreamzero_jax import checkpoint
-from dreamzero_jax.checkpoint import IncompatibleCheckpointError
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.datasets import embodiments
-from dreamzero_jax.models import clip, dit_weights, dreamzero_weights, umt5, vae
-from dreamzero_jax.models.dit import build_dit
-from dreamzero_jax.models.weights import Target, WeightMismatchError
+from dreamzero_jax.models.weights import clip as clip_weights
+from dreamzero_jax.models.weights import dit as dit_weights
+from dreamzero_jax.models.weights import dreamzero as dreamzero_weights
+from dreamzero_jax.models.weights import umt5 as umt5_weights
+from dreamzero_jax.models.weights import vae as vae_weights
+from dreamzero_jax.models.weights.common import Target, WeightMismatchError
+from dreamzero_jax.models.weights.release import COMPONENTS, MANIFEST, abstract_params, config_components, flatten
+# Re-exported for inference/policy.py until it reads models/weights/release.py itself (issue 12: being moved).
 
-# Component -> (where its parameters live in the output tree, what to call it in messages).
-COMPONENTS = {
-    'dit': (('dit',), 'the DiT'),
-    'vae': (('encoders', 'vae'), 'the VAE'),
-    'text': (('encoders', 'text'), 'the umT5 text encoder'),
-    'image': (('encoders', 'image'), 'the CLIP image encoder'),
-}
 # Wrappers the official trainers save around the modules (DreamZero's VLA, DiT-only and ComfyUI saves):
 # stripped before the names are matched. Longest first.
 PREFIXES = ('action_head.image_encoder.model.', 'action_head.text_encoder.', 'action_head.vae.model.',
             'action_head.model.', 'model.diffusion_model.', 'model.')
-# Config fields that change no parameter: a converted checkpoint loads under any value of these.
-RUNTIME_FIELDS = ('model.dtype', 'model.scan_layers', 'model.remat_policy', 'model.attention',
-                  'model.attention_mask', 'model.inference_state_attention', 'model.seq_pad_multiple',
-                  'text_encoder.tokenizer', *checkpoint.EXECUTION_FIELDS)
-# The config section each component's parameters depend on (the only ones compared at load).
-SECTIONS = {'dit': 'model', 'vae': 'vae', 'text': 'text_encoder', 'image': 'image_encoder'}
-MANIFEST = 'manifest.json'
 CHUNK_BYTES = 64 << 20   # output chunk (and write block) size: bounds the write buffers
 _M_MMAP_THRESHOLD = -3   # glibc mallopt parameter
 LISTED = 50              # offending names an error message lists
@@ -87,24 +72,25 @@ def formats(cfg: ml_collections.ConfigDict, embodiment_id: int) -> list[Format]:
   def with_actions(backbone):
     return lambda key: actions(key) if dreamzero_weights.is_checkpoint_key(key) else backbone(key)
 
-  clip_unused = clip.unused_keys(cfg.image_encoder.num_layers)
+  clip_unused = clip_weights.unused_keys(cfg.image_encoder.num_layers)
   return [
       Format('dit', 'diffusers', r'condition_embedder\.|blocks\.\d+\.attn1\.',
              with_actions(dit_weights.diffusers_key_map)),
       Format('dit', 'wan', r'blocks\.\d+\.(self_attn|cross_attn)\.|(action_encoder|state_encoder|action_decoder)\.',
              with_actions(dit_weights.wan_key_map)),
       Format('vae', 'diffusers', r'(post_)?quant_conv\.|(en|de)coder\.(down|up)_blocks\.',
-             vae.diffusers_key_map(cfg.vae)),
-      Format('vae', 'wan', r'(en|de)coder\.(downsamples|upsamples|middle|head)\.', vae.official_key_map(cfg.vae)),
-      Format('image', 'open_clip', r'visual\.transformer\.resblocks\.', clip.transformers_key_map,
-             clip.open_clip_to_transformers, clip_unused),
-      Format('image', 'wan', r'visual\.transformer\.\d+\.', clip.transformers_key_map, clip.wan_to_transformers,
-             clip_unused),
+             vae_weights.diffusers_key_map(cfg.vae)),
+      Format('vae', 'wan', r'(en|de)coder\.(downsamples|upsamples|middle|head)\.',
+             vae_weights.official_key_map(cfg.vae)),
+      Format('image', 'open_clip', r'visual\.transformer\.resblocks\.', clip_weights.transformers_key_map,
+             clip_weights.open_clip_to_transformers, clip_unused),
+      Format('image', 'wan', r'visual\.transformer\.\d+\.', clip_weights.transformers_key_map,
+             clip_weights.wan_to_transformers, clip_unused),
       Format('image', 'transformers', r'(vision_model\.)?(embeddings\.patch_embedding|encoder\.layers\.\d+\.)',
-             clip.transformers_key_map, ignore=clip_unused),
-      Format('text', 'transformers', r'shared\.weight|encoder\.block\.\d+\.', umt5.transformers_key_map,
-             ignore=umt5.transformers_unused),
-      Format('text', 'wan', r'token_embedding\.weight|blocks\.\d+\.attn\.', umt5.wan_key_map),
+             clip_weights.transformers_key_map, ignore=clip_unused),
+      Format('text', 'transformers', r'shared\.weight|encoder\.block\.\d+\.', umt5_weights.transformers_key_map,
+             ignore=umt5_weights.transformers_unused),
+      Format('text', 'wan', r'token_embedding\.weight|blocks\.\d+\.attn\.', umt5_weights.wan_key_map),
   ]
 
 
@@ -141,42 +127,9 @@ class Slot:
   dtype: np.dtype
 
 
-def config_components(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The components a model of this config has (no CLIP without an image branch)."""
-  return ('dit', 'vae', 'text') + (('image',) if cfg.model.image_dim else ())
-
-
-def abstract_params(cfg: ml_collections.ConfigDict, components: Iterable[str] | None = None) -> dict[str, dict]:
-  """{'dit': ..., 'encoders': {'vae', 'text', 'image'}}: the nnx.Param pure dicts of `components`
-  (default: all the config has) as ShapeDtypeStructs (nothing allocated). The encoders are built one
-  by one, so an absent component's config is never read."""
-  components = set(config_components(cfg) if components is None else components)
-  shape = lambda make: nnx.state(nnx.eval_shape(make), nnx.Param).to_pure_dict()
-  out: dict[str, dict] = {}
-  if 'dit' in components:
-    out['dit'] = shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))
-  makers = {'vae': lambda: vae.WanVAE(cfg.vae, rngs=nnx.Rngs(0)),
-            'text': lambda: umt5.UMT5Encoder(cfg.text_encoder, rngs=nnx.Rngs(0)),
-            'image': lambda: clip.CLIPVision(cfg.image_encoder, rngs=nnx.Rngs(0))}
-  encoders = {name: shape(make) for name, make in makers.items() if name in components}
-  if encoders:
-    out['encoders'] = encoders
-  return out
-
-
-def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
-
-
 def _component_params(abstract: dict) -> dict[str, dict[tuple, Slot]]:
   """Component -> (path inside the component's module -> Slot), for the components the config has."""
-  flat = _flat(abstract)
+  flat = flatten(abstract)
   out = {}
   for component, (root, _) in COMPONENTS.items():
     params = {path[len(root):]: Slot(tuple(v.shape), np.dtype(v.dtype)) for path, v in flat.items()
@@ -412,7 +365,7 @@ def convert(cfg: ml_collections.ConfigDict, sources: Iterable[str], out: str, *,
   try:
     by_row = {COMPONENTS[c][0] + path for c, paths in filled.items() for path, rows in paths.items()
               if rows - {None}} | {('dit',) + path for path in params.get('dit', {}) if _may_stay('dit', path)}
-    leaves = {p: Slot(tuple(v.shape), np.dtype(v.dtype)) for p, v in _flat(abstract).items()}
+    leaves = {p: Slot(tuple(v.shape), np.dtype(v.dtype)) for p, v in flatten(abstract).items()}
     store = ParamStore(os.path.join(tmp, 'params'), leaves, by_row, allow_nonfinite)
     bad_shape = _stream(groups, params, store)
     if bad_shape:
@@ -426,54 +379,6 @@ def convert(cfg: ml_collections.ConfigDict, sources: Iterable[str], out: str, *,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-
-
-def read_manifest(directory: str) -> dict:
-  """A `convert` output's manifest.json: {'components': [...], 'embodiment_rows': [...]}. Outputs written
-  before manifests hold every component and name no rows (None)."""
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
-    return {'components': list(COMPONENTS), 'embodiment_rows': None}
-  with open(path) as f:
-    return json.load(f)
-
-
-def load_converted(directory: str, cfg: ml_collections.ConfigDict,
-                   parts: tuple[str, ...] = ('dit', 'encoders')) -> tuple[dict | None, dict | None]:
-  """(DiT params, encoder params) as nnx.Param pure dicts of numpy arrays, from a `convert` output.
-
-  Only `parts` are read (None for the others). Refuses a checkpoint converted for a config whose
-  model / vae / text_encoder / image_encoder differ.
-  """
-  config_path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'{directory} is not a converted checkpoint (no config.json)')
-  present = set(read_manifest(directory)['components'])
-  wanted = set()
-  for part in parts:
-    wanted |= {'dit'} if part == 'dit' else set(config_components(cfg)) - {'dit'}
-  absent = [name for name in COMPONENTS if name in wanted - present]
-  if absent:
-    raise IncompatibleCheckpointError(
-        f'{directory} was converted without {", ".join(COMPONENTS[n][1] for n in absent)} '
-        f'({",".join(absent)}): convert a source that holds them '
-        f'(python -m dreamzero_jax.convert --components {",".join(absent)} ...)')
-  with open(config_path) as f:
-    diffs = checkpoint.config_differences(json.load(f), cfg, tuple(SECTIONS[c] for c in sorted(wanted)),
-                                          ignore=RUNTIME_FIELDS)
-  if diffs:
-    raise IncompatibleCheckpointError(f'{directory} was converted for another config: ' + '; '.join(diffs))
-  abstract = abstract_params(cfg, wanted)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-  restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-      os.path.join(os.path.abspath(directory), 'params'),
-      args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, transforms={}))
-  got = _flat(restored)
-  wrong = ['/'.join(map(str, path)) + f': {tuple(got[path].shape)} vs {tuple(want.shape)}'
-           for path, want in _flat(abstract).items() if tuple(got[path].shape) != tuple(want.shape)]
-  if wrong:
-    raise IncompatibleCheckpointError(f'{directory}: parameters of another shape: ' + '; '.join(wrong))
-  return restored.get('dit'), restored.get('encoders')
 
 
 def _return_freed_tensors_to_the_os() -> None:

@@ -7,7 +7,7 @@ Nothing here is ever optimised: the train step only sees its outputs.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,9 @@ from flax import nnx
 from dreamzero_jax import checkpoint
 from dreamzero_jax.datasets import embodiments
 from dreamzero_jax.models import clip, text_cache, umt5, vae
+from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.models.vae import I2V_MASK_CHANNELS
-from dreamzero_jax.training.objective import LatentBatch
+from dreamzero_jax.models.weights import release
 
 
 class ByteTokenizer:
@@ -88,8 +89,7 @@ def build_frozen_encoders(cfg: ml_collections.ConfigDict) -> FrozenEncoders:
   if not cfg.init.converted:
     encoders = FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
   else:
-    from dreamzero_jax import convert
-    _, params = convert.load_converted(cfg.init.converted, cfg, parts=('encoders',))
+    _, params = release.load_converted(cfg.init.converted, cfg, parts=('encoders',))
     encoders = with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), params)
   if cfg.init.vae:
     state = nnx.state(encoders.vae)
@@ -119,17 +119,14 @@ def trained_vae_params(cfg: ml_collections.ConfigDict) -> dict:
 def initial_dit_params(cfg: ml_collections.ConfigDict) -> dict:
   """The DiT parameters (pure dict) a fresh run starts from: cfg.init.converted's weights as host
   numpy arrays (placed by the caller, e.g. straight into a pod's shards), or random at cfg.seed."""
-  from dreamzero_jax.models.dit import build_dit
   if not cfg.init.converted:
     return nnx.state(build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))).to_pure_dict()
-  from dreamzero_jax import convert
-  params, _ = convert.load_converted(cfg.init.converted, cfg, parts=('dit',))
+  params, _ = release.load_converted(cfg.init.converted, cfg, parts=('dit',))
   return params
 
 
 def initial_dit(cfg: ml_collections.ConfigDict):
   """The DiT module of initial_dit_params on the default device."""
-  from dreamzero_jax.models.dit import build_dit
   return with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))
 
 
@@ -171,11 +168,29 @@ class PromptEncoder:
     return jnp.asarray(self.prompts(prompts))
 
 
-class BatchEncoder:
-  """Turns data batches (the pipeline's contract) into LatentBatch, caching prompt embeddings."""
+class LatentBatch(NamedTuple):
+  """A training batch after the frozen encoders: what the DiT consumes."""
+  latents: jax.Array          # [B, F, h, w, C] clean VAE latents, F = 1 + K * lf
+  cond: jax.Array | None      # [B, F, h, w, 20] the I2V condition y, or None (T2V / TI2V)
+  text: jax.Array             # [B, Lt, text_dim] umT5 embeddings, zero past each prompt
+  image: jax.Array | None     # [B, Li, image_dim] CLIP features, or None
+  actions: jax.Array          # [B, K*Ha, A] normalised to [-1, 1]
+  action_mask: jax.Array      # [B, K*Ha, A] bool
+  state: jax.Array            # [B, K, S]
+  chunk_mask: jax.Array       # [B, K] bool
+  embodiment_id: jax.Array    # [B] int32
 
-  def __init__(self, encoders: FrozenEncoders, cfg: ml_collections.ConfigDict):
+
+class BatchEncoder:
+  """Turns data batches (the pipeline's contract) into LatentBatch, caching prompt embeddings.
+
+  A batch with `latent_row` instead of `video` (data.latent_cache) takes its latents, I2V condition
+  and CLIP features from `cache` (training/latent_cache.py), which `pixels` filled.
+  """
+
+  def __init__(self, encoders: FrozenEncoders, cfg: ml_collections.ConfigDict, cache=None):
     self.i2v = uses_i2v_condition(cfg)
+    self.cache = cache
     graphdef, state = nnx.split(encoders)
     self._state = state
 
@@ -189,8 +204,17 @@ class BatchEncoder:
     self._pixels = jax.jit(pixels)
     self.prompts = PromptEncoder(encoders.text, cfg)
 
+  def pixels(self, video) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Video [B, T, H, W, 3] in [-1, 1] -> (VAE latents, I2V condition or None, CLIP features or None)."""
+    return self._pixels(self._state, jnp.asarray(video))
+
   def __call__(self, batch: dict) -> LatentBatch:
-    latents, cond, image = self._pixels(self._state, jnp.asarray(batch['video']))
+    if 'latent_row' in batch:
+      if self.cache is None:
+        raise ValueError('batch has latent_row but no latent cache was given')
+      latents, cond, image = (None if x is None else jnp.asarray(x) for x in self.cache.gather(batch['latent_row']))
+    else:
+      latents, cond, image = self.pixels(batch['video'])
     return LatentBatch(
         latents=latents, cond=cond, text=self.prompts.text(batch['instruction'], batch['embodiment_id']), image=image,
         actions=jnp.asarray(batch['actions']), action_mask=jnp.asarray(batch['action_mask']),

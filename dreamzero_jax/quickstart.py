@@ -1,10 +1,15 @@
-"""The default job: `python -m dreamzero_jax.quickstart --out DIR` (CPU, minutes, no downloads).
+"""The default job: `python -m dreamzero_jax.quickstart --out DIR` (CPU, no downloads; every stage resumes).
 
 1. builds a small Meta-World dataset with the scripted experts (DIR/data),
-2. trains the tiny config on it (DIR/train; rerunning resumes),
-3. evaluates closed loop through the same policy a robot uses: replays of training episodes (their
+2. (the frozen VAE: random until a small one is trained here, issue 14 item 2),
+3. encodes every training clip once with it and trains the policy on the stored latents (DIR/train),
+4. evaluates closed loop through the same policy a robot uses: replays of training episodes (their
    own variations and reset seeds), new variations of the seen tasks, and unseen tasks
-   (DIR/eval/report.json and a GIF per task: real frames | predicted frames).
+   (DIR/eval/report.json, a GIF per task: real frames | predicted frames, and the predicted frames'
+   PSNR against the real ones).
+--baselines also runs the scripted expert and a random policy through the same loop and writes
+DIR/results.md (per-task table with 95% intervals), DIR/results.json, DIR/training_curve.png and
+DIR/success.png. The last stdout line is one JSON object (seen, unseen, replay, vae_psnr_db, ...).
 """
 from __future__ import annotations
 
@@ -14,62 +19,104 @@ import os
 import sys
 import time
 
-from dreamzero_jax.config import load_config, split_config_args
+from dreamzero_jax import evaluate as eval_cli
+from dreamzero_jax.config import ConfigError, load_config, split_config_args
+from dreamzero_jax.datasets import __main__ as datasets_cli
+from dreamzero_jax.evaluation import metaworld_env, results
+from dreamzero_jax.training import loop
+
+
+def parse(argv):
+  overrides, rest = split_config_args(argv)
+  p = argparse.ArgumentParser(prog='python -m dreamzero_jax.quickstart', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--config', default='configs/metaworld_cpu.py:quick')
+  p.add_argument('--out', default='runs/quickstart')
+  p.add_argument('--tasks', default='plate-slide-v3,drawer-close-v3',
+                 help='seen (training) tasks, comma-separated; "ml45" = the 45 ML45 train tasks')
+  p.add_argument('--unseen_tasks', default='hand-insert-v3',
+                 help='held-out tasks, comma-separated; "ml45" = the 5 ML45 test tasks; "" = none')
+  p.add_argument('--episodes', type=int, default=6, help='expert episodes per task to train on')
+  p.add_argument('--eval_episodes', type=int, default=1, help='new-variation episodes per seen/unseen task')
+  p.add_argument('--eval_steps', type=int, default=150, help='environment steps per evaluation episode')
+  p.add_argument('--replay', type=int, default=6, help='training episodes replayed in their own variations')
+  p.add_argument('--max_minutes', type=float, help='wall-clock budget of the policy training stage (resumable)')
+  p.add_argument('--baselines', action='store_true',
+                 help='also evaluate the scripted expert and a random policy; write results.md/json and PNGs')
+  return p.parse_args(rest), overrides
 
 
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  overrides, rest = split_config_args(argv)
-  p = argparse.ArgumentParser(prog='python -m dreamzero_jax.quickstart', description=__doc__)
-  p.add_argument('--config', default='configs/tiny.py')
-  p.add_argument('--out', default='runs/quickstart')
-  p.add_argument('--tasks', default='reach-v3,push-v3',
-                 help='seen (training) tasks, comma-separated; "ml45" = the 45 ML45 train tasks')
-  p.add_argument('--unseen_tasks', default='hand-insert-v3',
-                 help='held-out tasks, comma-separated; "ml45" = the 5 ML45 test tasks')
-  p.add_argument('--episodes', type=int, default=6, help='expert episodes per task to train on')
-  p.add_argument('--eval_episodes', type=int, default=1)
-  p.add_argument('--eval_steps', type=int, default=96, help='environment steps per evaluation episode')
-  p.add_argument('--replay', type=int, default=5, help='training episodes replayed in their own variations')
-  p.add_argument('--max_minutes', type=float, help='wall-clock budget of the training stage (resumable)')
-  args = p.parse_args(rest)
-  if 'ml45' in (args.tasks, args.unseen_tasks):
-    from dreamzero_jax.evaluation import metaworld_env
-    train_tasks, test_tasks = metaworld_env.ml45_split()
-    args.tasks = ','.join(train_tasks) if args.tasks == 'ml45' else args.tasks
-    args.unseen_tasks = ','.join(test_tasks) if args.unseen_tasks == 'ml45' else args.unseen_tasks
+  args, overrides = parse(sys.argv[1:] if argv is None else argv)
+  train_tasks, test_tasks = metaworld_env.ml45_split()
+  tasks = ','.join(train_tasks) if args.tasks == 'ml45' else args.tasks
+  unseen = ','.join(test_tasks) if args.unseen_tasks == 'ml45' else args.unseen_tasks
   start = time.time()
   data_dir, workdir, eval_dir = (os.path.join(args.out, d) for d in ('data', 'train', 'eval'))
-  cfg = load_config(args.config, [f'data.dir={data_dir}', *overrides])
+  try:
+    cfg = load_config(args.config, [f'data.dir={data_dir}', *overrides])
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   size = cfg.serve.camera_height
 
-  from dreamzero_jax.datasets import __main__ as datasets_cli
   if not os.path.isdir(os.path.join(data_dir, 'metaworld')):
-    print(f'[1/3] building Meta-World data ({args.tasks}, {args.episodes} episodes each) in {data_dir}', flush=True)
-    code = datasets_cli.main(['build', 'metaworld', '--out', data_dir, '--tasks', args.tasks,
+    print(f'[1/4] building Meta-World data ({tasks}, {args.episodes} episodes each) in {data_dir}', flush=True)
+    code = datasets_cli.main(['build', 'metaworld', '--out', data_dir, '--tasks', tasks,
                               '--episodes', str(args.episodes), '--image_size', str(size), '--max_steps', '200'])
     if code:
       return code
-  print(f'[2/3] training {args.config} for {cfg.train.steps} steps in {workdir}', flush=True)
-  from dreamzero_jax.training import loop
+  vae_psnr = None   # the small VAE trained here arrives with issue 14 item 2; until then a random one
+  print('[2/4] the frozen VAE: ' + ('init.converted' if cfg.init.converted else
+                                    f'random (seed {cfg.seed + 1}); no trained small VAE yet'), flush=True)
+  print(f'[3/4] training {args.config} for {cfg.train.steps} steps in {workdir}', flush=True)
   code = loop.train(cfg, workdir, max_minutes=args.max_minutes)
   if code:
     return code
-  print(f'[3/3] closed-loop evaluation in {eval_dir}', flush=True)
-  import eval as eval_cli  # the repository's eval.py
-  code = eval_cli.main(['--checkpoint', workdir, '--out', eval_dir, '--tasks', args.tasks,
-                        '--unseen_tasks', args.unseen_tasks, '--episodes', str(args.eval_episodes),
-                        '--max_steps', str(args.eval_steps), '--replay', str(args.replay)])
+  print(f'[4/4] closed-loop evaluation in {eval_dir}', flush=True)
+  common = ['--out', eval_dir, '--tasks', tasks, '--unseen_tasks', unseen, '--episodes', str(args.eval_episodes),
+            '--max_steps', str(args.eval_steps)]
+  code = eval_cli.main(['--checkpoint', workdir, *common, '--replay', str(args.replay)])
   if code:
     return code
   with open(os.path.join(eval_dir, 'report.json')) as fh:
     report = json.load(fh)
-  replay = {k: v for k, v in report['replay'].items() if k not in ('tasks', 'episodes')}
-  print(json.dumps(dict(seen=report['seen'], unseen=report['unseen'], replay=replay, crashed=report['crashed'],
+  if args.baselines:
+    write_results(args, cfg, workdir, report, common)
+  summary = lambda split: {k: v for k, v in report[split].items() if k not in ('tasks', 'episodes')}
+  print(json.dumps(dict(seen=summary('seen'), unseen=summary('unseen'), replay=summary('replay'),
+                        vae_psnr_db=vae_psnr, crashed=report['crashed'],
                         minutes=round((time.time() - start) / 60, 1))))
   print(f'results: {os.path.join(eval_dir, "report.json")}, GIFs: {", ".join(report["gifs"])}, '
         f'training curve: {os.path.join(workdir, "metrics.jsonl")} (TensorBoard: {os.path.join(workdir, "tb")})')
   return 0
+
+
+def write_results(args, cfg, workdir: str, report: dict, common: list[str]) -> None:
+  """The expert and random baselines through the same loop, then the table and the plots."""
+  reports = {'policy': report}
+  for kind in ('expert', 'random'):
+    out = os.path.join(args.out, f'eval_{kind}')
+    if not os.path.isfile(os.path.join(out, 'report.json')):
+      common_kind = [out if c == os.path.join(args.out, 'eval') else c for c in common]
+      eval_cli.main(['--checkpoint', workdir, '--policy', kind, *common_kind])
+    with open(os.path.join(out, 'report.json')) as fh:
+      reports[kind] = json.load(fh)
+  lines = []
+  data = {}
+  for split in ('seen', 'unseen'):
+    text, data[split] = results.table(reports, split)
+    if data[split]['tasks']:
+      lines += [f'### {split} ({"new variations of the training tasks" if split == "seen" else "held-out tasks"})',
+                '', text, '']
+  with open(os.path.join(args.out, 'results.md'), 'w') as fh:
+    fh.write('\n'.join(lines))
+  with open(os.path.join(args.out, 'results.json'), 'w') as fh:
+    json.dump(data, fh, indent=1)
+  results.training_curve(os.path.join(workdir, 'metrics.jsonl'), os.path.join(args.out, 'training_curve.png'),
+                         title=f'{args.config}: {args.tasks}')
+  results.success_bars(data['seen'], os.path.join(args.out, 'success.png'), title='seen tasks, new variations')
+  print('\n'.join(lines))
 
 
 if __name__ == '__main__':

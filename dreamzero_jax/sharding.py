@@ -1,17 +1,24 @@
-"""Mesh construction and logical-axis sharding rules (docs/data_and_sharding.md).
+"""Sharding, in one place: meshes, logical-axis rules, PartitionSpecs, global batches
+(docs/data_and_sharding.md).
 
 Parameters and activations carry logical axis names; one ordered rule list in the config maps
-them to mesh axes. `constrain` is a no-op unless `use_mesh_rules` has installed a mesh and rules,
-so models run unchanged on one device.
+them to mesh axes. From those, `param_specs` and `batch_specs` give the PartitionSpec of every
+parameter and batch field for a mesh, `named` turns specs into shardings, and `global_batch`
+assembles each host's slice into global arrays. `constrain` is a no-op unless `use_mesh_rules` has
+installed a mesh and rules, so models run unchanged without one. One device is a mesh of one
+device, not a separate code path: `config_mesh` gives it whatever cfg.mesh says.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Sequence
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
@@ -37,11 +44,20 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('activation_mlp', 'tensor'),
 )
 
+Rules = tuple[tuple[str, Any], ...]
+AxisSizes = Mapping[str, int]
+
 _CONTEXT: contextvars.ContextVar = contextvars.ContextVar('dreamzero_mesh_rules', default=None)
 
 
+# ---- meshes -------------------------------------------------------------------------------------
+
 def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES, devices=None) -> Mesh:
-  """A mesh of `shape` over `axes`; one -1 entry takes the remaining devices."""
+  """A mesh of `shape` over `axes`; one -1 entry takes the remaining devices.
+
+  Axes are AxisType.Auto (jax >= 0.10 makes meshes Explicit by default otherwise), so shardings
+  propagate through jit as GSPMD decides and `constrain` annotates activations.
+  """
   devices = jax.devices() if devices is None else devices
   shape = list(shape)
   if shape.count(-1) > 1:
@@ -57,6 +73,37 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES, devices=Non
   return jax.make_mesh(tuple(shape), tuple(axes), axis_types=auto, devices=devices)
 
 
+def config_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The mesh of cfg.mesh over `devices` (default: all). On one device every axis has size 1, so
+  a config written for a pod runs on a workstation through the same sharded program."""
+  devices = jax.devices() if devices is None else devices
+  if len(devices) == 1:
+    return make_mesh((1,) * len(cfg.mesh.axes), cfg.mesh.axes, devices=devices)
+  return make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
+
+
+# ---- logical axes -> PartitionSpecs ---------------------------------------------------------------
+
+def config_rules(cfg: ml_collections.ConfigDict) -> Rules:
+  """cfg.mesh.rules as hashable (name, axis) pairs (overrides arrive as lists)."""
+  norm = lambda a: tuple(a) if isinstance(a, (list, tuple)) else a
+  return tuple((name, norm(axis)) for name, axis in cfg.mesh.rules)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """The mesh axes of a PartitionSpec entry (None, an axis name, or a tuple of names)."""
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _entry(axes: Sequence[str]):
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def axes_size(axis_sizes: AxisSizes, entry) -> int:
+  """Devices along a PartitionSpec entry: the product of its mesh axes' sizes (mesh.shape works)."""
+  return int(np.prod([axis_sizes[a] for a in _axes(entry)]))
+
+
 def logical_to_spec(names: Sequence[str | None] | None, rules=DEFAULT_RULES) -> PartitionSpec:
   """PartitionSpec for logical axis names; a mesh axis is used at most once (first come)."""
   if names is None:
@@ -64,13 +111,74 @@ def logical_to_spec(names: Sequence[str | None] | None, rules=DEFAULT_RULES) -> 
   table = dict(rules)
   used, spec = set(), []
   for name in names:
-    axis = table.get(name) if name is not None else None
-    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-    axes = tuple(a for a in axes if a not in used)
+    axes = tuple(a for a in _axes(table.get(name) if name is not None else None) if a not in used)
     used.update(axes)
-    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    spec.append(_entry(axes))
   return PartitionSpec(*spec)
 
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], axis_sizes: AxisSizes) -> PartitionSpec:
+  """Drops the mesh axes that do not divide their dimension (longest dividing prefix kept).
+
+  Tiny configs then run on any mesh; for real configs the golden files (tests/golden/) show every
+  dimension this leaves less split than its rule says.
+  """
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = _axes(entry)
+    while axes and dim % axes_size(axis_sizes, axes):
+      axes = axes[:-1]
+    out.append(_entry(axes))
+  return PartitionSpec(*out)
+
+
+def param_specs(model: nnx.Module, rules: Rules, axis_sizes: AxisSizes) -> dict:
+  """PartitionSpec of every variable of `model` (by its 'logical_axes' metadata), as a pure dict.
+  `model` may be abstract (nnx.eval_shape): only shapes and metadata are read."""
+  _, state = nnx.split(model)
+
+  def spec(var: nnx.Variable) -> PartitionSpec:
+    names = var.get_metadata().get('logical_axes')
+    return fit_spec(logical_to_spec(names, rules), var.value.shape, axis_sizes)
+
+  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+
+
+def batch_specs(batch, rules: Rules, axis_sizes: AxisSizes):
+  """A batch pytree's specs: the leading (batch) dimension by the 'activation_batch' rule,
+  everything else replicated."""
+
+  def spec(x):
+    names = ('activation_batch',) + (None,) * (len(x.shape) - 1)
+    return fit_spec(logical_to_spec(names, rules), x.shape, axis_sizes)
+
+  return jax.tree.map(spec, batch)
+
+
+# ---- shardings and arrays ------------------------------------------------------------------------
+
+def named(mesh: Mesh, specs):
+  """PartitionSpec pytree -> NamedSharding pytree over `mesh`."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def replicate(tree, mesh: Mesh):
+  """Every array of `tree` whole on each device of `mesh` (no copy where it already is)."""
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def global_batch(local_batch, batch_shardings):
+  """This host's slice of the global batch (numpy or on-device arrays) -> global jax.Arrays.
+
+  One process holds the whole batch and places it directly (arrays already on the device stay
+  there); with several, each host contributes its rows (make_array_from_process_local_data)."""
+  if jax.process_count() == 1:
+    return jax.device_put(local_batch, batch_shardings)
+  return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)),
+                      batch_shardings, local_batch)
+
+
+# ---- the active mesh and rules (what models trace under) -----------------------------------------
 
 @contextlib.contextmanager
 def use_mesh_rules(mesh: Mesh, rules=DEFAULT_RULES):
@@ -81,9 +189,32 @@ def use_mesh_rules(mesh: Mesh, rules=DEFAULT_RULES):
     _CONTEXT.reset(token)
 
 
+def under_mesh_rules(fn: Callable, mesh: Mesh, rules=DEFAULT_RULES) -> Callable:
+  """fn traced under `mesh` and `rules` (jit the result: its `constrain` calls then take effect)."""
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with use_mesh_rules(mesh, rules):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def current():
   """(mesh, rules) installed by use_mesh_rules, or None."""
   return _CONTEXT.get()
+
+
+def platform() -> str:
+  """The platform being traced for: the active mesh's devices (compile-only TPU devices when a pod
+  step is compiled ahead of time on a CPU host), else the default backend."""
+  ctx = _CONTEXT.get()
+  return ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+
+
+def device_count() -> int:
+  """Devices of the active mesh (1 without one)."""
+  ctx = _CONTEXT.get()
+  return 1 if ctx is None else ctx[0].devices.size
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

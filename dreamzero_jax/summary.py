@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
-from dreamzero_jax.models import dit_weights
 from dreamzero_jax.models.dit import build_dit
+from dreamzero_jax.models.weights import dit as dit_weights
 
 
 def parameter_table(model_cfg) -> list[tuple[str, tuple, int]]:

@@ -44,7 +44,7 @@ def cache_rollout_errors(cfg, model, chunk_t) -> tuple[list[tuple[float, float]]
   """Relative errors (video, actions) per chunk of a rollout through the KV cache (real clean frames
   written after each chunk) against one masked teacher-forcing forward of the same inputs; and the
   final cache. One chunk per entry of chunk_t (its noise level), random latents/actions/prompt."""
-  from dreamzero_jax.inference import kv_cache
+  from dreamzero_jax.models import kv_cache
   m, v = cfg.model, cfg.video
   k, lf, ha = len(chunk_t), v.frames_per_chunk // v.vae_temporal, v.action_horizon
   f, h = 1 + k * lf, v.height // v.vae_spatial

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from dreamzero_jax import sharding
 from dreamzero_jax.config import load_config
 from dreamzero_jax.training import aot, partition, trainer
 
@@ -56,7 +57,7 @@ def test_compile_only_reports_sharded_memory_for_a_tpu_slice():
   sizes = dict(zip(cfg.mesh.axes, MESH))
   batch = aot.abstract_batch(cfg, cfg.train.batch_size)
   want = (_per_device_bytes(state, partition.state_specs(cfg, state, sizes), sizes) +
-          _per_device_bytes(batch, partition.batch_specs(batch, partition.config_rules(cfg), sizes), sizes))
+          _per_device_bytes(batch, sharding.batch_specs(batch, sharding.config_rules(cfg), sizes), sizes))
   assert report['argument_gib'] * aot.GIB == pytest.approx(want, rel=0.1), (report, want / aot.GIB)
 
 

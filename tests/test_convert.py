@@ -22,9 +22,10 @@ from dreamzero_jax import convert, torch_files
 from dreamzero_jax.checkpoint import IncompatibleCheckpointError
 from dreamzero_jax.config import load_config
 from dreamzero_jax.encoders import FrozenEncoders, with_params
-from dreamzero_jax.models import dit_weights
 from dreamzero_jax.models.dit import build_dit
-from dreamzero_jax.models.weights import WeightMismatchError
+from dreamzero_jax.models.weights import dit as dit_weights
+from dreamzero_jax.models.weights import release
+from dreamzero_jax.models.weights.common import WeightMismatchError
 from tests import test_clip, test_dit_parity, test_umt5, test_vae
 from tests.test_clip import reference  # noqa: F401  (the CLIP reference fixture)
 from tests.wan_reference import import_wan
@@ -145,7 +146,7 @@ def official(refs):
 
 @pytest.fixture(scope='module')
 def official_params(refs, official):
-  return convert.load_converted(official, refs.cfg)
+  return release.load_converted(official, refs.cfg)
 
 
 def _models(cfg, dit_params, enc_params):
@@ -202,7 +203,7 @@ def test_training_and_serving_use_the_converted_weights(refs, official, official
   # init.converted: a fresh run starts the DiT from the converted weights (lr 0 keeps them), the
   # frozen encoders are the converted ones in training and in the policy loaded from the workdir.
   from dreamzero_jax import encoders
-  from dreamzero_jax.inference.policy import load_policy
+  from dreamzero_jax.serving.loading import load_policy
   from dreamzero_jax.training import loop
   from tests.test_train_loop import ListIterator, synthetic_batches
   cfg = _cfg(f'init.converted={official}', 'train.steps=1', 'train.lr=0.0', 'train.warmup_fraction=0.0',
@@ -226,7 +227,7 @@ def test_training_and_serving_use_the_converted_weights(refs, official, official
 @TINY_CLIP
 def test_a_converted_checkpoint_serves_with_norm_stats(refs, official, official_params, tmp_path):
   from dreamzero_jax.datasets import normalization
-  from dreamzero_jax.inference import policy as policy_lib
+  from dreamzero_jax.serving import loading as policy_lib
   with pytest.raises(ValueError, match='carries no normalisation statistics: pass --norm_stats'):
     policy_lib.load_backend(official)
   from dreamzero_jax.datasets.episodes import LowDim
@@ -256,9 +257,9 @@ def test_a_converted_checkpoint_serves_with_norm_stats(refs, official, official_
 def test_diffusers_names_and_sharded_safetensors(refs, official_params):
   out = os.path.join(refs.dir, 'converted_diffusers')
   convert.convert(refs.cfg, refs.diffusers_sources, out)
-  dit_params, enc_params = convert.load_converted(out, refs.cfg)
+  dit_params, enc_params = release.load_converted(out, refs.cfg)
   # The same DiT as the official-names file: equal parameters, hence the reference outputs checked there.
-  got, want = convert._flat(dit_params), convert._flat(official_params[0])
+  got, want = release.flatten(dit_params), release.flatten(official_params[0])
   assert got.keys() == want.keys()
   for path in got:
     np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
@@ -291,10 +292,10 @@ def test_dreamzero_checkpoint_with_prefixes_and_action_modules(refs, official_pa
   save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, source)
   out = os.path.join(refs.dir, 'converted_dreamzero')
   convert.convert(refs.cfg, [source], out, embodiment_id=1)
-  got_dit, got_enc = convert.load_converted(out, refs.cfg)
+  got_dit, got_enc = release.load_converted(out, refs.cfg)
   want_dit, want_enc = official_params
-  want_dit, want_enc = convert._flat(want_dit), convert._flat(want_enc)
-  for path, value in convert._flat(got_dit).items():
+  want_dit, want_enc = release.flatten(want_dit), release.flatten(want_enc)
+  for path, value in release.flatten(got_dit).items():
     if dit_weights.is_dreamzero_key(path):
       module = {'w1': 'W1', 'w2': 'W2', 'w3': 'W3'}.get(path[1], path[1])
       stored = actions[f'{path[0]}.{module}.{"W" if path[2] == "kernel" else "b"}'][0]
@@ -303,7 +304,7 @@ def test_dreamzero_checkpoint_with_prefixes_and_action_modules(refs, official_pa
       np.testing.assert_array_equal(value[0], want_dit[path][0], err_msg=str(path))
     else:
       np.testing.assert_array_equal(value, want_dit[path], err_msg=str(path))
-  for path, value in convert._flat(got_enc).items():
+  for path, value in release.flatten(got_enc).items():
     np.testing.assert_array_equal(value, want_enc[path], err_msg=str(path))
 
 
@@ -338,10 +339,10 @@ def test_a_dit_only_release_converts_alone(refs, tmp_path):
   absurd = ['--config.text_encoder.dim=7', '--config.image_encoder.width=5', '--config.vae.base_dim=3']
   assert convert.main(['--config', os.path.join(ROOT, 'configs/tiny.py'), '--src', dit_only, '--out', out,
                        *absurd]) == 0
-  with open(os.path.join(out, convert.MANIFEST)) as f:
+  with open(os.path.join(out, release.MANIFEST)) as f:
     assert json.load(f) == {'components': ['dit'], 'embodiment_rows': []}
   cfg = _cfg(*[a[len('--config.'):] for a in absurd])
-  dit_params, enc_params = convert.load_converted(out, cfg, parts=('dit',))
+  dit_params, enc_params = release.load_converted(out, cfg, parts=('dit',))
   assert enc_params is None
   dit = with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), dit_params)
   _check_dit(refs, dit)
@@ -352,7 +353,7 @@ def test_a_dit_only_release_converts_alone(refs, tmp_path):
   out2 = str(tmp_path / 'vae_only')
   assert convert.main(['--config', os.path.join(ROOT, 'configs/tiny.py'), '--out', out2, '--components', 'vae',
                        *[a for s in refs.official_sources for a in ('--src', s)]]) == 0
-  assert convert.read_manifest(out2)['components'] == ['vae']
+  assert release.read_manifest(out2)['components'] == ['vae']
   assert convert.main(['--config', os.path.join(ROOT, 'configs/tiny.py'), '--src', dit_only,
                        '--out', str(tmp_path / 'x'), '--components', 'dit,clip']) == 2
 
@@ -362,7 +363,7 @@ def test_a_policy_refuses_an_embodiment_row_never_converted(refs, tmp_path):
   """A plain Wan DiT has no action/state modules: serving it would act with random modules, so the
   policy refuses naming the row; a DreamZero checkpoint converted into the row serves."""
   from dreamzero_jax.datasets import normalization
-  from dreamzero_jax.inference import policy as policy_lib
+  from dreamzero_jax.serving import loading as policy_lib
   stats = {g: dict(q01=[-1.0] * 4, q99=[1.0] * 4, mean=[0.0] * 4, std=[1.0] * 4) for g in ('state', 'action')}
   stats['settings'] = dict(action_horizon=refs.cfg.video.action_horizon, relative_action_dims=[])
   path = str(tmp_path / 'norm_stats.json')
@@ -376,14 +377,14 @@ def test_a_policy_refuses_an_embodiment_row_never_converted(refs, tmp_path):
   source = _save_pth(tmp_path / 'dreamzero_dit.pth', {**refs.dit_official, **_action_modules(refs.cfg.model, 3)})
   row0 = str(tmp_path / 'row0')
   convert.convert(refs.cfg, [source], row0, embodiment_id=0, components=('dit',))
-  assert convert.read_manifest(row0)['embodiment_rows'] == [0]
+  assert release.read_manifest(row0)['embodiment_rows'] == [0]
   with pytest.raises(ValueError, match=r'embodiment row 1 \(metaworld\).*\(real rows: \[0\]\)'):
     policy_lib.load_policy(row0, norm_stats_path=path)
   # By default convert writes the config's own embodiment's row, the one its policy reads.
   own = str(tmp_path / 'own')
   encoders_only = [f for f in refs.official_sources[1:] if not f.endswith('action_modules.pth')]
   convert.convert(refs.cfg, [source] + encoders_only, own)
-  assert convert.read_manifest(own)['embodiment_rows'] == [1]
+  assert release.read_manifest(own)['embodiment_rows'] == [1]
   assert policy_lib.load_policy(own, norm_stats_path=path).embodiment.id == 1
 
 
@@ -394,8 +395,8 @@ def test_checkpoint_of_another_config_is_refused_and_leaves_nothing(refs, offici
     convert.convert(_cfg('model.ffn_dim=48'), refs.official_sources, out)
   assert not os.path.exists(out) and not glob.glob(out + '.tmp-*')
   with pytest.raises(IncompatibleCheckpointError, match='model.ffn_dim: 64 \\(checkpoint\\) vs 48'):
-    convert.load_converted(official, _cfg('model.ffn_dim=48'))
-  convert.load_converted(official, _cfg('model.attention="cudnn"', 'model.scan_layers=False'))
+    release.load_converted(official, _cfg('model.ffn_dim=48'))
+  release.load_converted(official, _cfg('model.attention="cudnn"', 'model.scan_layers=False'))
 
 
 @TINY_CLIP

@@ -216,7 +216,7 @@ def test_skipping_unreadable_records_gives_up_with_a_clear_error(mw_dir, tmp_pat
 def test_rollouts_are_reproducible():
   sys.path.insert(0, REPO)
   from data.metaworld import metaworld_dataset_builder as mw  # pylint: disable=g-import-not-at-top
-  a, b = (mw._run_episode(('reach-v3', 3, 7, 16, 6, 0, 'png')) for _ in range(2))  # pylint: disable=protected-access
+  a, b = (mw._run_episode(('reach-v3', 3, 7, 16, 6, 0, 'png', 0)) for _ in range(2))  # pylint: disable=protected-access
   np.testing.assert_array_equal(a['state'], b['state'])
   np.testing.assert_array_equal(a['action'], b['action'])
   assert a['images']['corner'] == b['images']['corner']
@@ -226,8 +226,8 @@ def test_replay_variations_restart_the_training_episodes_themselves(mw_dir):
   """dataset_variations gives each episode's variation and reset seed: in its environment the
   scripted expert repeats the recorded episode (same states and actions), unlike in a new variation."""
   from metaworld.policies import ENV_POLICY_MAP
+  from dreamzero_jax.envs.metaworld import MetaWorldEnv, Variation
   from dreamzero_jax.evaluation import metaworld_env
-  from dreamzero_jax.evaluation.metaworld_env import MetaWorldEnv, Variation
   variations = metaworld_env.dataset_variations(mw_dir, 'metaworld')
   assert variations == [Variation('reach-v3', 0, 0, 0), Variation('push-v3', 0, 0, 0)]
   rec = episodes.open_dataset(mw_dir, 'metaworld').source[1]
@@ -248,3 +248,20 @@ def test_replay_variations_restart_the_training_episodes_themselves(mw_dir):
   np.testing.assert_allclose(actions, rec['action'][:5], atol=1e-6)
   _, other = expert(Variation('push-v3', 1000, 1000, 1000))
   assert np.abs(other - rec['action'][:5]).max() > 1e-3
+
+
+def test_a_repeated_build_reuses_variations_and_replays_them(tmp_path):
+  """--variations 2: episode i runs variation i mod 2 (the scripted expert repeats itself there), and
+  dataset_variations gives --replay those variations with each episode's own reset seed."""
+  from dreamzero_jax.envs.metaworld import Variation
+  from dreamzero_jax.evaluation import metaworld_env
+  out = str(tmp_path / 'repeated')
+  r = run_cli('build', 'metaworld', '--out', out, '--tasks', 'reach-v3', '--episodes', '3', '--image_size', '16',
+              '--max_steps', '6', '--variations', '2', '--workers', '1')
+  assert r.returncode == 0, r.stderr
+  assert metaworld_env.dataset_variations(out, 'metaworld') == [
+      Variation('reach-v3', 0, 0, 0), Variation('reach-v3', 0, 1, 1), Variation('reach-v3', 0, 0, 2)]
+  low = episodes.open_dataset(out, 'metaworld').lowdim
+  first, second, third = (low.episode(i)['action'] for i in range(3))
+  np.testing.assert_allclose(first, third, atol=1e-6)
+  assert np.abs(first - second).max() > 1e-3

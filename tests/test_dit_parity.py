@@ -6,9 +6,9 @@ import torch
 from flax import nnx
 
 from dreamzero_jax.config import load_config
-from dreamzero_jax.models import dit_weights
 from dreamzero_jax.models.dit import build_dit
-from dreamzero_jax.models.weights import WeightMismatchError, load_tensors
+from dreamzero_jax.models.weights import dit as dit_weights
+from dreamzero_jax.models.weights.common import WeightMismatchError, load_tensors
 from tests.wan_reference import import_wan
 
 DIM, HEADS, FFN, FREQ, TEXT_DIM, LAYERS = 32, 2, 64, 16, 16, 2

@@ -9,12 +9,12 @@ pytest.importorskip('metaworld')
 
 from dreamzero_jax.config import load_config  # noqa: E402
 from dreamzero_jax.evaluation import closed_loop  # noqa: E402
-from dreamzero_jax.inference import policy as policy_lib  # noqa: E402
+from dreamzero_jax.serving import loading  # noqa: E402
 from dreamzero_jax.training import loop  # noqa: E402
 from tests.test_policy import STATS  # noqa: E402
 from tests.test_train_loop import ListIterator, synthetic_batches  # noqa: E402
 
-import eval as eval_cli  # noqa: E402
+from dreamzero_jax import evaluate as eval_cli  # noqa: E402
 
 OVERRIDES = ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.steps=1', 'sampler.num_steps=2',
              'sampler.dit_step_mask="11"', 'sampler.cfg_scale=3.0', 'serve.camera_height=16',
@@ -30,7 +30,7 @@ def workdir(tmp_path_factory):
 
 
 def test_server_and_in_process_rollouts_take_identical_actions(workdir):
-  backend = policy_lib.load_backend(workdir)
+  backend = loading.load_backend(workdir)
   cfg = backend.policy.cfg
   with eval_cli.through_server(backend) as server_factory:
     via_server = closed_loop.run_episode(server_factory('a'), cfg, 'reach-v3', 'reach the goal position', 3, 20)
@@ -47,7 +47,7 @@ def test_closed_loop_episode_runs_with_fp8_weights(workdir):
   first_chunk = {}
   for quantization in ('none', 'fp8'):
     cfg = load_config('configs/tiny.py', OVERRIDES + [f'model.quantization={quantization}'])
-    backend = policy_lib.load_backend(workdir, cfg)
+    backend = loading.load_backend(workdir, cfg)
     rec = closed_loop.run_episode(eval_cli.in_process(backend)('a'), cfg, 'reach-v3', 'reach the goal position', 3,
                                   cfg.video.action_horizon * 2)
     assert rec['failure'] is None and len(rec['actions']) == cfg.video.action_horizon * 2
@@ -66,13 +66,25 @@ def test_closed_loop_report_and_gif(workdir, tmp_path):
   assert report['tasks']['hand-insert-v3']['split'] == 'unseen'
   for task in report['tasks'].values():
     assert {'success_rate', 'progress', 'length'} <= set(task) and task['length'] > 0
+    assert 0 < task['prediction_psnr_db'] < 100   # the predicted frames scored against the real ones
+    assert task['jerk'] >= 0 and task['chunk_ms'] > 0 and task['episodes'][0]['jerk'] == task['jerk']
+  assert report['seen']['prediction_psnr_db'] == report['tasks']['reach-v3']['prediction_psnr_db']
   from PIL import Image
   gif = Image.open(report['gifs'][0])
   assert gif.n_frames > 1 and gif.size == (64, 32)   # real | predicted, side by side
 
 
+def test_jerk_is_the_mean_squared_third_difference_of_executed_actions():
+  ramp = [np.full(4, 0.1 * t, np.float32) for t in range(6)]
+  assert closed_loop.action_jerk(ramp) == pytest.approx(0.0, abs=1e-12)   # constant velocity: no jerk
+  step = [np.zeros(4, np.float32)] * 3 + [np.ones(4, np.float32)] * 3
+  assert closed_loop.action_jerk(step) == pytest.approx((1 + 4 + 1) / 3)   # third differences 1, -2, 1
+  assert closed_loop.action_jerk([np.full(4, 5.0, np.float32)] * 3 + [np.zeros(4, np.float32)]) == 1.0  # clipped
+  assert closed_loop.action_jerk(ramp[:3]) is None
+
+
 def test_a_crashed_episode_is_a_recorded_failure(workdir):
-  cfg = policy_lib.load_policy(workdir).cfg
+  cfg = loading.load_policy(workdir).cfg
 
   def nan_policy(obs):
     return np.full((cfg.video.action_horizon, 4), np.nan, np.float32), None
@@ -83,7 +95,7 @@ def test_a_crashed_episode_is_a_recorded_failure(workdir):
 
 def test_offline_metrics_on_held_out_clips(workdir):
   from dreamzero_jax.evaluation import offline
-  policy = policy_lib.load_policy(workdir)
+  policy = loading.load_policy(workdir)
   batches = synthetic_batches(policy.cfg, n=2)
   report = offline.evaluate(policy, iter(batches), max_clips=3)
   assert report['clips'] == 3
@@ -127,3 +139,25 @@ def test_bad_tasks_and_data_dir_are_one_line_errors(workdir, tmp_path, capsys):
                         *[f'--config.{o}' for o in OVERRIDES], f'--config.data.dir={tmp_path}/nothing']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: data.dir: no dataset'), err
+
+
+def test_prediction_psnr_scores_predicted_frames_against_the_frames_that_followed():
+  real = np.zeros((9, 4, 4, 3), np.float32)
+  predicted = real.copy()
+  predicted[0] = 1.0                      # frame 0 is the observed one: never scored
+  assert closed_loop.prediction_psnr(real, predicted) > 100
+  predicted[1:] = 0.2                     # error 0.1 on the [0, 1] scale: 20 dB
+  np.testing.assert_allclose(closed_loop.prediction_psnr(real, predicted[:5]), 20.0, rtol=1e-5)
+
+
+def test_expert_and_random_baselines_run_through_the_same_loop(tmp_path):
+  """The reference rows of a results table: the scripted expert solves reach, random actions do not."""
+  rates = {}
+  for kind in ('expert', 'random'):
+    out = str(tmp_path / kind)
+    assert eval_cli.main(['--config', 'configs/tiny.py', '--checkpoint', str(tmp_path / 'none'), '--out', out,
+                          '--policy', kind, '--tasks', 'reach-v3', '--unseen_tasks', '', '--episodes', '1',
+                          '--max_steps', '80', *[f'--config.{o}' for o in OVERRIDES]]) == 0
+    report = json.load(open(os.path.join(out, 'report.json')))
+    rates[kind] = report['seen']['success_rate']
+  assert rates == {'expert': 1.0, 'random': 0.0}

@@ -10,9 +10,8 @@ import pytest
 from flax import nnx
 
 from dreamzero_jax.config import load_config
-from dreamzero_jax.inference import kv_cache
 from dreamzero_jax.kernels import check, fp8, modulation, qk_norm_rope, registry
-from dreamzero_jax.models import dit, layers, rope
+from dreamzero_jax.models import dit, kv_cache, layers, rope
 from dreamzero_jax.models.dit import build_dit
 from tests.helpers import random_model
 

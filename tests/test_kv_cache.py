@@ -4,7 +4,7 @@ import numpy as np
 from flax import nnx
 
 from dreamzero_jax.config import load_config
-from dreamzero_jax.inference import kv_cache
+from dreamzero_jax.models import kv_cache
 from dreamzero_jax.models.dit import build_dit
 from tests.helpers import cache_rollout_errors, random_model
 

@@ -9,8 +9,7 @@ from flax import nnx
 
 from dreamzero_jax import serve
 from dreamzero_jax.config import load_config
-from dreamzero_jax.inference import kv_cache
-from dreamzero_jax.models import dit, layers, masks
+from dreamzero_jax.models import dit, kv_cache, layers, masks
 from tests import test_policy
 from tests.helpers import random_model
 from tests.test_kernels import _teacher_forcing_and_denoise

@@ -7,8 +7,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dreamzero_jax import msgpack_numpy, serve
-from dreamzero_jax.inference import backend as backend_lib
+from dreamzero_client import msgpack_numpy
+from dreamzero_jax.serving import protocol
+from dreamzero_jax.serving import server as server_lib
 
 FRAMES, HEIGHT, WIDTH = 4, 6, 8
 SPEC = {
@@ -16,7 +17,7 @@ SPEC = {
     'observation/cam_b': {'shape': [FRAMES, HEIGHT, WIDTH, 3], 'dtype': 'uint8'},
     'observation/state': {'shape': [3], 'dtype': 'float32'},
 }
-FIELDS = ('request', 'reset', *backend_lib.TEXT_FIELDS, *SPEC)
+FIELDS = ('request', 'reset', *protocol.TEXT_FIELDS, *SPEC)
 FUZZ = settings(max_examples=200, deadline=500, suppress_health_check=list(HealthCheck), derandomize=True,
                 database=None)
 
@@ -68,7 +69,7 @@ def pack(obj):
 
 def check(frame):
   try:
-    request = serve.decode_request(frame, SPEC, 'connection-1')
+    request = server_lib.decode_request(frame, SPEC, 'connection-1')
   except ValueError as e:
     field = str(e).split(': ', 1)[0]
     assert field in FIELDS and ': ' in str(e), str(e)

@@ -32,16 +32,17 @@ def current_specs() -> dict:
   from flax import nnx
   from jax.sharding import PartitionSpec
 
+  from dreamzero_jax import sharding
   from dreamzero_jax.config import load_config
   from dreamzero_jax.training import aot, partition
 
   cfg = load_config(os.path.join(ROOT, GOLDEN_CONFIG))
   model = partition.abstract_model(cfg)
-  params = partition.param_specs(model, partition.config_rules(cfg), GOLDEN_MESH)
+  params = sharding.param_specs(model, sharding.config_rules(cfg), GOLDEN_MESH)
   shapes = nnx.state(model).to_pure_dict()
   flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, PartitionSpec))
   abstract = aot.abstract_batch(cfg, GOLDEN_BATCH)
-  batch = partition.batch_specs(abstract, partition.config_rules(cfg), GOLDEN_MESH)
+  batch = sharding.batch_specs(abstract, sharding.config_rules(cfg), GOLDEN_MESH)
   entry = lambda spec, x: dict(spec=[list(e) if isinstance(e, tuple) else e for e in spec], shape=list(x.shape))
   return dict(
       config=GOLDEN_CONFIG, mesh=GOLDEN_MESH, batch_size=GOLDEN_BATCH,
@@ -94,7 +95,7 @@ def test_golden_shards_the_big_matrices_over_fsdp_and_tensor():
 def test_dimensions_that_do_not_divide_fall_back_to_replication():
   from jax.sharding import PartitionSpec as P
 
-  from dreamzero_jax.training.partition import fit_spec
+  from dreamzero_jax.sharding import fit_spec
   sizes = dict(data=2, fsdp=4, tensor=3)
   assert fit_spec(P(('data', 'fsdp'), 'tensor'), (16, 9), sizes) == P(('data', 'fsdp'), 'tensor')
   assert fit_spec(P(('data', 'fsdp'), 'tensor'), (6, 10), sizes) == P('data', None)   # prefix 'data' divides
@@ -159,9 +160,9 @@ def _sharded_check(case: str) -> dict:
 
   mesh = sharding.make_mesh(shape, devices=jax.devices())
   state_sh, batch_sh = partition.train_shardings(cfg, mesh, state, batch)
-  step = partition.shard_train_step(step_fn, mesh, state_sh, batch_sh, partition.config_rules(cfg))
+  step = partition.shard_train_step(step_fn, mesh, state_sh, batch_sh, sharding.config_rules(cfg))
   sharded_state = jax.device_put(state, state_sh)
-  global_batch = partition.global_batch(jax.tree.map(np.asarray, batch), batch_sh)
+  global_batch = sharding.global_batch(jax.tree.map(np.asarray, batch), batch_sh)
   for _ in range(2):
     sharded_state, metrics = step(sharded_state, global_batch)
 

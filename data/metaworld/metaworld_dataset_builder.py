@@ -1,8 +1,11 @@
 """Meta-World episodes generated on the spot by the scripted expert policies (no downloads).
 
-Episode e of a task uses the task variation e mod 50 and reset seed `seed + e`: a rebuild with
-the same arguments gives the same states, actions and (on the same renderer) the same images.
-State = hand xyz + gripper opening (observation[:4]); actions (dx, dy, dz, grip) in [-1, 1].
+Episode e of a task uses the task variation e mod 50 (e mod `variations` when given: fewer
+variations, repeated) and reset seed `seed + e`: a rebuild with the same arguments gives the same
+states, actions and (on the same renderer) the same images.
+State = hand xyz + gripper opening (observation[:4]); actions (dx, dy, dz, grip) in [-1, 1]. The
+simulator, the variations and the task instructions: dreamzero_jax/envs/metaworld.py (shared with the
+closed-loop evaluation).
 """
 from __future__ import annotations
 
@@ -13,54 +16,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from dreamzero_jax.datasets import embodiments, episodes
-
-# Offscreen rendering without a display; must be set before MuJoCo is first imported.
-os.environ.setdefault('MUJOCO_GL', 'egl')
-
-# Instructions are written for tasks whose name does not read as one; others use the name.
-_INSTRUCTIONS = {
-    'reach-v3': 'reach the goal position',
-    'reach-wall-v3': 'reach the goal position behind the wall',
-    'push-v3': 'push the puck to the goal',
-    'push-wall-v3': 'push the puck around the wall to the goal',
-    'push-back-v3': 'push the puck back to the goal',
-    'pick-place-v3': 'pick up the puck and place it at the goal',
-    'pick-place-wall-v3': 'pick up the puck and place it at the goal behind the wall',
-    'assembly-v3': 'pick up the nut and place it onto the peg',
-    'disassemble-v3': 'pick the nut off the peg',
-    'basketball-v3': 'dunk the basketball into the hoop',
-    'bin-picking-v3': 'move the puck from one bin to the other',
-    'hammer-v3': 'hammer the nail into the wall',
-    'soccer-v3': 'kick the ball into the goal',
-    'sweep-v3': 'sweep the puck off the table',
-    'sweep-into-v3': 'sweep the puck into the hole',
-    'shelf-place-v3': 'place the puck on the shelf',
-    'dial-turn-v3': 'turn the dial',
-    'hand-insert-v3': 'insert the gripper into the hole',
-    'peg-insert-side-v3': 'insert the peg sideways into the hole',
-    'peg-unplug-side-v3': 'unplug the peg sideways',
-    'pick-out-of-hole-v3': 'pick the puck out of the hole',
-    'stick-pull-v3': 'grab the stick and pull the container',
-    'stick-push-v3': 'grab the stick and push the container',
-    'coffee-button-v3': 'press the coffee machine button',
-    'coffee-pull-v3': 'pull the mug from the coffee machine',
-    'coffee-push-v3': 'push the mug under the coffee machine',
-}
+from dreamzero_jax.envs.metaworld import MetaWorldEnv, instruction, training_variation
 
 
-def instruction(task: str) -> str:
-  return _INSTRUCTIONS.get(task) or task.removesuffix('-v3').replace('-', ' ')
-
-
-def _run_episode(args: tuple[str, int, int, int, int, int, str]) -> dict[str, Any]:
+def _run_episode(args: tuple[str, int, int, int, int, int, str, int]) -> dict[str, Any]:
   """One expert rollout with every camera rendered at each step (runs in a worker process)."""
-  task, index, seed, size, max_steps, tail, image_format = args
+  task, index, seed, size, max_steps, tail, image_format, variations = args
   # The [sim] extra, imported in the worker processes.
   from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
-  from dreamzero_jax.evaluation import metaworld_env  # pylint: disable=g-import-not-at-top
   cameras = embodiments.get('metaworld').cameras
-  v = metaworld_env.training_variation(task, index, seed)
-  sim = metaworld_env.MetaWorldEnv(v.task, v.seed, cameras, size, size, task_index=v.task_index, reset_seed=v.reset_seed)
+  v = training_variation(task, index, seed, variations)
+  sim = MetaWorldEnv(v.task, v.seed, cameras, size, size, task_index=v.task_index, reset_seed=v.reset_seed)
   env = sim.env
   policy = ENV_POLICY_MAP[task]()
   obs, _ = env.reset(seed=sim.reset_seed)
@@ -93,8 +59,9 @@ class Metaworld(episodes.EpisodeBuilder):
 
   def __init__(self, *, tasks: Sequence[str] = ('reach-v3',), episodes_per_task: int = 4,
                image_size: int = 128, seed: int = 0, max_steps: int = 500, tail: int = 16,
-               image_format: str = 'jpeg', workers: int = 0, **kwargs):
+               image_format: str = 'jpeg', workers: int = 0, variations: int = 0, **kwargs):
     self._tasks, self._episodes_per_task = tuple(tasks), episodes_per_task
+    self._variations = variations   # 0: every episode its own variation
     self._image_size, self._seed, self._max_steps, self._tail = image_size, seed, max_steps, tail
     self._image_format, self._workers = image_format, workers or os.cpu_count() or 1
     super().__init__(**kwargs)
@@ -105,15 +72,16 @@ class Metaworld(episodes.EpisodeBuilder):
         embodiment=e.name, cameras=e.cameras,
         image_shapes={c: (self._image_size, self._image_size) for c in e.cameras},
         control_hz=e.control_hz, state_dim=e.state_dim, action_dim=e.action_dim,
-        num_alternatives=1, source=f'metaworld tasks={",".join(self._tasks)} seed={self._seed}')
+        num_alternatives=1, source=f'metaworld tasks={",".join(self._tasks)} seed={self._seed}'
+                                   + (f' variations={self._variations}' if self._variations else ''))
 
   def episodes(self) -> Iterator[dict[str, Any]]:
     from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
     for task in self._tasks:
       if task not in ENV_POLICY_MAP:
         raise episodes.DataError(f'--tasks: no scripted policy for {task!r}')
-    jobs = [(task, i, self._seed, self._image_size, self._max_steps, self._tail,
-             self._image_format) for task in self._tasks for i in range(self._episodes_per_task)]
+    jobs = [(task, i, self._seed, self._image_size, self._max_steps, self._tail, self._image_format,
+             self._variations) for task in self._tasks for i in range(self._episodes_per_task)]
     # Fresh processes: each owns its EGL context, and rollouts are independent.
     with multiprocessing.get_context('spawn').Pool(min(self._workers, len(jobs))) as pool:
       yield from pool.imap(_run_episode, jobs)

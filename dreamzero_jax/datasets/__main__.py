@@ -1,6 +1,6 @@
 """`python -m dreamzero_jax.datasets build|stats|inspect ...` (README, "Commands").
 
-  build metaworld --out DIR [--tasks a,b] [--episodes N] [--image_size S] [--seed S]
+  build metaworld --out DIR [--tasks a,b] [--episodes N] [--image_size S] [--seed S] [--variations V]
   build droid --src RLDS_DIR --out DIR
   build agibot --src LEROBOT_DIR --out DIR
   build rlds --src RLDS_DIR --spec SPEC.json --out DIR
@@ -19,6 +19,7 @@ import sys
 from typing import Sequence
 
 import numpy as np
+from absl import flags
 
 from dreamzero_jax import config as config_lib
 from dreamzero_jax.datasets import embodiments, episodes, normalization, pipeline
@@ -43,7 +44,7 @@ def _build(args) -> None:
   if args.dataset == 'metaworld':
     builder = module.Metaworld(tasks=args.tasks.split(','), episodes_per_task=args.episodes,
                                image_size=args.image_size, seed=args.seed, max_steps=args.max_steps,
-                               workers=args.workers, **common)
+                               workers=args.workers, variations=args.variations, **common)
   elif args.dataset == 'droid':
     builder = module.Droid(src=args.src, on_corrupt=args.on_corrupt, **common)
   elif args.dataset == 'agibot':
@@ -116,6 +117,9 @@ def main(argv: Sequence[str]) -> int:
   b.add_argument('--image_size', type=int, default=128)
   b.add_argument('--max_steps', type=int, default=500)
   b.add_argument('--seed', type=int, default=0)
+  b.add_argument('--variations', type=int, default=0,
+                 help='metaworld: variations per task, episode i running variation i mod V (repeated data); '
+                      '0 = every episode its own')
   b.add_argument('--workers', type=int, default=0, help='rollout processes; 0 = one per core')
   b.add_argument('--on_corrupt', choices=('fail', 'skip'), default='fail')
   for name in ('stats', 'inspect'):
@@ -139,9 +143,7 @@ def main(argv: Sequence[str]) -> int:
     if args.command == 'stats':
       _stats(cfg, args.from_official, args.out)
     else:
-      # grain's worker processes read absl flags; this program parses its own.
-      from absl import flags  # pylint: disable=g-import-not-at-top
-      flags.FLAGS.mark_as_parsed()
+      flags.FLAGS.mark_as_parsed()   # grain's worker processes read absl flags; this program parses its own
       _inspect(cfg, args.batches, train=not args.eval)
   except (episodes.DataError, config_lib.ConfigError, ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -66,8 +66,13 @@ def idle_anchors(state: np.ndarray, action: np.ndarray, horizon: int, threshold:
 
 
 def episode_clips(language: np.ndarray, state: np.ndarray, action: np.ndarray, has_action: bool,
-                  layout: ChunkLayout, idle_threshold: float) -> np.ndarray:
-  """[N, 2] (start, k) of every clip of one episode, one per non-idle anchor."""
+                  layout: ChunkLayout, idle_threshold: float, anchor_stride: int = 1) -> np.ndarray:
+  """[N, 2] (start, k) of every clip of one episode, one per non-idle anchor.
+
+  Anchors are every `anchor_stride`-th step of each instruction segment (1: every step, as the
+  release). A stride of action_horizon puts every chunk where a policy replans from the episode's
+  start, and leaves few enough distinct clips to encode each once (data.latent_cache).
+  """
   hz, kmax = layout.action_horizon, layout.max_chunks
   num_steps = len(state)
   idle = (idle_anchors(state, action, hz, idle_threshold) if has_action and num_steps > hz
@@ -75,7 +80,7 @@ def episode_clips(language: np.ndarray, state: np.ndarray, action: np.ndarray, h
   out = []
   for begin, end in segments(language[:, 0]):
     last = min(end, num_steps - 1)   # the final frame after a chunk must exist
-    anchors = np.arange(begin, last - hz + 1)
+    anchors = np.arange(begin, last - hz + 1, anchor_stride)
     if not len(anchors):
       continue
     anchors = anchors[~idle[anchors]]
@@ -88,12 +93,12 @@ def episode_clips(language: np.ndarray, state: np.ndarray, action: np.ndarray, h
   return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 
-def clip_index(lowdim, layout: ChunkLayout, idle_threshold: float) -> np.ndarray:
+def clip_index(lowdim, layout: ChunkLayout, idle_threshold: float, anchor_stride: int = 1) -> np.ndarray:
   """[N, 3] (episode, start, k) over all episodes of a `LowDim`."""
   parts = []
   for i in range(len(lowdim)):
     ep = lowdim.episode(i)
     clips = episode_clips(ep['language'], ep['state'], ep['action'], bool(lowdim.has_action[i]),
-                          layout, idle_threshold)
+                          layout, idle_threshold, anchor_stride)
     parts.append(np.concatenate([np.full((len(clips), 1), i), clips], axis=1))
   return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 3), np.int64)

@@ -91,6 +91,18 @@ EMBODIMENTS = {
 }
 
 
+# The Embodiment fields a config's data section carries under the same names.
+DATA_FIELDS = ('cameras', 'canvas_layout', 'control_hz', 'frame_stride', 'action_dim', 'state_dim',
+               'relative_action_dims')
+
+
+def data_config(name: str) -> dict:
+  """data.embodiment and its layout (DATA_FIELDS) as config fields: configs start their data section
+  from it, so each fact lives here once; a config may still set any of them differently."""
+  e = get(name)
+  return dict(embodiment=e.name, **{field: getattr(e, field) for field in DATA_FIELDS})
+
+
 def get(name: str) -> Embodiment:
   if name not in EMBODIMENTS:
     raise ValueError(f'data.embodiment: unknown embodiment {name!r} (known: {", ".join(EMBODIMENTS)})')

@@ -10,6 +10,8 @@ canvas H x W = video.height x video.width; chunk/frame timing in chunks.py):
   has_real_action bool    [B]
   embodiment_id   int32   [B]
   instruction     object  [B] UTF-8 bytes, one phrasing drawn among the step's alternatives
+With data.latent_cache the batch carries no `video`: instead
+  latent_row      int64   [B] the clip's row in the latent cache (training/latent_cache.py)
 The iterator's state (get_state/set_state) restores the exact batch sequence.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -50,14 +53,16 @@ class ClipLoader(grain.transforms.RandomMap):
   """Reads one episode record and cuts, renders and normalises one clip from it."""
 
   def __init__(self, dataset: episodes.StoredDataset, spec: ClipSpec, stats: dict[str, Any],
-               train: bool):
+               train: bool, with_video: bool = True):
     self.dataset, self.spec, self.stats, self.train = dataset, spec, stats, train
+    # False: the video is already encoded (latent cache); items carry their cache row as column 3.
+    self.with_video = with_video
     # on_corrupt=skip bookkeeping (per process): repeated data would otherwise retry bad records forever.
     self._bad: set[int] = set()
     self._failures_in_a_row = 0
 
   def random_map(self, item: np.ndarray, rng: np.random.Generator) -> dict[str, Any] | None:
-    ep, start, k = (int(x) for x in item)
+    ep, start, k = (int(x) for x in item[:3])
     try:
       record = self.dataset.source[ep]
     except Exception as e:  # the record itself does not parse
@@ -65,6 +70,8 @@ class ClipLoader(grain.transforms.RandomMap):
     out = self.clip(record, ep, start, k, rng)
     if out is not None:
       self._failures_in_a_row = 0
+      if not self.with_video:
+        out['latent_row'] = np.int64(item[3])
     return out
 
   def _corrupt(self, ep: int, why: str) -> None:
@@ -93,15 +100,17 @@ class ClipLoader(grain.transforms.RandomMap):
     if len(record['state']) != length:
       raise DataError(f'{self.dataset.path}: record {ep} has {len(record["state"])} steps but '
                       f'{episodes.LOWDIM_FILE} says {length}: rebuild the dataset')
-    frame_steps = lay.frame_steps(start, k)
-    frames = [[record['images'][cam][t] for t in frame_steps] for cam in s.cameras]
-    video = np.empty((lay.num_frames, s.height, s.width, 3), np.float32)
-    video[len(frame_steps):] = 0.0   # padded chunks
-    try:
-      canvas.compose(frames, s.canvas_layout, video, list(s.image_shapes),
-                     rng if self.train else None, s.augment)
-    except Exception as e:  # PIL raises many types on bad bytes; report them all the same way
-      return self._corrupt(ep, f'images: {e}')
+    video = None
+    if self.with_video:
+      frame_steps = lay.frame_steps(start, k)
+      frames = [[record['images'][cam][t] for t in frame_steps] for cam in s.cameras]
+      video = np.empty((lay.num_frames, s.height, s.width, 3), np.float32)
+      video[len(frame_steps):] = 0.0   # padded chunks
+      try:
+        canvas.compose(frames, s.canvas_layout, video, list(s.image_shapes),
+                       rng if self.train else None, s.augment)
+      except Exception as e:  # PIL raises many types on bad bytes; report them all the same way
+        return self._corrupt(ep, f'images: {e}')
 
     has_action = bool(record['has_action'])
     state = record['state'][lay.anchor_steps(start, k)]                       # [k, S]
@@ -122,11 +131,14 @@ class ClipLoader(grain.transforms.RandomMap):
 
     phrasings = [i for i in record['language'][start] if i >= 0]
     choice = phrasings[rng.integers(len(phrasings))] if self.train else phrasings[0]
-    return dict(
-        video=video, actions=actions, action_mask=action_mask, state=states,
+    out = dict(
+        actions=actions, action_mask=action_mask, state=states,
         state_mask=state_mask, chunk_mask=np.arange(lay.max_chunks) < k,
         has_real_action=np.bool_(has_action), embodiment_id=np.int32(s.embodiment_id),
         instruction=np.array(record['instructions'][choice], dtype=object))
+    if video is not None:
+      out['video'] = video
+    return out
 
 
 def augment(data_cfg) -> canvas.Augment:
@@ -219,22 +231,33 @@ def open_member(config: ml_collections.ConfigDict, name: str, weight: float, tra
   if spec.on_corrupt not in ('fail', 'skip'):
     raise DataError(f"data.on_corrupt: {spec.on_corrupt!r} (expected 'fail' or 'skip')")
   canvas.placements(spec.canvas_layout, len(cameras), v.height, v.width)  # layout errors now
-  index = chunks.clip_index(dataset.lowdim, layout, config.data.idle_threshold)
+  index = chunks.clip_index(dataset.lowdim, layout, config.data.idle_threshold, config.data.anchor_stride)
   if not len(index):
     raise DataError(f'{dataset.path}: no episode is long enough for one chunk of '
                     f'{v.action_horizon} actions (plus its final frame)')
   return Member(ClipLoader(dataset, spec, stats, train), index, weight)
 
 
+def distinct_clips(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(the distinct (episode, start, k) rows of a member's clip index, sorted; each index row's
+  position among them): what a latent cache encodes once, and how the pipeline finds it."""
+  distinct, inverse = np.unique(index, axis=0, return_inverse=True)
+  return distinct, inverse.reshape(-1)
+
+
 def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
-                 process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+                 process_index: int | None = None, process_count: int | None = None,
+                 latent_rows: list[tuple[np.ndarray, np.ndarray]] | None = None) -> grain.IterDataset:
   """Batches for this host: its shard of every member, mixed by weight, batched per host.
 
   Training shuffles and repeats forever with augmentation; evaluation reads every clip once,
   in order, unaugmented.
+
+  `latent_rows` (a latent cache's `member_rows`): per member, (the cache row of each distinct clip,
+  whether it holds one); batches then carry `latent_row` instead of `video`, and clips the cache
+  could not encode (data.on_corrupt=skip) are left out.
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  (only for the host topology)
     process_index, process_count = jax.process_index(), jax.process_count()
   # One optimiser update's examples (micro-batches of train.batch_size x train.grad_accum_steps).
   batch_size = config.train.batch_size * config.train.grad_accum_steps
@@ -243,7 +266,16 @@ def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
   datasets, weights = [], []
   for i, (name, weight) in enumerate(_mixture(config)):
     member = open_member(config, name, weight, train)
-    ds = grain.MapDataset.source(member.index)[process_index::process_count]
+    index = member.index
+    if latent_rows is not None:
+      rows, valid = latent_rows[i]
+      _, inverse = distinct_clips(index)
+      keep = valid[inverse]
+      index = np.concatenate([index, rows[inverse][:, None]], axis=1)[keep]
+      member.loader.with_video = False
+      if not len(index):
+        raise DataError(f'data.latent_cache: no clip of {name} could be encoded')
+    ds = grain.MapDataset.source(index)[process_index::process_count]
     if train:
       ds = ds.shuffle(seed=config.data.seed + i).repeat()
     datasets.append(ds.random_map(member.loader, seed=config.data.seed + i))

@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from dreamzero_jax.evaluation.metaworld_env import MetaWorldEnv, Variation
+from dreamzero_jax.datasets import canvas
+from dreamzero_jax.envs.metaworld import MetaWorldEnv, Variation, instruction
 
 
 def _observation(images: dict, state: np.ndarray, cameras, frames=None) -> dict:
@@ -28,21 +29,43 @@ def _observation(images: dict, state: np.ndarray, cameras, frames=None) -> dict:
   return obs
 
 
+def action_jerk(actions: list[np.ndarray]) -> float | None:
+  """Mean squared jerk of an episode's executed actions (clipped to [-1, 1] as the simulator takes
+  them): the third difference over control steps, squared, averaged over steps and action dims.
+  None under 4 actions."""
+  if len(actions) < 4:
+    return None
+  executed = np.clip(np.stack(actions).astype(np.float64), -1.0, 1.0)
+  return float(np.mean(np.diff(executed, n=3, axis=0) ** 2))
+
+
 def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_steps: int,
                 variation: Variation | None = None) -> dict:
   """infer(observation with prompt) -> (actions [Ha, A], predicted latents or None).
 
-  The task instance is MT1(task, seed)'s variation `seed` reset with `seed`, or `variation`."""
+  The task instance is MT1(task, seed)'s variation `seed` reset with `seed`, or `variation`. The
+  record holds the action smoothness (`jerk`, action_jerk) and the latency per chunk (`chunk_ms`:
+  the median wall time of the policy calls after the first, which starts the session and compiles;
+  None with fewer than 2 calls)."""
   cameras = cfg.data.cameras
   v = variation or Variation(task, seed, seed, seed)
   env = MetaWorldEnv(v.task, v.seed, cameras, cfg.serve.camera_height, cfg.serve.camera_width,
                      task_index=v.task_index, reset_seed=v.reset_seed)
   record = dict(task=task, seed=seed, success=False, progress=0.0, length=0, failure=None, actions=[])
-  real, predicted = [], []
+  real, predicted, calls = [], [], []
+
+  def ask(observation: dict):
+    start = time.perf_counter()
+    out = infer({**observation, 'prompt': prompt})
+    calls.append(time.perf_counter() - start)
+    return out
+
+  if hasattr(infer, 'bind'):   # a baseline that reads the simulator (the scripted expert)
+    infer.bind(env)
   try:
     images, state = env.reset()
     real.append(images)
-    actions, video = infer({**_observation(images, state, cameras), 'prompt': prompt})
+    actions, video = ask(_observation(images, state, cameras))
     while record['length'] < max_steps and not record['success']:
       if video is not None:
         predicted.append(video)
@@ -60,8 +83,7 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
       real.extend(frames)
       if record['success'] or record['length'] >= max_steps or len(frames) < cfg.video.frames_per_chunk:
         break
-      actions, video = infer({**_observation(images, state, cameras, frames[-cfg.video.frames_per_chunk:]),
-                              'prompt': prompt})
+      actions, video = ask(_observation(images, state, cameras, frames[-cfg.video.frames_per_chunk:]))
   except Exception as e:  # pylint: disable=broad-except  (a crashed episode is a failure, not a crash)
     record['failure'] = f'{type(e).__name__}: {e}'
     record['success'] = False
@@ -69,14 +91,76 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
   finally:
     env.close()
   record['real'], record['predicted'] = real, predicted
+  record['jerk'] = action_jerk(record['actions'])
+  record['chunk_ms'] = 1e3 * float(np.median(calls[1:])) if len(calls) > 1 else None
   return record
+
+
+class Baseline:
+  """A reference policy driven through the same loop, chunk by chunk: 'expert' (Meta-World's
+  scripted policy for the task, from the full simulator state, the policy the data came from,
+  replanning every step inside the chunk as it was recorded) or 'random' (actions uniform in
+  [-1, 1], seeded per episode)."""
+
+  def __init__(self, kind: str, task: str, horizon: int, seed: int):
+    if kind not in ('expert', 'random'):
+      raise ValueError(f'--policy: unknown baseline {kind!r} (expert or random)')
+    self.kind, self.horizon, self.env = kind, horizon, None
+    self.rng = np.random.default_rng(seed)
+    if kind == 'expert':
+      from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
+      self.expert = ENV_POLICY_MAP[task]()
+
+  def bind(self, env) -> None:
+    self.env = env
+
+  def __call__(self, observation: dict):
+    del observation
+    if self.kind == 'random':
+      return self.rng.uniform(-1.0, 1.0, (self.horizon, 4)).astype(np.float32), None
+    return _ExpertChunk(self), None
+
+
+class _ExpertChunk:
+  """The expert's chunk: each action computed when it is taken (from the state it is taken in)."""
+
+  def __init__(self, baseline: Baseline):
+    self.baseline = baseline
+
+  def __iter__(self):
+    for _ in range(self.baseline.horizon):
+      obs = self.baseline.env.last_obs
+      yield np.clip(self.baseline.expert.get_action(obs), -1.0, 1.0).astype(np.float32)
+
+
+def canvas_frames(cfg, real: list[dict]) -> np.ndarray:
+  """The recorded camera frames of an episode as canvas frames [T, H, W, 3] in [-1, 1]."""
+  return np.stack([canvas.compose_arrays([f[c][None] for c in cfg.data.cameras], cfg.data.canvas_layout,
+                                         cfg.video.height, cfg.video.width)[0] for f in real])
+
+
+def predicted_video(cfg, real: list[dict], predicted: list[np.ndarray], encode: Callable,
+                    decode: Callable) -> np.ndarray:
+  """The episode's predicted frames [1 + 4 n, H, W, 3], aligned with the real ones: frame 0's latent
+  (encoded from the real first frame, as the policy did) followed by every chunk's predicted latents,
+  decoded as one clip by the causal decoder (a chunk's latents continue the clip; decoded alone, its
+  first latent would be read as a clip's lone first frame)."""
+  first = encode(canvas_frames(cfg, real[:1])[None])
+  return decode(np.concatenate([first, *predicted], axis=1))
+
+
+def prediction_psnr(real: np.ndarray, predicted: np.ndarray) -> float:
+  """PSNR (dB, pixels in [0, 1]) of the predicted frames 1.. against the real frames they predicted."""
+  n = min(len(real), len(predicted))
+  if n < 2:
+    return float('nan')
+  mse = np.mean(((real[1:n] - predicted[1:n]) / 2.0) ** 2)
+  return float(10 * np.log10(1.0 / max(mse, 1e-12)))
 
 
 def write_gif(path: str, cfg, real: list[dict], predicted_frames: np.ndarray | None) -> None:
   """Real canvas frames (left) next to the model's predicted frames (right)."""
-  from dreamzero_jax.datasets import canvas
-  frames = [canvas.compose_arrays([f[c][None] for c in cfg.data.cameras], cfg.data.canvas_layout,
-                                  cfg.video.height, cfg.video.width)[0] for f in real]
+  frames = canvas_frames(cfg, real)
   out = []
   for i, frame in enumerate(frames):
     right = np.zeros_like(frame) - 1.0
@@ -87,24 +171,40 @@ def write_gif(path: str, cfg, real: list[dict], predicted_frames: np.ndarray | N
   out[0].save(path, save_all=True, append_images=out[1:], duration=100, loop=0)
 
 
+def _mean_of(rows: list[dict], key: str, reduce=np.mean) -> float | None:
+  """`reduce` over the rows' values of `key` that exist (jerk and latency are None for short episodes)."""
+  values = [r[key] for r in rows if r.get(key) is not None]
+  return float(reduce(values)) if values else None
+
+
 def _summary(runs: list[dict]) -> dict:
   return dict(success_rate=float(np.mean([r['success'] for r in runs])),
               progress=float(np.mean([r['progress'] for r in runs])),
-              length=float(np.mean([r['length'] for r in runs])), episodes=runs)
+              length=float(np.mean([r['length'] for r in runs])), jerk=_mean_of(runs, 'jerk'),
+              chunk_ms=_mean_of(runs, 'chunk_ms', np.median), episodes=runs)
+
+
+def _mean_psnr(summary: dict, rows: list[dict]) -> None:
+  values = [t['prediction_psnr_db'] for t in rows if np.isfinite(t.get('prediction_psnr_db', np.nan))]
+  if values:
+    summary['prediction_psnr_db'] = float(np.mean(values))
 
 
 def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_unseen, episodes: int,
              max_steps: int, out_dir: str, decode: Callable | None = None, seed: int = 0,
-             replay: list[Variation] = ()) -> dict:
+             replay: list[Variation] = (), encode: Callable | None = None) -> dict:
   """Runs every task `episodes` times, and each of `replay` (training episodes' own variations) once;
   writes report.json and one GIF per task and split into out_dir.
 
   Seen and unseen episode e runs MT1(task, seed + e)'s variation seed + e (evaluate with a seed
   away from the dataset's build seed for variations it never saw). Report: per split a success
-  rate, progress and length averaged over its tasks (replay: over its episodes); per task those of
-  its episodes (seen/unseen under `tasks`, replay under replay.tasks).
+  rate, progress, length and jerk averaged over its tasks (replay: over its episodes) and the median
+  latency per chunk (chunk_ms); per task those of its episodes (seen/unseen under `tasks`, replay
+  under replay.tasks).
+
+  With `encode` and `decode` (the policy's VAE), each task's first episode's predicted video is
+  decoded for its GIF and scored against the real frames: `prediction_psnr_db` per task and split.
   """
-  from data.metaworld.metaworld_dataset_builder import instruction
   os.makedirs(out_dir, exist_ok=True)
   report = dict(tasks={}, seen={}, unseen={}, replay={}, crashed=0, gifs=[])
   start = time.time()
@@ -116,35 +216,45 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
       jobs[split, task] = [(seed + e, None) for e in range(episodes)]
   replay_tasks = {}
   for (split, task), episodes_of_task in jobs.items():
-    runs = []
+    runs, first_psnr = [], None
     for e, (ep_seed, variation) in enumerate(episodes_of_task):
       rec = run_episode(infer_factory(f'{split}-{task}-{e}'), cfg, task, instruction(task), ep_seed, max_steps,
                         variation)
+      psnr = None
       if e == 0:
         predicted = None
-        if decode is not None and rec['predicted']:
-          predicted = np.concatenate([decode(v) for v in rec['predicted']])
+        if decode is not None and encode is not None and rec['predicted']:
+          predicted = predicted_video(cfg, rec['real'], rec['predicted'], encode, decode)
+          psnr = prediction_psnr(canvas_frames(cfg, rec['real']), predicted)
         path = os.path.join(out_dir, f'{task}.gif' if split != 'replay' else f'replay-{task}.gif')
         write_gif(path, cfg, rec['real'], predicted)
         report['gifs'].append(path)
       report['crashed'] += rec['failure'] is not None
-      run = {k: rec[k] for k in ('seed', 'success', 'progress', 'length', 'failure')}
+      run = {k: rec[k] for k in ('seed', 'success', 'progress', 'length', 'failure', 'jerk', 'chunk_ms')}
       if variation is not None:
         run.update(task_index=variation.task_index, reset_seed=variation.reset_seed)
       runs.append(run)
+      if psnr is not None:
+        first_psnr = psnr
     summary = dict(split=split, **_summary(runs))
+    if first_psnr is not None:
+      summary['prediction_psnr_db'] = first_psnr
     (replay_tasks if split == 'replay' else report['tasks'])[task] = summary
+    psnr_text = f'  prediction {first_psnr:.1f} dB' if first_psnr is not None else ''
     print(f'{split:>6} {task:<24} success {summary["success_rate"]:.2f}  progress {summary["progress"]:.2f}  '
-          f'length {summary["length"]:.0f}', flush=True)
+          f'length {summary["length"]:.0f}{psnr_text}', flush=True)
   for split in ('seen', 'unseen'):
     rows = [t for t in report['tasks'].values() if t['split'] == split]
     if rows:
       report[split] = dict(success_rate=float(np.mean([t['success_rate'] for t in rows])),
                            progress=float(np.mean([t['progress'] for t in rows])),
-                           length=float(np.mean([t['length'] for t in rows])), tasks=len(rows))
+                           length=float(np.mean([t['length'] for t in rows])), jerk=_mean_of(rows, 'jerk'),
+                           chunk_ms=_mean_of(rows, 'chunk_ms', np.median), tasks=len(rows))
+      _mean_psnr(report[split], rows)
   if replay_tasks:  # replay: over its episodes (a handful, unevenly spread over tasks)
     runs = [r for t in replay_tasks.values() for r in t['episodes']]
     report['replay'] = dict(_summary(runs), tasks=replay_tasks)
+    _mean_psnr(report['replay'], list(replay_tasks.values()))
   report['seconds'] = round(time.time() - start, 1)
   with open(os.path.join(out_dir, 'report.json'), 'w') as fh:
     json.dump(report, fh, indent=1)

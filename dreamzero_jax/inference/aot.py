@@ -1,6 +1,6 @@
 """The serving control step compiled from abstract shapes: its per-device memory, without weights.
 
-`python -m dreamzero_jax.serve --config C --compile_only` lowers one control tick (policy.control_step:
+`python -m dreamzero_jax.serve --config C --compile_only` lowers one control tick (rollout.control_step:
 VAE-encode the chunk's observed frames, write them into the KV cache, run the config's sampler with
 CFG batched, decode the actions) on this host's backend and reads XLA's memory analysis. Its
 arguments are what the device holds during control: the DiT as served (dit.for_inference:
@@ -16,6 +16,7 @@ one layer at a time, as a GPU's own dtypes never need to.
 from __future__ import annotations
 
 import collections
+import functools
 import time
 
 import jax
@@ -24,7 +25,7 @@ import ml_collections
 from flax import nnx
 
 from dreamzero_jax import encoders as encoders_lib
-from dreamzero_jax.inference import policy
+from dreamzero_jax.inference import rollout
 from dreamzero_jax.kernels import registry
 from dreamzero_jax.models import attention
 from dreamzero_jax.models import dit as dit_lib
@@ -49,25 +50,25 @@ def compile_only(cfg: ml_collections.ConfigDict) -> dict:
   if cfg.sampler.cfg_parallel:
     raise ValueError('--compile_only reports one device with the CFG branches batched; '
                      'unset sampler.cfg_parallel')
-  geo = policy.Geometry.from_config(cfg)
+  spec = rollout.RolloutSpec.from_config(cfg)
   m, v = cfg.model, cfg.video
   model = nnx.eval_shape(lambda: dit_lib.for_inference(dit_lib.build_dit(m, rngs=nnx.Rngs(0)), m.quantization))
   frozen = nnx.eval_shape(lambda: encoders_lib.FrozenEncoders(cfg, rngs=nnx.Rngs(1)))
-  model_def, mstate = nnx.split(model)
-  vae_def, vae_state = nnx.split(frozen.vae)
-  image_def, image_state = nnx.split(frozen.image) if frozen.image is not None else (None, None)
-  fns = policy.step_functions(cfg, geo, model_def, vae_def, image_def)
+  dit, vae = nnx.split(model), nnx.split(frozen.vae)
+  image = nnx.split(frozen.image) if frozen.image is not None else None
+  mstate, vae_state = dit[1], vae[1]
 
   sds = jax.ShapeDtypeStruct
   frame = sds((1, 1, v.height, v.width, 3), jnp.float32)
-  text = sds((geo.batch, m.text_len, m.text_dim), jnp.float32)
-  cache, cross_kv, vae_cache, cond = jax.eval_shape(fns.start, mstate, vae_state, image_state, frame, text, frame)
-  args = (mstate, vae_state, cache, cross_kv, vae_cache, cond,
+  text = sds((spec.batch, m.text_len, m.text_dim), jnp.float32)
+  cache, cross_kv, vae_cache, cond = jax.eval_shape(functools.partial(rollout.start, spec), dit, vae, image, frame,
+                                                    text, frame)
+  args = (dit, vae, cache, cross_kv, vae_cache, cond,
           sds((1, v.frames_per_chunk, v.height, v.width, 3), jnp.float32), sds((), jnp.int32),
           sds((1, 1, m.state_dim), jnp.float32), sds((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
   start = time.perf_counter()
   with attention.record() as attention_used, registry.record() as kernels_used:
-    lowered = jax.jit(policy.control_step(fns), donate_argnums=(2, 4)).lower(*args)
+    lowered = rollout.control_step.lower(spec, *args)
   device = jax.devices()[0]
   options = CPU_COMPILER_OPTIONS if device.platform == 'cpu' else {}
   compiled = lowered.compile(compiler_options=options)
@@ -83,9 +84,9 @@ def compile_only(cfg: ml_collections.ConfigDict) -> dict:
                                                                    for x in jax.tree.leaves(vae_state))),
       kv_cache_dtype=str(cache.k.dtype), kv_cache_gib=_gib(2 * cache.k.size * cache.k.dtype.itemsize),
       cross_kv_gib=_gib(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cross_kv))),
-      cfg_batch=geo.batch, sampler=f'{cfg.sampler.kind} {cfg.sampler.num_steps} steps, dit_step_mask '
+      cfg_batch=spec.batch, sampler=f'{cfg.sampler.kind} {cfg.sampler.num_steps} steps, dit_step_mask '
                                    f'{cfg.sampler.dit_step_mask or "all"}, cfg {cfg.sampler.cfg_scale}',
-      new_tokens=geo.lf * geo.tokens_per_frame + v.action_horizon + 1, cache_tokens=geo.capacity,
+      new_tokens=spec.lf * spec.tokens_per_frame + v.action_horizon + 1, cache_tokens=spec.capacity,
       argument_gib=_gib(mem.argument_size_in_bytes), temp_gib=_gib(mem.temp_size_in_bytes),
       output_gib=_gib(mem.output_size_in_bytes), alias_gib=_gib(mem.alias_size_in_bytes),
       # The donated cache and VAE cache alias their outputs: count those bytes once.

@@ -1,13 +1,12 @@
 """The closed-loop policy: observations -> KV cache -> denoised chunk -> robot actions.
 
-An episode holds explicit pytrees: the self-attention KV cache of REAL observed frames, the
-text/image cross-attention K/V (computed once per episode), the VAE's streaming cache and the
-I2V condition. With CFG the cache has batch 2 (prompt, negative prompt) so both branches run in
-one forward; with sampler.cfg_parallel the two branches run on two devices instead (the paper's
-CFG parallelism: parameters replicated, every batch-2 array split by its batch axis, so each device
-holds one branch's cache and runs one branch's forward; only the guided video crosses devices).
-Each piece is a jitted pure function with static shapes; the host loop only moves the chunk
-index, which is why every step reuses one compilation.
+The device work is inference/rollout.py's pure jitted chunk functions (start, observe, denoise);
+the Policy holds the host side: the episode's bookkeeping (which chunk is next, which real frames
+are written), the prompt embeddings, state normalisation, and the actions' un-normalisation and
+smoothing. An episode's device pytrees are explicit: the self-attention KV cache of REAL
+observed frames, the text/image cross-attention K/V (computed once per episode), the VAE's
+streaming cache and the I2V condition. Shapes are static; the host only moves the chunk index,
+which is why every step reuses one compilation.
 
 Chunks: after reset (the first frame), `step` predicts chunk 0. Each later `step` first writes the
 frames observed while the previous chunk executed (video.frames_per_chunk canvas frames at the
@@ -17,7 +16,7 @@ video.max_chunks chunks it restarts from the newest observed frame as the new fr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,9 @@ from flax import nnx
 
 from dreamzero_jax import encoders as encoders_lib
 from dreamzero_jax import sharding
-from dreamzero_jax.datasets import canvas, normalization
-from dreamzero_jax.inference import kv_cache, postprocess, samplers
-from dreamzero_jax.models import clip
+from dreamzero_jax.datasets import embodiments, normalization
+from dreamzero_jax.inference import postprocess, rollout
+from dreamzero_jax.models import kv_cache
 from dreamzero_jax.models import dit as dit_lib
 from dreamzero_jax.models.dit import DreamZeroDiT
 
@@ -48,122 +47,6 @@ class Episode:
   instruction: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """The static shapes of an episode, from the config (B = 1 per episode, 2 with CFG)."""
-  lf: int                     # latent frames per chunk
-  num_frames: int             # canvas frames of a full context window
-  latent_hw: tuple[int, int]
-  tokens_per_frame: int
-  capacity: int               # KV cache slots (tokens)
-  with_uncond: bool
-  batch: int
-  i2v: bool
-
-  @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict) -> 'Geometry':
-    v, m = cfg.video, cfg.model
-    lf = v.frames_per_chunk // v.vae_temporal
-    latent_hw = (v.height // v.vae_spatial, v.width // v.vae_spatial)
-    tokens_per_frame = (latent_hw[0] // m.patch_size[1]) * (latent_hw[1] // m.patch_size[2])
-    with_uncond = samplers.uses_uncond(cfg.sampler)
-    return cls(lf=lf, num_frames=1 + v.max_chunks * v.frames_per_chunk, latent_hw=latent_hw,
-               tokens_per_frame=tokens_per_frame, capacity=(1 + v.max_chunks * lf) * tokens_per_frame,
-               with_uncond=with_uncond, batch=2 if with_uncond else 1, i2v=encoders_lib.uses_i2v_condition(cfg))
-
-
-class StepFunctions(NamedTuple):
-  """The policy's pure functions over explicit pytrees (jitted by Policy, compiled by inference/aot.py).
-
-  start(mstate, vae_state, image_state, frame, text, image_frame) -> (cache, cross_kv, vae_cache, cond)
-  write(mstate, vae_state, cache, cross_kv, vae_cache, cond, frames, chunk) -> (cache, vae_cache)
-  denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng) -> (video, actions, evals)
-  decode(vae_state, latents) -> frames;  encode(vae_state, video) -> latents
-  """
-  start: Callable
-  write: Callable
-  denoise: Callable
-  decode: Callable
-  encode: Callable
-
-
-def step_functions(cfg: ml_collections.ConfigDict, geo: Geometry, model_def, vae_def, image_def) -> StepFunctions:
-  """The episode's device work for these module graphdefs (their states are arguments)."""
-  m = cfg.model
-  # Batch-2 episode arrays [layers, B, ...] split over the CFG devices (no-op without a mesh).
-  by_branch = lambda tree: jax.tree.map(
-      lambda x: sharding.constrain(x, (None, 'activation_batch', *([None] * (x.ndim - 2)))), tree)
-  # Batch-1 inputs repeated for the CFG batch; the I2V condition y of chunk `chunk`'s latent frames.
-  dup = lambda x: None if x is None else jnp.broadcast_to(x, (geo.batch, *x.shape[1:]))
-  chunk_cond = lambda cond, chunk: None if cond is None else jax.lax.dynamic_slice_in_dim(
-      cond, 1 + chunk * geo.lf, geo.lf, axis=1)
-
-  def start(mstate, vae_state, image_state, frame, text, image_frame):
-    """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache, y)."""
-    model, vae = nnx.merge(model_def, mstate), nnx.merge(vae_def, vae_state)
-    latent, vae_cache = vae.encode_stream(vae.init_encode_cache(1, *frame.shape[2:4]), frame)
-    cond = vae.i2v_condition(frame[:, 0], geo.num_frames) if geo.i2v else None
-    image = None
-    if image_def is not None:
-      image = clip.encode_first_frame(nnx.merge(image_def, image_state), image_frame)
-      image = jnp.broadcast_to(image, (geo.batch, *image.shape[1:]))
-    cross_kv = model.cross_kv(*model.embed_context(text, image))
-    cache = kv_cache.empty_cache(m.num_layers, geo.batch, geo.capacity, m.num_heads, m.dim // m.num_heads,
-                                 kv_cache.cache_dtype(m))
-    cross_kv = by_branch(cross_kv)
-    cache = model.write_clean_frames(dup(latent), cache, cross_kv, cond=dup(None if cond is None else cond[:, :1]))
-    return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), cross_kv, vae_cache, cond
-
-  def write(mstate, vae_state, cache, cross_kv, vae_cache, cond, frames, chunk):
-    """Observed frames [1, frames_per_chunk, H, W, 3] of chunk `chunk` -> cache, VAE cache."""
-    model, vae = nnx.merge(model_def, mstate), nnx.merge(vae_def, vae_state)
-    latents, vae_cache = vae.encode_stream(vae_cache, frames)
-    cache = model.write_clean_frames(dup(latents), cache, cross_kv, chunk=chunk, cond=dup(chunk_cond(cond, chunk)))
-    return cache._replace(k=by_branch(cache.k), v=by_branch(cache.v)), vae_cache
-
-  def denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng):
-    """Samples chunk `chunk`: (video latents [1, lf, h, w, C], normalised actions [1, Ha, A])."""
-    model = nnx.merge(model_def, mstate)
-    v = cfg.video
-    h, w = geo.latent_hw
-    x_rng, a_rng = jax.random.split(rng)
-    x0 = {'video': jax.random.normal(x_rng, (1, geo.lf, h, w, v.latent_channels)),
-          'action': jax.random.normal(a_rng, (1, v.action_horizon, m.action_dim))}
-    c = chunk_cond(cond, chunk)
-    emb = jnp.full((geo.batch,), embodiment_id, jnp.int32)
-    state_b = jnp.broadcast_to(state_vec, (geo.batch, 1, m.state_dim))
-
-    def velocity(x, t, with_uncond):
-      tt = jnp.full((geo.batch,), t, jnp.float32)
-      vid, act = model.denoise(dup(x['video']), tt, dup(x['action']), tt, state_b, emb, chunk, cache, cross_kv,
-                               dup(c))
-      cond_v = {'video': vid[:1], 'action': act[:1]}
-      return cond_v, (vid[1:] if with_uncond else None)
-
-    out, info = samplers.sample(velocity, x0, cfg.sampler, cfg.train.num_train_timesteps)
-    return out['video'], out['action'], info.num_evaluations
-
-  def decode(vae_state, latents):
-    return nnx.merge(vae_def, vae_state).decode(latents)
-
-  def encode(vae_state, video):
-    return nnx.merge(vae_def, vae_state).encode(video)
-
-  return StepFunctions(start, write, denoise, decode, encode)
-
-
-def control_step(fns: StepFunctions) -> Callable:
-  """One control tick as the server runs it (observe, then step): the frames observed while chunk
-  `chunk` ran are encoded and written into the cache, then chunk + 1 is denoised."""
-
-  def control(mstate, vae_state, cache, cross_kv, vae_cache, cond, frames, chunk, state_vec, embodiment_id, rng):
-    cache, vae_cache = fns.write(mstate, vae_state, cache, cross_kv, vae_cache, cond, frames, chunk)
-    video, actions, evaluations = fns.denoise(mstate, cache, cross_kv, cond, state_vec, embodiment_id, chunk + 1, rng)
-    return cache, vae_cache, video, actions, evaluations
-
-  return control
-
-
 class Policy:
   """DreamZero as a policy for one embodiment (B = 1 per episode, 2 with CFG).
 
@@ -175,28 +58,25 @@ class Policy:
   def __init__(self, cfg: ml_collections.ConfigDict, model: DreamZeroDiT, encoders: encoders_lib.FrozenEncoders,
                norm_stats: dict):
     self.cfg = cfg
-    self.geometry = geo = Geometry.from_config(cfg)
-    self.lf, self.num_frames, self.latent_hw = geo.lf, geo.num_frames, geo.latent_hw
-    self.tokens_per_frame, self.capacity = geo.tokens_per_frame, geo.capacity
-    self.with_uncond, self.batch, self.i2v = geo.with_uncond, geo.batch, geo.i2v
-    from dreamzero_jax.datasets import embodiments
+    self.spec = spec = rollout.RolloutSpec.from_config(cfg)
+    self.lf, self.num_frames, self.latent_hw = spec.lf, spec.num_frames, spec.latent_hw
+    self.tokens_per_frame, self.capacity = spec.tokens_per_frame, spec.capacity
+    self.with_uncond, self.batch, self.i2v = spec.with_uncond, spec.batch, spec.i2v
     self.embodiment = embodiments.get(cfg.data.embodiment)
     self.relative_dims = embodiments.relative_dims(cfg.data.relative_action_dims, self.embodiment.action_dim,
                                                    self.embodiment.state_dim)
     self.stats = norm_stats
+    self.mesh = rollout.device_mesh(spec)
     self._prompt_encoder = encoders_lib.PromptEncoder(encoders.text, cfg, host=True)
-    self._model_def, self._model_state = nnx.split(dit_lib.for_inference(model, cfg.model.quantization))
-    self._vae_def, self._vae_state = nnx.split(encoders.vae)
+    self._model_def, model_state = nnx.split(dit_lib.for_inference(model, cfg.model.quantization))
+    self._vae_def, vae_state = nnx.split(encoders.vae)
+    # The DiT and the VAE replicated over the episode's devices; CLIP in host memory.
+    self._model_state = sharding.replicate(model_state, self.mesh)
+    self._vae_state = sharding.replicate(vae_state, self.mesh)
     self._image_def, self._image_state = None, None
     if encoders.image is not None:
       self._image_def, image_state = nnx.split(encoders.image)
       self._image_state = jax.device_get(image_state)
-    self.mesh = self._cfg_mesh() if cfg.sampler.cfg_parallel else None
-    if self.mesh is not None:
-      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      self._model_state = jax.device_put(self._model_state, replicated)
-      self._vae_state = jax.device_put(self._vae_state, replicated)
-    self._jit()
 
   @property
   def _enc_state(self) -> nnx.State:
@@ -206,49 +86,24 @@ class Policy:
       parts['image'] = self._image_state
     return nnx.State(parts)
 
-  def _cfg_mesh(self):
-    """A (data=2) mesh for sampler.cfg_parallel: the conditional branch on device 0, the
-    unconditional one on device 1 (the rules map activation_batch to data)."""
-    if not self.with_uncond:
-      raise ValueError('sampler.cfg_parallel runs the CFG branches on two devices, but this sampler has '
-                       'no unconditional branch (sampler.cfg_scale is 1 or sampler.num_steps is 1)')
-    devices = jax.devices()
-    if len(devices) < 2:
-      raise ValueError(f'sampler.cfg_parallel needs 2 devices, found {len(devices)} ({devices[0].platform})')
-    return sharding.make_mesh((2, 1, 1, 1), devices=devices[:2])
-
-  # ---- jitted pieces ----------------------------------------------------------------------------
-
-  def _jit(self):
-    fns = step_functions(self.cfg, self.geometry, self._model_def, self._vae_def, self._image_def)
-
-    def traced_under_mesh(fn):
-      if self.mesh is None:
-        return fn
-
-      def wrapped(*args):
-        with sharding.use_mesh_rules(self.mesh):
-          return fn(*args)
-      return wrapped
-
-    self._decode = jax.jit(fns.decode)
-    self._encode = jax.jit(fns.encode)
-    self._start = jax.jit(traced_under_mesh(fns.start))
-    self._write = jax.jit(traced_under_mesh(fns.write), donate_argnums=(2, 4))
-    self._denoise = jax.jit(traced_under_mesh(fns.denoise))
+  @property
+  def networks(self) -> tuple[rollout.Network, rollout.Network, rollout.Network | None]:
+    """(DiT, VAE, CLIP or None) as the rollout functions take them."""
+    image = None if self._image_def is None else (self._image_def, self._image_state)
+    return (self._model_def, self._model_state), (self._vae_def, self._vae_state), image
 
   # ---- the episode API --------------------------------------------------------------------------
 
   def _text(self, instruction: str) -> jax.Array:
     """The instruction in this embodiment's prompt template (+ the negative prompt with CFG)."""
     return self._prompt_encoder.text([instruction], [self.embodiment.id],
-                             self.cfg.sampler.negative_prompt if self.with_uncond else None)
+                                     self.cfg.sampler.negative_prompt if self.with_uncond else None)
 
   def reset(self, instruction: str, first_frame: np.ndarray, robot_state: np.ndarray, seed: int = 0) -> Episode:
     """first_frame: one canvas frame [H, W, 3] in [-1, 1]; robot_state: raw [state_dim]."""
     frame = jnp.asarray(first_frame, jnp.float32)[None, None]
-    cache, cross_kv, vae_cache, cond = self._start(self._model_state, self._vae_state, self._image_state, frame,
-                                                   self._text(instruction), frame)
+    dit, vae, image = self.networks
+    cache, cross_kv, vae_cache, cond = rollout.start(self.spec, dit, vae, image, frame, self._text(instruction), frame)
     return Episode(cache, cross_kv, vae_cache, cond, chunk=0, written=0,
                    anchor_state=np.asarray(robot_state, np.float32), rng=jax.random.key(seed),
                    instruction=instruction)
@@ -257,7 +112,8 @@ class Policy:
     """An independent copy (observe donates the episode's cache buffers to the update)."""
     return dataclasses.replace(ep, cache=jax.tree.map(jnp.copy, ep.cache), vae_cache=jax.tree.map(jnp.copy, ep.vae_cache))
 
-  def _normalised_state(self, robot_state: np.ndarray) -> jax.Array:
+  def normalised_state(self, robot_state: np.ndarray) -> jax.Array:
+    """Raw robot state -> normalised and zero-padded to the model's state width [1, 1, state_dim]."""
     s = normalization.normalize(np.asarray(robot_state, np.float32), self.stats['state'])
     out = np.zeros((1, 1, self.cfg.model.state_dim), np.float32)
     out[0, 0, :s.shape[-1]] = s
@@ -274,8 +130,9 @@ class Policy:
       # The context window is full: restart it from the newest real frame as frame 0.
       ep = self.reset(ep.instruction, frames[-1], robot_state, seed=int(jax.random.randint(ep.rng, (), 0, 2**30)))
       return ep
-    cache, vae_cache = self._write(self._model_state, self._vae_state, ep.cache, ep.cross_kv, ep.vae_cache,
-                                   ep.cond, jnp.asarray(frames, jnp.float32)[None], jnp.int32(ep.written))
+    dit, vae, _ = self.networks
+    cache, vae_cache = rollout.observe(self.spec, dit, vae, ep.cache, ep.cross_kv, ep.vae_cache, ep.cond,
+                                       jnp.asarray(frames, jnp.float32)[None], jnp.int32(ep.written))
     return dataclasses.replace(ep, cache=cache, vae_cache=vae_cache, written=ep.written + 1,
                                anchor_state=np.asarray(robot_state, np.float32))
 
@@ -284,8 +141,8 @@ class Policy:
     if ep.written != ep.chunk:
       raise ValueError('the previous chunk\'s observations have not been written: call observe first')
     rng, sub = jax.random.split(ep.rng)
-    video, actions, evaluations = self._denoise(
-        self._model_state, ep.cache, ep.cross_kv, ep.cond, self._normalised_state(ep.anchor_state),
+    video, actions, evaluations = rollout.denoise(
+        self.spec, self.networks[0], ep.cache, ep.cross_kv, ep.cond, self.normalised_state(ep.anchor_state),
         jnp.int32(self.embodiment.id), jnp.int32(ep.chunk), sub)
     normalised = np.asarray(actions[0])
     raw = self.postprocess(normalised, ep.anchor_state)
@@ -294,11 +151,11 @@ class Policy:
 
   def encode_video(self, video: np.ndarray) -> np.ndarray:
     """Canvas frames [1, 1 + 4k, H, W, 3] in [-1, 1] -> normalised latents [1, 1 + k, h, w, C]."""
-    return np.asarray(self._encode(self._vae_state, jnp.asarray(video, jnp.float32)))
+    return np.asarray(rollout.encode_video(self.networks[1], jnp.asarray(video, jnp.float32)))
 
   def decode_video(self, latents: np.ndarray) -> np.ndarray:
     """Predicted latents [1, F, h, w, C] -> frames [T, H, W, 3] in [-1, 1] (for evaluation videos)."""
-    return np.asarray(self._decode(self._vae_state, jnp.asarray(latents))[0])
+    return np.asarray(rollout.decode_video(self.networks[1], jnp.asarray(latents))[0])
 
   def postprocess(self, actions: np.ndarray, anchor_state: np.ndarray) -> np.ndarray:
     """Normalised padded actions -> raw robot actions (unnormalise, absolute joints, smoothing)."""
@@ -310,162 +167,3 @@ class Policy:
     if p.gripper_dims:
       a = postprocess.binarize_dims(a, p.gripper_dims, p.gripper_threshold, p.gripper_low, p.gripper_high)
     return a.astype(np.float32)
-
-
-# ---- the server backend ---------------------------------------------------------------------------
-
-def _state_fields(embodiment_name: str, state_dim: int) -> dict[str, int]:
-  """Request keys carrying the robot state, in state order (DROID: joints then gripper)."""
-  if embodiment_name == 'droid':
-    return {'observation/joint_position': 7, 'observation/gripper_position': 1}
-  return {'observation/state': state_dim}
-
-
-class PolicyServerBackend:
-  """Adapts Policy to the server's PolicyBackend protocol; owns canvas building and normalisation."""
-
-  def __init__(self, policy: Policy):
-    self.policy = policy
-    cfg = policy.cfg
-    self.cameras = [f'observation/{c}' for c in cfg.data.cameras]
-    self.state_fields = _state_fields(cfg.data.embodiment, policy.embodiment.state_dim)
-    cam_h, cam_w = cfg.serve.camera_height, cfg.serve.camera_width
-    spec = {k: {'shape': [cfg.video.frames_per_chunk, cam_h, cam_w, 3], 'dtype': 'uint8'} for k in self.cameras}
-    spec.update({k: {'shape': [n], 'dtype': 'float32'} for k, n in self.state_fields.items()})
-    e = policy.embodiment
-    self._metadata = dict(observation_spec=spec, action_shape=[cfg.video.action_horizon, e.action_dim],
-                          action_horizon=cfg.video.action_horizon, control_hz=cfg.data.control_hz,
-                          embodiment=e.name, protocol_version=1)
-
-  @property
-  def metadata(self):
-    return self._metadata
-
-  def _canvas(self, observation) -> np.ndarray:
-    cfg = self.policy.cfg
-    return canvas.compose_arrays([observation[k] for k in self.cameras], cfg.data.canvas_layout,
-                                 cfg.video.height, cfg.video.width, cfg.data.augment_crop_scale)
-
-  def _state(self, observation) -> np.ndarray:
-    return np.concatenate([np.asarray(observation[k], np.float32).reshape(-1) for k in self.state_fields])
-
-  def new_session(self, prompt, observation):
-    return self.policy.reset(prompt, self._canvas(observation)[0], self._state(observation))
-
-  def infer(self, session_state, observation):
-    actions, ep, timing, _ = self.infer_with_video(session_state, observation)
-    return actions, ep, timing
-
-  def warmup(self) -> None:
-    """Runs a first and a later call on blank observations: every jitted piece of the control step
-    (start, denoise, write) is compiled before the server reports ready."""
-    def blank(frames):
-      return {k: np.zeros([frames, *e['shape'][1:]] if k in self.cameras else e['shape'], e['dtype'])
-              for k, e in self._metadata['observation_spec'].items()}
-    first = blank(1)
-    _, ep, _ = self.infer(self.new_session('warm up', first), first)
-    self.infer(ep, blank(self.policy.cfg.video.frames_per_chunk))
-
-  def infer_with_video(self, session_state, observation):
-    """infer() plus the predicted video latents of the chunk (for evaluation videos)."""
-    import time
-    t0 = time.perf_counter()
-    frames = self._canvas(observation)
-    t1 = time.perf_counter()
-    ep = session_state
-    if ep.chunk > 0:  # later calls carry the frames observed while the last chunk ran
-      ep = self.policy.observe(ep, frames, self._state(observation))
-    t2 = time.perf_counter()
-    actions, video, ep, _ = self.policy.step(ep)
-    t3 = time.perf_counter()
-    return actions, ep, {'canvas': 1e3 * (t1 - t0), 'observe': 1e3 * (t2 - t1), 'denoise': 1e3 * (t3 - t2)}, video
-
-
-def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
-                norm_stats_path: str | None = None) -> Policy:
-  """A Policy from a train.py workdir (its newest checkpoint; EMA parameters when present), or from
-  a `python -m dreamzero_jax.convert` output (an official release, served as converted).
-
-  `norm_stats_path`: a norm_stats.json (`python -m dreamzero_jax.datasets stats` writes one) or the
-  release's statistics (meta/relative_stats_dreamzero.json with its siblings, or a checkpoint's
-  metadata.json) used instead of the checkpoint's; required for a converted checkpoint, which carries none.
-  """
-  import json
-  import os
-  from dreamzero_jax import checkpoint, convert
-  from dreamzero_jax.datasets import embodiments
-  from dreamzero_jax.training import trainer
-  stats = None
-  if os.path.isdir(os.path.join(checkpoint_dir, 'checkpoints')):
-    ckpt = checkpoint.Checkpointer(checkpoint_dir, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-      raise ValueError(f'--checkpoint {checkpoint_dir}: holds no checkpoint')
-    ckpt_config = ckpt.read_config(step)
-    if config is None:
-      config = _config_from_dict(ckpt_config)
-    graphdef, abstract = trainer.abstract_train_state(config)
-    state, _, saved_stats = ckpt.restore(step, abstract, config)
-    ckpt.close()
-    params = state.ema if state.ema is not None else state.params
-    if state.frozen is not None:
-      params = trainer.merge_lora(state.frozen, params, config.train.lora_alpha, config.train.lora_rank)
-    dit = nnx.merge(graphdef, params)
-    stats = saved_stats
-    # The row of the embodiment it trained on, and any rows of the conversion it started from.
-    saved = _config_from_dict(ckpt_config)
-    rows = {embodiments.get(saved.data.embodiment).id}
-    if saved.init.converted and os.path.isdir(saved.init.converted):
-      rows |= set(convert.read_manifest(saved.init.converted)['embodiment_rows'] or ())
-  elif os.path.isfile(os.path.join(checkpoint_dir, 'config.json')):
-    if config is None:
-      with open(os.path.join(checkpoint_dir, 'config.json')) as f:
-        config = _config_from_dict(json.load(f))
-    config.init.converted = os.path.abspath(checkpoint_dir)
-    rows = set(convert.read_manifest(checkpoint_dir)['embodiment_rows'] or ())
-    dit = None   # read once the embodiment row is known to be real
-    if not norm_stats_path:
-      raise ValueError(f'--checkpoint {checkpoint_dir}: a converted checkpoint carries no normalisation '
-                       'statistics: pass --norm_stats (python -m dreamzero_jax.datasets stats writes one)')
-  else:
-    raise ValueError(f'--checkpoint {checkpoint_dir}: neither a train.py workdir (checkpoints/) nor a '
-                     'converted checkpoint (config.json)')
-  e = embodiments.get(config.data.embodiment)
-  if e.id not in rows:
-    # Its action/state modules would be the random initialisation: refuse rather than serve noise.
-    raise ValueError(f'--checkpoint {checkpoint_dir}: embodiment row {e.id} ({e.name}) of the action/state '
-                     f'modules was never converted or trained (real rows: {sorted(rows) or "none"}); convert a '
-                     'DreamZero checkpoint into that row (convert --embodiment_id) or train on that embodiment')
-  if norm_stats_path:  # ours or the release's file; a checkpoint's own were checked when training began
-    stats = normalization.read_stats(norm_stats_path, e, config.video.action_horizon,
-                                     config.data.relative_action_dims)
-    normalization.check_stats(stats, e.state_dim, e.action_dim, config.video.action_horizon,
-                              config.data.relative_action_dims, norm_stats_path)
-  if not stats:
-    raise ValueError(f'--checkpoint {checkpoint_dir}: the checkpoint carries no normalisation statistics')
-  if dit is None:
-    dit = encoders_lib.initial_dit(config)
-  return Policy(config, dit, encoders_lib.build_frozen_encoders(config), stats)
-
-
-def _config_from_dict(saved: dict) -> ml_collections.ConfigDict:
-  """The config stored in a checkpoint (JSON lists back to tuples where the defaults have tuples)."""
-  from configs import base
-  cfg = base.get_base_config()
-
-  def fill(node, values):
-    for key, value in values.items():
-      if isinstance(value, dict) and key in node and isinstance(node[key], ml_collections.ConfigDict):
-        fill(node[key], value)
-      elif key == 'relative_action_dims' and isinstance(value, int):
-        node[key] = tuple(range(value))   # saved before explicit dims: the leading N
-      else:
-        node[key] = tuple(value) if isinstance(value, list) else value
-
-  fill(cfg, saved)
-  return cfg
-
-
-def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
-                 norm_stats_path: str | None = None) -> PolicyServerBackend:
-  return PolicyServerBackend(load_policy(checkpoint_dir, config, norm_stats_path))

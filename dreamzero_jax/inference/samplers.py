@@ -160,6 +160,23 @@ def sampler_from_sigmas(kind: str, sigmas: np.ndarray, num_train_timesteps: int)
   return Sampler('unipc', sigmas, num_train_timesteps, corrector, predictor)
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """The `sampler.*` fields the denoising loop reads, hashable (a jit static argument); every
+  function here that takes `cfg_sampler` accepts this or the config section itself."""
+  kind: str
+  num_steps: int
+  shift: float
+  cfg_scale: float
+  dit_step_mask: str
+  dynamic_skip: bool
+
+  @classmethod
+  def from_config(cls, cfg_sampler: ml_collections.ConfigDict) -> 'SamplerSettings':
+    return cls(str(cfg_sampler.kind), int(cfg_sampler.num_steps), float(cfg_sampler.shift),
+               float(cfg_sampler.cfg_scale), str(cfg_sampler.dit_step_mask), bool(cfg_sampler.dynamic_skip))
+
+
 def make_sampler(cfg_sampler: ml_collections.ConfigDict, num_train_timesteps: int) -> Sampler:
   """The `sampler.kind` solver over `sampler.num_steps` levels shifted by `sampler.shift`."""
   sigmas = flow.sampling_sigmas(cfg_sampler.num_steps, cfg_sampler.shift, num_train_timesteps)

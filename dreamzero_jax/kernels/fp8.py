@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dreamzero_jax import sharding
 from dreamzero_jax.kernels import registry
 
 E4M3 = jnp.float8_e4m3fn
@@ -110,7 +111,7 @@ def _unsupported(x, w, bias=None, *, out_dtype=jnp.float32):
     return f'bias must be [{n}], got {bias.shape}'
   if min(_tile(n, 128), _tile(k, 128)) < 16:
     return f'K={k} and N={n} must be multiples of 16 (the tensor-core tile)'
-  if registry.platform() == 'gpu' and (cc := _compute_capability()) < 89:
+  if sharding.platform() == 'gpu' and (cc := _compute_capability()) < 89:
     return f'fp8 tensor cores need compute capability 8.9+ (this GPU: sm_{cc})'
   return None
 

@@ -47,17 +47,6 @@ def record():
     _USED.reset(token)
 
 
-def platform() -> str:
-  """The platform being traced for: the active mesh's devices, else the default backend."""
-  ctx = sharding.current()
-  return ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
-
-
-def _single_device() -> bool:
-  ctx = sharding.current()
-  return ctx is None or ctx[0].devices.size == 1
-
-
 def _avals(args):
   """Shapes and dtypes of a pytree of arrays (what a kernel is compiled for)."""
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
@@ -81,7 +70,7 @@ class Kernel:
   def _compile_error(self, args, kw) -> str | None:
     avals = _avals(args)
     leaves, tree = jax.tree.flatten(avals)
-    key = (self.name, platform(), tree, tuple((a.shape, str(a.dtype)) for a in leaves), tuple(sorted(kw.items())))
+    key = (self.name, sharding.platform(), tree, tuple((a.shape, str(a.dtype)) for a in leaves), tuple(sorted(kw.items())))
     if key not in _COMPILES:
       probe = self.probe or functools.partial(self.kernel, interpret=False)
       try:
@@ -99,9 +88,9 @@ class Kernel:
       return reason
     if impl == 'interpret':
       return None
-    if platform() != 'gpu':
-      return f'the Pallas kernels lower through Triton on GPUs, not on {platform()}'
-    if not _single_device():
+    if sharding.platform() != 'gpu':
+      return f'the Pallas kernels lower through Triton on GPUs, not on {sharding.platform()}'
+    if sharding.device_count() > 1:
       return 'a multi-device mesh is active (the kernels are not partitioned yet)'
     return self._compile_error(args, kw)
 
@@ -114,7 +103,7 @@ class Kernel:
       reason = self.why_not(name, args, kw)
       if reason is None:
         return name
-      if self.name not in _WARNED and (impl != 'auto' or platform() == 'gpu'):
+      if self.name not in _WARNED and (impl != 'auto' or sharding.platform() == 'gpu'):
         _WARNED.add(self.name)
         warnings.warn(f'kernel {self.name}: {name} cannot run ({reason}); using XLA', RuntimeWarning,
                       stacklevel=3)

@@ -28,7 +28,7 @@ from flax import nnx
 from dreamzero_jax import sharding
 from dreamzero_jax.kernels import modulation, qk_norm_rope, registry
 from dreamzero_jax.kernels.modulation import TimeGroups
-from dreamzero_jax.models import attention, embodiment, layers, masks, rope
+from dreamzero_jax.models import attention, embodiment, kv_cache, layers, masks, rope
 from dreamzero_jax.models.layers import (Dense, Fp8Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh, normal,
                                          param, zeros)
 
@@ -434,7 +434,6 @@ class DreamZeroDiT(nnx.Module):
     latents [B, n, H, W, C]. chunk=None: the episode's conditioning frame 0 (n == 1); otherwise
     the n latent frames of chunk `chunk` (may be traced), absolute frames 1 + chunk*n onwards.
     """
-    from dreamzero_jax.inference import kv_cache
     _, n, hh, ww, _ = latents.shape
     pt, ph, pw = self.cfg.patch_size
     grid = (n // pt, hh // ph, ww // pw)

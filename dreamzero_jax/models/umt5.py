@@ -1,4 +1,4 @@
-"""The frozen umT5-XXL text encoder, its sentencepiece tokenizer and its checkpoint key maps.
+"""The frozen umT5-XXL text encoder and its sentencepiece tokenizer (key maps: weights/umt5.py).
 
 umT5 differs from T5 in one way that matters here: every layer owns its relative-position bias
 table (T5 shares the first layer's). Layers are stacked on a leading 'layers' axis and scanned,
@@ -22,7 +22,6 @@ import sentencepiece
 from flax import nnx
 
 from dreamzero_jax.models import layers
-from dreamzero_jax.models.weights import Target, torch_linear
 
 # Per-layer parameters, all stacked on a leading 'layers' axis: name -> logical axes.
 _LAYER_AXES = {
@@ -37,7 +36,7 @@ _LAYER_AXES = {
     'up': ('layers', 'embed', 'mlp'),     # the linear branch
     'down': ('layers', 'mlp', 'embed'),
 }
-_LINEAR = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')   # torch [out, in] -> our [in, out]
+LINEAR = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')    # the linear layers' kernels [in, out]
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -71,7 +70,7 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], buckets: np.ndarray, valid: ja
            num_heads: int, eps: float) -> jax.Array:
   """One pre-norm umT5 block: self-attention with this layer's own bias, then the gated FFN."""
   b, l, _ = x.shape
-  w = {name: p[name].astype(x.dtype) for name in _LINEAR}
+  w = {name: p[name].astype(x.dtype) for name in LINEAR}
   h = rms_norm(x, p['attn_norm'], eps)
   q, k, v = (jnp.einsum('bld,de->ble', h, w[n]).reshape(b, l, num_heads, -1) for n in 'qkv')
   # T5 folds the scale into its initialisation: no 1/sqrt(head_dim) here.
@@ -182,53 +181,3 @@ def prompt_encoder(model: UMT5Encoder, tokenizer: UMT5Tokenizer
 
   return encode
 
-
-_HF_LAYER = re.compile(r'encoder\.block\.(\d+)\.layer\.(\d)\.(.+)\.weight')
-_HF_NAMES = {
-    (0, 'layer_norm'): 'attn_norm', (0, 'SelfAttention.q'): 'q', (0, 'SelfAttention.k'): 'k',
-    (0, 'SelfAttention.v'): 'v', (0, 'SelfAttention.o'): 'o',
-    (0, 'SelfAttention.relative_attention_bias'): 'rel_bias',
-    (1, 'layer_norm'): 'ffn_norm', (1, 'DenseReluDense.wi_0'): 'gate',
-    (1, 'DenseReluDense.wi_1'): 'up', (1, 'DenseReluDense.wo'): 'down',
-}
-_WAN_LAYER = re.compile(r'blocks\.(\d+)\.(.+)\.weight')
-_WAN_NAMES = {
-    'norm1': 'attn_norm', 'attn.q': 'q', 'attn.k': 'k', 'attn.v': 'v', 'attn.o': 'o',
-    'pos_embedding.embedding': 'rel_bias', 'norm2': 'ffn_norm', 'ffn.gate.0': 'gate',
-    'ffn.fc1': 'up', 'ffn.fc2': 'down',
-}
-
-
-def _layer_target(name: str | None, layer: int) -> Target | None:
-  if name is None:
-    return None
-  return Target((name,), torch_linear if name in _LINEAR else (lambda x: x), layer=layer)
-
-
-def transformers_key_map(key: str) -> Target | None:
-  """transformers UMT5EncoderModel / UMT5Model names (shared.weight, encoder.block.N.layer.M...)."""
-  if key in ('shared.weight', 'encoder.embed_tokens.weight'):
-    return Target(('embedding',))
-  if key == 'encoder.final_layer_norm.weight':
-    return Target(('final_norm',))
-  match = _HF_LAYER.fullmatch(key)
-  if match is None:
-    return None
-  return _layer_target(_HF_NAMES.get((int(match[2]), match[3])), int(match[1]))
-
-
-def transformers_unused(key: str) -> bool:
-  """Keys of a full UMT5 (encoder-decoder) checkpoint that the encoder does not use."""
-  return key.startswith(('decoder.', 'lm_head.'))
-
-
-def wan_key_map(key: str) -> Target | None:
-  """Official Wan names (models_t5_umt5-xxl-enc-bf16.pth: token_embedding, blocks.N.attn.q, ...)."""
-  if key == 'token_embedding.weight':
-    return Target(('embedding',))
-  if key == 'norm.weight':
-    return Target(('final_norm',))
-  match = _WAN_LAYER.fullmatch(key)
-  if match is None:
-    return None
-  return _layer_target(_WAN_NAMES.get(match[2]), int(match[1]))

@@ -70,12 +70,12 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
   # drive none, so concurrent compiles (pytest -n, several configs at once) are safe.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   devices = topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
-  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
+  mesh = sharding.config_mesh(cfg, devices)
   graphdef, state = trainer.abstract_train_state(cfg)
   batch = abstract_batch(cfg, trainer.update_batch_size(cfg.train))
   state_sh, batch_sh = partition.train_shardings(cfg, mesh, state, batch)
   step = partition.shard_train_step(trainer.make_train_step(graphdef, cfg), mesh, state_sh, batch_sh,
-                                    partition.config_rules(cfg))
+                                    sharding.config_rules(cfg))
   start = time.perf_counter()
   with attention.record() as attention_used:
     lowered = step.lower(with_shardings(state, state_sh), with_shardings(batch, batch_sh))

@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
 
 from dreamzero_jax import checkpoint, encoders
-from dreamzero_jax.training import aot, trainer
+from dreamzero_jax.datasets import normalization, pipeline
+from dreamzero_jax.training import aot, latent_cache, partition, trainer
 
 # bf16 dense peak per chip (datasheet), for MFU.
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
@@ -49,7 +52,9 @@ def check_data_batch(batch: dict, cfg) -> None:
   """The pipeline's batch against the config, with the field named on a mismatch."""
   v, m, b = cfg.video, cfg.model, trainer.update_batch_size(cfg.train) // jax.process_count()
   k = v.max_chunks
-  want = {'video': (b, 1 + k * v.frames_per_chunk, v.height, v.width, 3),
+  pixels = (('latent_row', (b,)) if cfg.data.latent_cache else
+            ('video', (b, 1 + k * v.frames_per_chunk, v.height, v.width, 3)))
+  want = {pixels[0]: pixels[1],
           'actions': (b, k * v.action_horizon, m.action_dim), 'action_mask': (b, k * v.action_horizon, m.action_dim),
           'state': (b, k, m.state_dim), 'chunk_mask': (b, k), 'embodiment_id': (b,), 'instruction': (b,)}
   for name, shape in want.items():
@@ -64,8 +69,6 @@ class Logger:
   writes (the others keep a silent bar)."""
 
   def __init__(self, workdir: str, total: int):
-    from tensorboardX import SummaryWriter
-    import tqdm
     self.primary = jax.process_index() == 0
     self.writer = SummaryWriter(os.path.join(workdir, 'tb')) if self.primary else None
     self.bar = tqdm.tqdm(total=total, dynamic_ncols=True, desc='train', disable=not self.primary)
@@ -100,7 +103,6 @@ def nonfinite_leaves(tree) -> tuple[int, int]:
 def check_resumed_stats(saved: dict, dataset: dict, workdir: str, step: int) -> None:
   """Refuses a resume whose dataset statistics differ from the checkpoint's: its batches would be
   normalised one way and its checkpoints would tell the server another."""
-  from dreamzero_jax.datasets import normalization
   diffs = normalization.stats_differences(saved, dataset)
   if diffs:
     raise ValueError(f'{workdir}: the checkpoint (step {step}) was trained with other normalisation statistics '
@@ -110,23 +112,14 @@ def check_resumed_stats(saved: dict, dataset: dict, workdir: str, step: int) -> 
 
 def _norm_stats(cfg) -> dict:
   """The statistics that normalise the primary dataset (saved with it, or computed as the pipeline does)."""
-  from dreamzero_jax.datasets import pipeline
   return pipeline.open_member(cfg, cfg.data.name, 1.0, train=True).loader.stats
 
 
 def _compiled_step(cfg, graphdef, abstract_state):
-  """The jitted step and how a batch reaches it: one device, or sharded over cfg.mesh (multi-host:
-  each host feeds its own slice of the global batch)."""
-  step = trainer.make_train_step(graphdef, cfg)
-  if jax.device_count() == 1:
-    return jax.jit(step, donate_argnums=0), lambda batch: batch, None
-  from dreamzero_jax import sharding
-  from dreamzero_jax.training import partition
-  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-  state_sh, batch_sh = partition.train_shardings(cfg, mesh, abstract_state,
-                                                 aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
-  compiled = partition.shard_train_step(step, mesh, state_sh, batch_sh, partition.config_rules(cfg))
-  return compiled, lambda batch: partition.global_batch(batch, batch_sh), state_sh
+  """The jitted step and how a batch reaches it, over cfg's mesh (one device is a mesh of one;
+  multi-host: each host feeds its own slice of the global batch)."""
+  return partition.compiled_train_step(cfg, graphdef, abstract_state,
+                                       aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats: dict | None = None,
@@ -142,11 +135,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
   deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
   os.makedirs(workdir, exist_ok=True)
+  frozen = encoders.build_frozen_encoders(cfg)
+  encode = encoders.BatchEncoder(frozen, cfg)
   if data is None:
-    from dreamzero_jax.datasets import pipeline
-    data = iter(pipeline.make_dataset(cfg, train=True))
+    rows = None
+    if cfg.data.latent_cache:
+      encode.cache = latent_cache.build_or_load(cfg, workdir, encode, frozen)
+      rows = encode.cache.member_rows
+      print(f'latent cache: {len(encode.cache.valid)} clips in {encode.cache.path}')
+    data = iter(pipeline.make_dataset(cfg, train=True, latent_rows=rows))
     norm_stats = _norm_stats(cfg)
-  encode = encoders.BatchEncoder(encoders.build_frozen_encoders(cfg), cfg)
   graphdef, abstract = trainer.abstract_train_state(cfg)
   dit_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
       jax.eval_shape(lambda s: trainer.full_params(s, cfg.train), abstract)))
@@ -156,9 +154,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   start = ckpt.latest_step()
   if start is not None:
     # Straight into the step's shardings: each process reads only the shards it holds.
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = aot.with_shardings(abstract, state_sharding if state_sharding is not None else
-                                jax.tree.map(lambda _: one, abstract))
+    target = aot.with_shardings(abstract, state_sharding)
     state, data_state, saved_stats = ckpt.restore(start, target, cfg)
     if norm_stats and saved_stats:
       check_resumed_stats(saved_stats, norm_stats, workdir, start)
@@ -170,14 +166,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
     if cfg.init.converted:
       print(f'starting from the converted weights in {cfg.init.converted}')
     params, key = encoders.initial_dit_params(cfg), jax.random.key(cfg.seed)
-    if state_sharding is None:
-      state = trainer.state_from_params(jax.tree.map(jnp.asarray, params), cfg, key)
-    else:
-      # Parameters go straight into their shards and the optimiser state is built there: no
-      # device ever holds the whole state (14B: ~200 GB in fp32 with AdamW).
-      base = state_sharding.frozen if cfg.train.lora_rank > 0 else state_sharding.params
-      state = jax.jit(lambda p, k: trainer.state_from_params(p, cfg, k), out_shardings=state_sharding)(
-          jax.device_put(params, base), key)
+    # Parameters go straight into their shards and the optimiser state is built there: no
+    # device ever holds the whole state (14B: ~200 GB in fp32 with AdamW).
+    base = state_sharding.frozen if cfg.train.lora_rank > 0 else state_sharding.params
+    state = jax.jit(lambda p, k: trainer.state_from_params(p, cfg, k), out_shardings=state_sharding)(
+        jax.device_put(params, base), key)
   flops, peak = train_flops(cfg, dit_params), peak_flops()
   tokens = trainer.update_batch_size(cfg.train) * aot.sequence_length(cfg)[0]
   logger = Logger(workdir, cfg.train.steps)

@@ -9,26 +9,12 @@ dims, real chunks and has_real_action), normalised per train.action_loss_norm.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from dreamzero_jax import flow
-
-
-class LatentBatch(NamedTuple):
-  """A training batch after the frozen encoders: what the DiT consumes."""
-  latents: jax.Array          # [B, F, h, w, C] clean VAE latents, F = 1 + K * lf
-  cond: jax.Array | None      # [B, F, h, w, 20] the I2V condition y, or None (T2V / TI2V)
-  text: jax.Array             # [B, Lt, text_dim] umT5 embeddings, zero past each prompt
-  image: jax.Array | None     # [B, Li, image_dim] CLIP features, or None
-  actions: jax.Array          # [B, K*Ha, A] normalised to [-1, 1]
-  action_mask: jax.Array      # [B, K*Ha, A] bool
-  state: jax.Array            # [B, K, S]
-  chunk_mask: jax.Array       # [B, K] bool
-  embodiment_id: jax.Array    # [B] int32
+from dreamzero_jax.encoders import LatentBatch  # the encoders' output, this objective's input
 
 
 ACTION_LOSS_NORMS = ('padded', 'valid')

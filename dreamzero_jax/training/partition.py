@@ -1,17 +1,16 @@
-"""Shardings of the train state and batches, and the sharded train step (docs/data_and_sharding.md).
+"""The train state's shardings and the sharded train step (docs/data_and_sharding.md).
 
-Every parameter carries logical axis names (models/layers.py); `cfg.mesh.rules` maps them to mesh
-axes (sharding.logical_to_spec). A dimension that a mesh axis does not divide keeps only the
-longest prefix of its mesh axes whose product divides it, down to none (replicated): tiny configs
-then run on any mesh, and for real configs the golden files (tests/golden/) show every such case.
+What is general (meshes, rules, logical -> PartitionSpec, parameter and batch specs, global
+batches) is `dreamzero_jax.sharding`; this module adds what a TrainState needs: LoRA factors and
+optimiser moments shard like their parameter, and the step is jitted with those shardings. One
+device is a one-device mesh (`compiled_train_step`), so a workstation and a pod run one program.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -20,41 +19,10 @@ from dreamzero_jax import sharding
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.training import objective, trainer
 
-Rules = tuple[tuple[str, Any], ...]
-AxisSizes = Mapping[str, int]
-
-
-def config_rules(cfg: ml_collections.ConfigDict) -> Rules:
-  """cfg.mesh.rules as hashable (name, axis) pairs (overrides arrive as lists)."""
-  norm = lambda a: tuple(a) if isinstance(a, (list, tuple)) else a
-  return tuple((name, norm(axis)) for name, axis in cfg.mesh.rules)
-
-
-def fit_spec(spec: PartitionSpec, shape: Sequence[int], axis_sizes: AxisSizes) -> PartitionSpec:
-  """Drops the mesh axes that do not divide their dimension (longest dividing prefix kept)."""
-  out = []
-  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-    while axes and dim % int(np.prod([axis_sizes[a] for a in axes])):
-      axes = axes[:-1]
-    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-  return PartitionSpec(*out)
-
 
 def abstract_model(cfg: ml_collections.ConfigDict) -> nnx.Module:
   """The DiT with ShapeDtypeStruct leaves: shapes and logical axes, no memory (instant for 14B)."""
   return nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))
-
-
-def param_specs(model: nnx.Module, rules: Rules, axis_sizes: AxisSizes) -> dict:
-  """PartitionSpec of every model variable, as the pure dict trainer.model_params returns."""
-  _, state = nnx.split(model)
-
-  def spec(var: nnx.Variable) -> PartitionSpec:
-    names = var.get_metadata().get('logical_axes')
-    return fit_spec(sharding.logical_to_spec(names, rules), var.value.shape, axis_sizes)
-
-  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 
 
 def _lora_specs(specs: dict, lora_params: dict) -> dict:
@@ -69,11 +37,11 @@ def _lora_specs(specs: dict, lora_params: dict) -> dict:
   return out
 
 
-def state_specs(cfg: ml_collections.ConfigDict, abstract_state: trainer.TrainState, axis_sizes: AxisSizes,
+def state_specs(cfg: ml_collections.ConfigDict, abstract_state: trainer.TrainState, axis_sizes: sharding.AxisSizes,
                 model: nnx.Module | None = None) -> trainer.TrainState:
   """PartitionSpecs for a TrainState (pass its abstract version, e.g. from jax.eval_shape)."""
   model = abstract_model(cfg) if model is None else model
-  full = param_specs(model, config_rules(cfg), axis_sizes)
+  full = sharding.param_specs(model, sharding.config_rules(cfg), axis_sizes)
   params = full if abstract_state.frozen is None else _lora_specs(full, abstract_state.params)
   tx = trainer.make_optimizer(cfg.train)
   # Optimiser moments shard like their parameter; counters and other scalars are replicated.
@@ -85,42 +53,29 @@ def state_specs(cfg: ml_collections.ConfigDict, abstract_state: trainer.TrainSta
       opt_state=opt, rng=PartitionSpec(), ema=None if abstract_state.ema is None else params)
 
 
-def batch_specs(batch: objective.LatentBatch, rules: Rules, axis_sizes: AxisSizes) -> objective.LatentBatch:
-  """Leading (batch) dimension by the 'activation_batch' rule, everything else replicated."""
-
-  def spec(x):
-    names = ('activation_batch',) + (None,) * (len(x.shape) - 1)
-    return fit_spec(sharding.logical_to_spec(names, rules), x.shape, axis_sizes)
-
-  return jax.tree.map(spec, batch)
-
-
-def named(mesh: Mesh, specs):
-  """PartitionSpec pytree -> NamedSharding pytree over `mesh`."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
 def train_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh, abstract_state: trainer.TrainState,
                     abstract_batch: objective.LatentBatch):
   """(state shardings, batch shardings) over `mesh` with cfg.mesh.rules."""
   sizes = dict(mesh.shape)
-  return (named(mesh, state_specs(cfg, abstract_state, sizes)),
-          named(mesh, batch_specs(abstract_batch, config_rules(cfg), sizes)))
+  return (sharding.named(mesh, state_specs(cfg, abstract_state, sizes)),
+          sharding.named(mesh, sharding.batch_specs(abstract_batch, sharding.config_rules(cfg), sizes)))
 
 
-def shard_train_step(step_fn: Callable, mesh: Mesh, state_shardings, batch_shardings, rules: Rules):
+def shard_train_step(step_fn: Callable, mesh: Mesh, state_shardings, batch_shardings, rules: sharding.Rules):
   """jax.jit of `step_fn` with explicit shardings, the state donated, traced under the mesh rules
   (so the model's sharding.constrain calls take effect); metrics come back replicated."""
-
-  def step(state, batch):
-    with sharding.use_mesh_rules(mesh, rules):
-      return step_fn(state, batch)
-
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+  return jax.jit(sharding.under_mesh_rules(step_fn, mesh, rules), in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
 
 
-def global_batch(local_batch, batch_shardings):
-  """Per-host numpy batches (each host's slice of the global batch) -> global jax.Arrays."""
-  return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)),
-                      batch_shardings, local_batch)
+def compiled_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, abstract_state: trainer.TrainState,
+                        abstract_batch: objective.LatentBatch):
+  """(step, to_device, state shardings) of the train step over cfg's mesh (sharding.config_mesh:
+  one device is a mesh of one). `step(state, batch)` is jitted with the state donated;
+  `to_device(batch)` turns this host's batch into the step's global batch (multi-host: each host
+  feeds its own rows); the state shardings say where a restored or new state goes."""
+  mesh = sharding.config_mesh(cfg)
+  state_sh, batch_sh = train_shardings(cfg, mesh, abstract_state, abstract_batch)
+  step = shard_train_step(trainer.make_train_step(graphdef, cfg), mesh, state_sh, batch_sh,
+                          sharding.config_rules(cfg))
+  return step, lambda batch: sharding.global_batch(batch, batch_sh), state_sh

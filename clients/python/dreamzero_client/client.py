@@ -1,5 +1,6 @@
 """Synchronous client for the policy server; needs only numpy, msgpack and websockets.
 
+    from dreamzero_client import PolicyClient
     client = PolicyClient('127.0.0.1', 8000)
     client.metadata['action_shape']             # what the server will return
     reply = client.infer({**observation, 'prompt': 'pick up the cup'})
@@ -17,7 +18,7 @@ from typing import Any
 
 from websockets.sync import client as ws_client
 
-from dreamzero_jax import msgpack_numpy
+from dreamzero_client import msgpack_numpy
 
 
 class PolicyServerError(RuntimeError):

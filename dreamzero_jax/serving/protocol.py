@@ -1,8 +1,9 @@
 """What the policy server needs from a model: the `PolicyBackend` protocol and request checks.
 
-The server (serve.py) speaks the wire protocol of docs/inference.md; a backend turns checked,
-canonical observations into actions and owns everything model-side (normalisation, KV cache,
-sampler). Keeping the seam this small lets the server be tested without a model.
+The server (serving/server.py) speaks the wire protocol of docs/inference.md; a backend (a robot's
+adapter around the policy, serving/adapters.py) turns checked, canonical observations into actions
+and owns everything model-side (normalisation, KV cache, sampler). Keeping the seam this small lets
+the server be tested without a model.
 
 Observation spec entries are {'shape': [...], 'dtype': str}. An entry of shape [T, H, W, 3] and
 dtype uint8 is a camera stream: the first call of a session sends 1 frame (HxWx3 or 1xHxWx3),

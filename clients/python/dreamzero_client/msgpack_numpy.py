@@ -3,7 +3,8 @@
 An array travels as the map {b'__ndarray__': True, b'data': raw bytes, b'dtype': dtype.str,
 b'shape': shape}; a numpy scalar as {b'__npgeneric__': True, b'data': value, b'dtype': dtype.str}.
 Keeping openpi's layout lets openpi / RoboArena robot clients talk to our server unchanged.
-Imports only numpy and msgpack: robot computers run this file without JAX.
+Imports only numpy and msgpack: robot computers run this file without JAX, and the server
+(dreamzero_jax/serving/server.py) encodes and decodes with this same module.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Checkpoint key maps for the DiT: official Wan names and diffusers names (WanTransformer3DModel).
 
 Diffusers keys are first renamed to the official ones, so one table places both. The converter and
-the parity tests use these maps with weights.load_tensors.
+the parity tests use these maps with common.load_tensors.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from dreamzero_jax.models.weights import Target, torch_linear
+from dreamzero_jax.models.weights.common import Target, torch_linear
 
 
 def _patch_kernel(w: np.ndarray) -> np.ndarray:

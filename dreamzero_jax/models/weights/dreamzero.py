@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from dreamzero_jax.models import embodiment
-from dreamzero_jax.models.weights import Target
+from dreamzero_jax.models.weights.common import Target
 
 _MODULES = {
     'action_encoder.W1': ('action_encoder', 'w1'),

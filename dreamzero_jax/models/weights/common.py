@@ -1,9 +1,9 @@
 """Placing named PyTorch tensors (official Wan / diffusers / transformers names) into our modules.
 
-Each model file provides a key map: a function from a checkpoint key to a `Target` (where the
-tensor goes in `nnx.state(model)` and how to transform it) or None for a key it does not know.
-`load_tensors` streams (key, array) pairs through such a map, so the converter and the parity
-tests use one mapping, and refuses unknown, missing or mis-shaped tensors by name.
+Each module beside this one provides one model's key maps: a function from a checkpoint key to a
+`Target` (where the tensor goes in `nnx.state(model)` and how to transform it) or None for a key it
+does not know. `load_tensors` streams (key, array) pairs through such a map, so the converter and
+the parity tests use one mapping, and refuses unknown, missing or mis-shaped tensors by name.
 """
 from __future__ import annotations
 

@@ -1,0 +1,8 @@
+"""Numpy-only client for the DreamZero policy server: `PolicyClient` and the msgpack-numpy codec.
+
+Depends on numpy, msgpack and websockets only (`pip install ./clients/python`); the server
+package dreamzero-jax ships this package as well and encodes its replies with the same codec.
+"""
+from dreamzero_client.client import PolicyClient, PolicyServerError
+
+__all__ = ['PolicyClient', 'PolicyServerError']

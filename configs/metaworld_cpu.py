@@ -1,0 +1,39 @@
+"""Meta-World on a laptop-class CPU: a small DreamZero that learns in minutes on 2 cores.
+
+Every lever toward few tokens and fast steps: a 64x64 canvas of three 32x32 views (16 tokens per
+latent frame),
+frozen encoders run once per clip (data.latent_cache), clips anchored on the replanning grid
+(data.anchor_stride = the action horizon), no CLIP branch (the I2V condition carries frame 0),
+and no classifier-free guidance (the prompt is not dropped in training, so an unconditional
+branch would only cost time).
+
+Variants: `:quick` is the default job (python -m dreamzero_jax.quickstart): fewer steps.
+"""
+from configs import base
+from dreamzero_jax.datasets import embodiments
+
+
+def get_config(arg=None):
+  c = base.get_base_config()
+  c.model.update(dict(dim=128, num_layers=4, num_heads=4, ffn_dim=512, freq_dim=64,
+                      text_dim=16, text_len=16, image_dim=0, in_channels=36,
+                      embodiment_hidden=128, num_embodiments=2, dtype='float32', seq_pad_multiple=1))
+  # 8 frames and 8 actions per chunk (one frame per control step), 4 chunks of context.
+  c.video.update(dict(height=64, width=64, frames_per_chunk=8, max_chunks=4, action_horizon=8))
+  c.vae.update(dict(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
+  c.text_encoder.update(dict(vocab_size=384, dim=16, ffn_dim=32, num_heads=2, num_layers=2,
+                             num_buckets=8, max_distance=16))
+  c.data.update(embodiments.data_config('metaworld'))   # cameras, dims, rate, stride 1
+  c.data.update(dict(name='metaworld', anchor_stride=8, latent_cache=True,
+                     # The cache holds unaugmented clips: no crop, no jitter.
+                     augment_crop_scale=1.0, augment_brightness=0.0, augment_contrast=0.0,
+                     augment_saturation=0.0, augment_hue=0.0))
+  c.train.update(dict(steps=6000, batch_size=8, checkpoint_every=1000, lr=1e-3, log_every=50,
+                      action_loss_norm='valid'))   # trained from scratch: the 4 real action dims
+  c.sampler.update(dict(num_steps=4, dit_step_mask='1111', cfg_scale=1.0))
+  c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
+  if arg == 'quick':
+    c.train.update(dict(steps=1200, checkpoint_every=400))
+  elif arg is not None:
+    raise ValueError(f'configs/metaworld_cpu.py: unknown variant {arg!r} (known: quick)')
+  return c

@@ -1,0 +1,213 @@
+"""The chunk functions of a control step, as pure jitted functions (docs/inference.md).
+
+  start    first frame + prompt embeddings -> an episode's device state (KV cache with frame 0,
+           text/image cross-attention K/V, the VAE's streaming cache, the I2V condition)
+  observe  the REAL frames seen while a chunk ran -> VAE-encoded and written into the KV cache
+  denoise  the sampler over one chunk's video latents and actions, against the cache
+
+Each takes a `RolloutSpec` (static: every shape and sampler setting, hashable) and pytrees only:
+the networks as (graphdef, state) pairs, the cache, arrays. Nothing is closed over, so the
+policy (inference/policy.py), the latency benchmark and the ahead-of-time compile
+(inference/aot.py) call the very same functions; each compiles once per spec.
+
+With CFG the episode has batch 2 (prompt, negative prompt) so both branches run in one forward.
+With sampler.cfg_parallel the two branches run on two devices instead (the paper's CFG
+parallelism: parameters replicated, every batch-2 array split by its batch axis, so each device
+holds one branch's cache and runs one branch's forward; only the guided video crosses devices).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from dreamzero_jax import encoders as encoders_lib
+from dreamzero_jax import sharding
+from dreamzero_jax.inference import samplers
+from dreamzero_jax.models import kv_cache
+from dreamzero_jax.models import clip
+
+# A network split for jit: (nnx.GraphDef, nnx.State). The graphdef is a leafless pytree node, so
+# it is part of the compiled signature and the state is the arrays.
+Network = tuple[nnx.GraphDef, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+  """The static settings of an episode, from the config (B = 1 per episode, 2 with CFG)."""
+  lf: int                     # latent frames per chunk
+  num_frames: int             # canvas frames of a full context window
+  latent_hw: tuple[int, int]
+  tokens_per_frame: int
+  capacity: int               # KV cache slots (tokens)
+  with_uncond: bool
+  batch: int
+  i2v: bool
+  latent_channels: int
+  action_horizon: int
+  action_dim: int             # the model's (padded) action and state widths
+  state_dim: int
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  cache_dtype: str
+  sampler: samplers.SamplerSettings
+  num_train_timesteps: int
+  cfg_parallel: bool
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> 'RolloutSpec':
+    v, m = cfg.video, cfg.model
+    lf = v.frames_per_chunk // v.vae_temporal
+    latent_hw = (v.height // v.vae_spatial, v.width // v.vae_spatial)
+    tokens_per_frame = (latent_hw[0] // m.patch_size[1]) * (latent_hw[1] // m.patch_size[2])
+    with_uncond = samplers.uses_uncond(cfg.sampler)
+    return cls(lf=lf, num_frames=1 + v.max_chunks * v.frames_per_chunk, latent_hw=latent_hw,
+               tokens_per_frame=tokens_per_frame, capacity=(1 + v.max_chunks * lf) * tokens_per_frame,
+               with_uncond=with_uncond, batch=2 if with_uncond else 1, i2v=encoders_lib.uses_i2v_condition(cfg),
+               latent_channels=v.latent_channels, action_horizon=v.action_horizon, action_dim=m.action_dim,
+               state_dim=m.state_dim, num_layers=m.num_layers, num_heads=m.num_heads,
+               head_dim=m.dim // m.num_heads, cache_dtype=jnp.dtype(kv_cache.cache_dtype(m)).name,
+               sampler=samplers.SamplerSettings.from_config(cfg.sampler),
+               num_train_timesteps=cfg.train.num_train_timesteps, cfg_parallel=bool(cfg.sampler.cfg_parallel))
+
+
+def device_mesh(spec: RolloutSpec) -> Mesh:
+  """The devices an episode runs on: the first one, or with sampler.cfg_parallel the first two as
+  a (data=2) mesh (the rules map activation_batch to data: the conditional branch on device 0,
+  the unconditional one on device 1)."""
+  if not spec.cfg_parallel:
+    return sharding.make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
+  if not spec.with_uncond:
+    raise ValueError('sampler.cfg_parallel runs the CFG branches on two devices, but this sampler has '
+                     'no unconditional branch (sampler.cfg_scale is 1 or sampler.num_steps is 1)')
+  devices = jax.devices()
+  if len(devices) < 2:
+    raise ValueError(f'sampler.cfg_parallel needs 2 devices, found {len(devices)} ({devices[0].platform})')
+  return sharding.make_mesh((2, 1, 1, 1), devices=devices[:2])
+
+
+def _under_mesh(fn):
+  """fn(spec, ...) traced under the spec's mesh and the default rules (the CFG branch split)."""
+
+  @functools.wraps(fn)
+  def traced(spec, *args):
+    with sharding.use_mesh_rules(device_mesh(spec)):
+      return fn(spec, *args)
+  return traced
+
+
+def _by_branch(tree):
+  """Batch-2 episode arrays [layers, B, ...] split over the CFG devices (no-op on one device)."""
+  return jax.tree.map(lambda x: sharding.constrain(x, (None, 'activation_batch', *([None] * (x.ndim - 2)))), tree)
+
+
+def _dup(spec: RolloutSpec, x):
+  """A batch-1 input repeated for the CFG batch."""
+  return None if x is None else jnp.broadcast_to(x, (spec.batch, *x.shape[1:]))
+
+
+def _chunk_cond(spec: RolloutSpec, cond, chunk):
+  """The I2V condition y of chunk `chunk`'s latent frames."""
+  return None if cond is None else jax.lax.dynamic_slice_in_dim(cond, 1 + chunk * spec.lf, spec.lf, axis=1)
+
+
+def _start(spec: RolloutSpec, dit: Network, vae: Network, image: Network | None, frame, text, image_frame):
+  """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache, y)."""
+  model, vae = nnx.merge(*dit), nnx.merge(*vae)
+  latent, vae_cache = vae.encode_stream(vae.init_encode_cache(1, *frame.shape[2:4]), frame)
+  cond = vae.i2v_condition(frame[:, 0], spec.num_frames) if spec.i2v else None
+  image_tokens = None
+  if image is not None:
+    image_tokens = clip.encode_first_frame(nnx.merge(*image), image_frame)
+    image_tokens = jnp.broadcast_to(image_tokens, (spec.batch, *image_tokens.shape[1:]))
+  cross_kv = _by_branch(model.cross_kv(*model.embed_context(text, image_tokens)))
+  cache = kv_cache.empty_cache(spec.num_layers, spec.batch, spec.capacity, spec.num_heads, spec.head_dim,
+                               jnp.dtype(spec.cache_dtype))
+  cache = model.write_clean_frames(_dup(spec, latent), cache, cross_kv,
+                                   cond=_dup(spec, None if cond is None else cond[:, :1]))
+  return cache._replace(k=_by_branch(cache.k), v=_by_branch(cache.v)), cross_kv, vae_cache, cond
+
+
+def _encode_observed(spec: RolloutSpec, vae: Network, vae_cache, frames):
+  """Observed frames [1, frames_per_chunk, H, W, 3] -> (latents [1, lf, h, w, C], VAE cache)."""
+  return nnx.merge(*vae).encode_stream(vae_cache, frames)
+
+
+def _write_observed(spec: RolloutSpec, dit: Network, cache, cross_kv, cond, latents, chunk):
+  """Chunk `chunk`'s clean latents -> the cache with their K/V written."""
+  cache = nnx.merge(*dit).write_clean_frames(_dup(spec, latents), cache, cross_kv, chunk=chunk,
+                                             cond=_dup(spec, _chunk_cond(spec, cond, chunk)))
+  return cache._replace(k=_by_branch(cache.k), v=_by_branch(cache.v))
+
+
+def _observe(spec: RolloutSpec, dit: Network, vae: Network, cache, cross_kv, vae_cache, cond, frames, chunk):
+  """Observed frames [1, frames_per_chunk, H, W, 3] of chunk `chunk` -> (cache, VAE cache)."""
+  latents, vae_cache = _encode_observed(spec, vae, vae_cache, frames)
+  return _write_observed(spec, dit, cache, cross_kv, cond, latents, chunk), vae_cache
+
+
+def _denoise(spec: RolloutSpec, dit: Network, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng):
+  """Samples chunk `chunk`: (video latents [1, lf, h, w, C], normalised actions [1, Ha, A], DiT calls)."""
+  model = nnx.merge(*dit)
+  h, w = spec.latent_hw
+  x_rng, a_rng = jax.random.split(rng)
+  x0 = {'video': jax.random.normal(x_rng, (1, spec.lf, h, w, spec.latent_channels)),
+        'action': jax.random.normal(a_rng, (1, spec.action_horizon, spec.action_dim))}
+  c = _chunk_cond(spec, cond, chunk)
+  emb = jnp.full((spec.batch,), embodiment_id, jnp.int32)
+  state_b = jnp.broadcast_to(state_vec, (spec.batch, 1, spec.state_dim))
+
+  def velocity(x, t, with_uncond):
+    tt = jnp.full((spec.batch,), t, jnp.float32)
+    vid, act = model.denoise(_dup(spec, x['video']), tt, _dup(spec, x['action']), tt, state_b, emb, chunk, cache,
+                             cross_kv, _dup(spec, c))
+    cond_v = {'video': vid[:1], 'action': act[:1]}
+    return cond_v, (vid[1:] if with_uncond else None)
+
+  out, info = samplers.sample(velocity, x0, spec.sampler, spec.num_train_timesteps)
+  return out['video'], out['action'], info.num_evaluations
+
+
+def _control_step(spec: RolloutSpec, dit: Network, vae: Network, cache, cross_kv, vae_cache, cond, frames, chunk,
+                  state_vec, embodiment_id, rng):
+  """One control tick as the server runs it: the frames observed while chunk `chunk` ran are
+  written into the cache, then chunk + 1 is denoised."""
+  cache, vae_cache = _observe(spec, dit, vae, cache, cross_kv, vae_cache, cond, frames, chunk)
+  video, actions, evaluations = _denoise(spec, dit, cache, cross_kv, cond, state_vec, embodiment_id, chunk + 1, rng)
+  return cache, vae_cache, video, actions, evaluations
+
+
+_jit = functools.partial(jax.jit, static_argnums=0)
+
+# start(spec, dit, vae, image, frame, text, image_frame) -> (cache, cross_kv, vae_cache, cond)
+start = _jit(_under_mesh(_start))
+# observe(spec, dit, vae, cache, cross_kv, vae_cache, cond, frames, chunk) -> (cache, vae_cache);
+# the cache and the VAE cache are donated (updated in place).
+observe = _jit(_under_mesh(_observe), donate_argnums=(3, 5))
+# denoise(spec, dit, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng) -> (video, actions, evaluations)
+denoise = _jit(_under_mesh(_denoise))
+# control_step(spec, dit, vae, cache, cross_kv, vae_cache, cond, frames, chunk, state_vec, embodiment_id, rng)
+#   -> (cache, vae_cache, video, actions, evaluations): observe then denoise, as one program.
+control_step = _jit(_under_mesh(_control_step), donate_argnums=(3, 5))
+# The two halves of observe, for timing them apart (bench/policy_latency.py).
+encode_observed = _jit(_under_mesh(_encode_observed))
+write_observed = _jit(_under_mesh(_write_observed))
+
+
+@jax.jit
+def encode_video(vae: Network, video):
+  """Canvas frames [B, 1 + 4k, H, W, 3] in [-1, 1] -> normalised latents [B, 1 + k, h, w, C]."""
+  return nnx.merge(*vae).encode(video)
+
+
+@jax.jit
+def decode_video(vae: Network, latents):
+  """Latents [B, F, h, w, C] -> frames [B, T, H, W, 3] in [-1, 1]."""
+  return nnx.merge(*vae).decode(latents)

@@ -1,0 +1,109 @@
+"""A served policy from a checkpoint: a train.py workdir or a `python -m dreamzero_jax.convert` output.
+
+From a workdir only the parameters to serve are read (checkpoint.Checkpointer.restore_params: the
+`params` item, EMA parameters when training kept them; under LoRA also the frozen base, merged
+here): never the optimiser moments, which are twice the parameters' bytes under AdamW.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from dreamzero_jax import checkpoint, defaults
+from dreamzero_jax import encoders as encoders_lib
+from dreamzero_jax.datasets import embodiments, normalization
+from dreamzero_jax.inference.policy import Policy
+from dreamzero_jax.models.weights import release
+from dreamzero_jax.serving.adapters import PolicyServerBackend
+from dreamzero_jax.training import trainer
+
+
+def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
+                norm_stats_path: str | None = None) -> Policy:
+  """A Policy from a train.py workdir (its newest checkpoint; EMA parameters when present), or from
+  a `python -m dreamzero_jax.convert` output (an official release, served as converted).
+
+  `norm_stats_path`: a norm_stats.json (`python -m dreamzero_jax.datasets stats` writes one) or the
+  release's statistics (meta/relative_stats_dreamzero.json with its siblings, or a checkpoint's
+  metadata.json) used instead of the checkpoint's; required for a converted checkpoint, which carries none.
+  """
+  stats = None
+  if os.path.isdir(os.path.join(checkpoint_dir, 'checkpoints')):
+    ckpt = checkpoint.Checkpointer(checkpoint_dir, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f'--checkpoint {checkpoint_dir}: holds no checkpoint')
+    ckpt_config = ckpt.read_config(step)
+    if config is None:
+      config = config_from_dict(ckpt_config)
+    graphdef, abstract = trainer.abstract_train_state(config)
+    # Onto this one device, whatever mesh wrote it.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
+    params, frozen, saved_stats = ckpt.restore_params(step, abstract, config)
+    ckpt.close()
+    if frozen is not None:
+      params = trainer.merge_lora(frozen, params, config.train.lora_alpha, config.train.lora_rank)
+    dit = nnx.merge(graphdef, params)
+    stats = saved_stats
+    # The row of the embodiment it trained on, and any rows of the conversion it started from.
+    saved = config_from_dict(ckpt_config)
+    rows = {embodiments.get(saved.data.embodiment).id}
+    if saved.init.converted and os.path.isdir(saved.init.converted):
+      rows |= set(release.read_manifest(saved.init.converted)['embodiment_rows'] or ())
+  elif os.path.isfile(os.path.join(checkpoint_dir, 'config.json')):
+    if config is None:
+      with open(os.path.join(checkpoint_dir, 'config.json')) as f:
+        config = config_from_dict(json.load(f))
+    config.init.converted = os.path.abspath(checkpoint_dir)
+    rows = set(release.read_manifest(checkpoint_dir)['embodiment_rows'] or ())
+    dit = None   # read once the embodiment row is known to be real
+    if not norm_stats_path:
+      raise ValueError(f'--checkpoint {checkpoint_dir}: a converted checkpoint carries no normalisation '
+                       'statistics: pass --norm_stats (python -m dreamzero_jax.datasets stats writes one)')
+  else:
+    raise ValueError(f'--checkpoint {checkpoint_dir}: neither a train.py workdir (checkpoints/) nor a '
+                     'converted checkpoint (config.json)')
+  e = embodiments.get(config.data.embodiment)
+  if e.id not in rows:
+    # Its action/state modules would be the random initialisation: refuse rather than serve noise.
+    raise ValueError(f'--checkpoint {checkpoint_dir}: embodiment row {e.id} ({e.name}) of the action/state '
+                     f'modules was never converted or trained (real rows: {sorted(rows) or "none"}); convert a '
+                     'DreamZero checkpoint into that row (convert --embodiment_id) or train on that embodiment')
+  if norm_stats_path:  # ours or the release's file; a checkpoint's own were checked when training began
+    stats = normalization.read_stats(norm_stats_path, e, config.video.action_horizon,
+                                     config.data.relative_action_dims)
+    normalization.check_stats(stats, e.state_dim, e.action_dim, config.video.action_horizon,
+                              config.data.relative_action_dims, norm_stats_path)
+  if not stats:
+    raise ValueError(f'--checkpoint {checkpoint_dir}: the checkpoint carries no normalisation statistics')
+  if dit is None:
+    dit = encoders_lib.initial_dit(config)
+  return Policy(config, dit, encoders_lib.build_frozen_encoders(config), stats)
+
+
+def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
+                 norm_stats_path: str | None = None) -> PolicyServerBackend:
+  """load_policy behind the server's wire format for its embodiment."""
+  return PolicyServerBackend(load_policy(checkpoint_dir, config, norm_stats_path))
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """The config stored in a checkpoint (JSON lists back to tuples where the defaults have tuples)."""
+  cfg = defaults.get_base_config()   # the defaults the stored values fill in
+
+  def fill(node, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node and isinstance(node[key], ml_collections.ConfigDict):
+        fill(node[key], value)
+      elif key == 'relative_action_dims' and isinstance(value, int):
+        node[key] = tuple(range(value))   # saved before explicit dims: the leading N
+      else:
+        node[key] = tuple(value) if isinstance(value, list) else value
+
+  fill(cfg, saved)
+  return cfg

@@ -1,0 +1,271 @@
+"""The websocket policy server (docs/inference.md "Server protocol"); `python -m dreamzero_jax.serve`
+(serve.py) runs it.
+
+On connect the server sends the backend's metadata (plus the camera frame counts of first and later
+calls); each request is one msgpack-numpy map (the client package's codec, clients/python) of
+observations + prompt (+ session_id, + reset); each reply is
+{actions, server_timing} or {error: '<field>: <what is wrong>'}.
+
+Threads: the event loop only moves bytes; requests are decoded and checked on a small decode
+pool, so a malformed one is answered at once even while the model is busy; well-formed ones
+queue for the single model thread, which owns the sessions (it is the model lock). A request
+whose client has left before the model reached it is dropped. Without a session_id the
+connection is the session (openpi clients send none). At most max_sessions sessions keep a
+KV cache; the least recently used one is evicted, and its next call is told so.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import http
+import logging
+import signal
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+from websockets.asyncio import server as ws_server
+from websockets.exceptions import ConnectionClosed
+
+from dreamzero_client import msgpack_numpy
+from dreamzero_jax.serving import protocol
+
+log = logging.getLogger(__name__)
+
+HEALTH_PATH = '/healthz'
+# Room for msgpack framing, the prompt and float64 copies of float32 fields.
+_MESSAGE_SLACK = 2
+# Evicted session ids remembered so that their next call hears why its episode is gone.
+_EVICTED_REMEMBERED = 4096
+_DECODE_THREADS = 2
+
+
+@dataclasses.dataclass
+class _Session:
+  prompt: str
+  state: Any
+
+
+@dataclasses.dataclass
+class Request:
+  """A decoded, checked request: everything the model thread needs, nothing it must re-check."""
+  session_id: str
+  prompt: str
+  reset: bool
+  observation: dict[str, np.ndarray]   # canonical: cameras of 1 or T frames
+  frames: int                          # camera frames as sent (0 without cameras)
+
+
+def _ms(seconds: float) -> float:
+  return 1e3 * seconds
+
+
+def decode_request(message: Any, spec: dict[str, Any], connection_session: str) -> Request:
+  """One websocket frame -> Request, or ValueError('<field>: <what is wrong>'). Needs no session
+  state, so it runs off the model thread."""
+  if not isinstance(message, bytes):
+    raise ValueError('request: expected a binary msgpack frame, got text')
+  try:
+    request = msgpack_numpy.unpack(message)
+  except Exception as e:  # msgpack raises many types on garbage
+    raise ValueError(f'request: not msgpack ({type(e).__name__}: {e})'[:300]) from e
+  if not isinstance(request, dict):
+    raise ValueError(f'request: expected a msgpack map, got {type(request).__name__}')
+  reset = request.get('reset', False)
+  if not isinstance(reset, bool):
+    raise ValueError(f'reset: expected true or false, got {reset!r:.40}')
+  if 'session_id' not in request:  # openpi clients send none: the connection is the session
+    request = {**request, 'session_id': connection_session}
+  observation = protocol.validate_observation(spec, request, first_call=reset)
+  cameras = [k for k, e in spec.items() if protocol.is_camera(e)]
+  frames = np.shape(request[cameras[0]])[0] if cameras and np.ndim(request[cameras[0]]) == 4 else int(bool(cameras))
+  return Request(request['session_id'], request['prompt'], reset, observation, frames)
+
+
+class PolicyServer:
+  """One backend shared by many sessions, with a least-recently-used bound on their number."""
+
+  def __init__(self, backend: protocol.PolicyBackend, max_sessions: int):
+    if max_sessions < 1:
+      raise ValueError(f'max_sessions must be >= 1, got {max_sessions}')
+    metadata = backend.metadata
+    protocol.check_metadata(metadata)
+    self._backend = backend
+    self._spec = metadata['observation_spec']
+    self._cameras = [k for k, e in self._spec.items() if protocol.is_camera(e)]
+    self._action_shape = tuple(metadata['action_shape'])
+    self._metadata_frame = msgpack_numpy.pack({**metadata, **protocol.frame_counts(self._spec)})
+    self._max_message_bytes = _MESSAGE_SLACK * protocol.request_bytes(self._spec) + (1 << 20)
+    self._max_sessions = max_sessions
+    # Touched only from the model thread: the single worker is the model lock.
+    self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+    self._evicted: collections.OrderedDict[str, None] = collections.OrderedDict()
+    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='policy')
+    self._decoder = concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix='decode')
+    self._ready = False
+
+  def _evict_over_limit(self) -> None:
+    while len(self._sessions) > self._max_sessions:
+      evicted, _ = self._sessions.popitem(last=False)
+      self._evicted[evicted] = None
+      if len(self._evicted) > _EVICTED_REMEMBERED:
+        self._evicted.popitem(last=False)
+      log.info('evicted least recently used session %s', evicted)
+
+  def _run_request(self, request: Request, timing: dict[str, float]
+                   ) -> tuple[np.ndarray, dict[str, float]]:
+    """The session-dependent checks and the model call; runs on the model thread."""
+    start = time.perf_counter()
+    session_id, observation, prompt = request.session_id, request.observation, request.prompt
+    if request.reset:
+      self._sessions.pop(session_id, None)  # frees the old KV cache before a new one is built
+    session = self._sessions.get(session_id)
+    if session is not None and protocol.restarts_episode(self._spec, observation):
+      # A 1-frame call starts a new episode from that frame (its prompt may be new); the old KV
+      # cache is freed before the new one is built, as with reset.
+      self._sessions.pop(session_id, None)
+      session = None
+    if session is None and request.frames > 1:
+      later = self._spec[self._cameras[0]]['shape'][0]
+      if session_id in self._evicted:
+        raise ValueError(f'session_id: session {session_id} was evicted (more than --max_sessions='
+                         f'{self._max_sessions} sessions were active); its episode is gone: start a new one '
+                         'with 1 frame per camera')
+      raise ValueError(f'{self._cameras[0]}: {request.frames} frames, expected 1 (a session sends 1 frame on '
+                       f'its first call or with reset, then {later})')
+    if session is not None and prompt != session.prompt:
+      raise ValueError(f'prompt: changed within session {session_id}; a new instruction starts a '
+                       'new episode (send 1 frame, or reset: true)')
+    self._evicted.pop(session_id, None)
+    timing['validate'] += _ms(time.perf_counter() - start)
+    try:
+      state = session.state if session else self._backend.new_session(prompt, observation)
+      actions, state, model_timing = self._backend.infer(state, observation)
+    except Exception:
+      self._sessions.pop(session_id, None)  # its state may be half-updated
+      raise
+    actions = np.asarray(actions, np.float32)
+    if actions.shape != self._action_shape:
+      raise RuntimeError(f'backend returned actions of shape {actions.shape}, '
+                         f'metadata says {self._action_shape}')
+    if not np.isfinite(actions).all():  # never sent to a robot
+      self._sessions.pop(session_id, None)
+      raise RuntimeError('the model produced non-finite actions (NaN or inf); none are sent and the '
+                         'session is dropped (start a new episode with 1 frame)')
+    self._sessions[session_id] = _Session(prompt, state)
+    self._sessions.move_to_end(session_id)
+    self._evict_over_limit()
+    return actions, model_timing
+
+  def _decode(self, message: bytes | str, received: float, connection_session: str
+              ) -> tuple[Request | None, bytes | None, dict[str, float]]:
+    """(request, None, timing) or (None, error reply, timing); runs on the decode pool."""
+    start = time.perf_counter()
+    timing = {'decode': _ms(start - received)}
+    try:
+      request = decode_request(message, self._spec, connection_session)
+    except Exception as e:  # every malformed input is the client's: a ValueError or not
+      if not isinstance(e, ValueError):
+        e = ValueError(f'request: {type(e).__name__}: {e}')
+      log.info('bad request: %s', e)
+      return None, msgpack_numpy.pack({'error': str(e)}), timing
+    timing['validate'] = _ms(time.perf_counter() - start)
+    return request, None, timing
+
+  def _handle(self, request: Request, received: float, decoded: float, timing: dict[str, float]) -> bytes:
+    """One checked request to one reply frame; runs on the model thread."""
+    timing['queue'] = _ms(time.perf_counter() - decoded)
+    try:
+      actions, model_timing = self._run_request(request, timing)
+    except ValueError as e:
+      log.info('bad request: %s', e)
+      return msgpack_numpy.pack({'error': str(e)})
+    except Exception as e:  # a backend failure must not take the server down
+      log.exception('inference failed')
+      return msgpack_numpy.pack({'error': f'server: {type(e).__name__}: {e}'})
+    timing['total'] = _ms(time.perf_counter() - received)
+    return msgpack_numpy.pack({'actions': actions, 'server_timing': {**model_timing, **timing}})
+
+  def _forget(self, session_id: str) -> None:
+    """Drops a connection's own session when it closes (nobody else can name it)."""
+    try:
+      self._worker.submit(self._sessions.pop, session_id, None)
+    except RuntimeError:
+      pass  # shutting down
+
+  async def _connection(self, websocket: ws_server.ServerConnection) -> None:
+    loop = asyncio.get_running_loop()
+    connection_session = f'connection-{uuid.uuid4().hex}'
+    closed = asyncio.ensure_future(websocket.wait_closed())
+    try:
+      await websocket.send(self._metadata_frame)
+      async for message in websocket:
+        received = time.perf_counter()
+        request, reply, timing = await loop.run_in_executor(
+            self._decoder, self._decode, message, received, connection_session)
+        if request is not None:
+          job = self._worker.submit(self._handle, request, received, time.perf_counter(), timing)
+          answer = asyncio.wrap_future(job)
+          await asyncio.wait({answer, closed}, return_when=asyncio.FIRST_COMPLETED)
+          if not answer.done():
+            job.cancel()  # the client left: its queued model call is dropped (a running one ends)
+            break
+          reply = answer.result()
+        await websocket.send(reply)
+    except ConnectionClosed:
+      pass  # the client left mid-request; named sessions stay for a reconnect
+    finally:
+      closed.cancel()
+      self._forget(connection_session)
+
+  def _process_request(self, connection: ws_server.ServerConnection, request):
+    if request.path == HEALTH_PATH:
+      if not self._ready:
+        return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, 'compiling\n')
+      return connection.respond(http.HTTPStatus.OK, 'ok\n')
+    return None
+
+  def _warmup(self) -> None:
+    warmup = getattr(self._backend, 'warmup', None)
+    if warmup is not None:
+      start = time.perf_counter()
+      warmup()
+      log.info('control step compiled in %.1f s', time.perf_counter() - start)
+
+  async def serve(self, host: str, port: int, stop: asyncio.Event,
+                  on_ready: Callable[[int], None] = lambda port: None) -> None:
+    """Serves until `stop` is set; `on_ready` gets the bound port (useful with port 0). /healthz
+    answers 200 once the backend's warmup (its compile) is done; requests meanwhile queue."""
+    loop = asyncio.get_running_loop()
+    try:
+      async with ws_server.serve(
+          self._connection, host, port, process_request=self._process_request,
+          compression=None,  # images do not deflate well and deflating costs latency
+          max_size=self._max_message_bytes) as server:
+        on_ready(server.sockets[0].getsockname()[1])
+        await loop.run_in_executor(self._worker, self._warmup)
+        self._ready = True
+        await stop.wait()
+    finally:
+      self._decoder.shutdown(wait=True)
+      self._worker.shutdown(wait=True)  # lets an in-flight model call finish
+
+
+def run(backend: protocol.PolicyBackend, host: str, port: int, max_sessions: int) -> None:
+  """Serves from the main thread until SIGINT or SIGTERM."""
+  policy_server = PolicyServer(backend, max_sessions)
+
+  async def serve_until_signal():
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      loop.add_signal_handler(sig, stop.set)
+    await policy_server.serve(
+        host, port, stop,
+        on_ready=lambda p: print(f'serving on ws://{host}:{p}', flush=True))
+
+  asyncio.run(serve_until_signal())
+  print('server stopped', flush=True)

@@ -1,0 +1,97 @@
+"""python -m dreamzero_jax.experiments claims: the verdict rule, claim rows from reports, and the suite
+end to end on a tiny setting (two arms, two training steps, one episode per task), rerun."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip('metaworld')
+
+from dreamzero_jax.experiments import __main__ as experiments_cli  # noqa: E402
+from dreamzero_jax.experiments import claims  # noqa: E402
+
+TINY = ['--config.model.dim=32', '--config.model.num_layers=1', '--config.model.num_heads=2',
+        '--config.model.ffn_dim=64', '--config.model.freq_dim=16', '--config.model.embodiment_hidden=16',
+        '--config.train.steps=2', '--config.train.batch_size=1', '--config.train.log_every=1',
+        '--config.vae.base_dim=4', '--config.video.max_chunks=2', '--config.video.height=32',
+        '--config.video.width=32', '--config.serve.camera_height=16', '--config.serve.camera_width=16']
+
+
+def test_verdict_rule():
+  high, low, overlapping = (0.6, 0.5, 0.7), (0.3, 0.2, 0.4), (0.45, 0.3, 0.55)
+  assert claims.verdict(high, low, 'greater') == 'reproduced'
+  assert claims.verdict(low, high, 'greater') == 'not reproduced'
+  assert claims.verdict(high, overlapping, 'greater') == 'inconclusive'
+  assert claims.verdict(low, high, 'less') == 'reproduced'
+  assert claims.verdict(high, low, 'less') == 'not reproduced'
+  assert claims.verdict(high, overlapping, 'equal') == 'reproduced'
+  assert claims.verdict(high, low, 'equal') == 'not reproduced'
+
+
+def _report(progress: dict[str, list[float]], split='seen') -> dict:
+  return {'tasks': {task: {'split': split, 'episodes': [
+      {'success': p == 1.0, 'progress': p, 'jerk': 0.1, 'chunk_ms': 50.0} for p in values]}
+      for task, values in progress.items()}, 'replay': {}}
+
+
+def test_claim_rows_come_from_the_reports_with_intervals():
+  good = claims.eval_metrics(_report({'a': [1.0, 0.9] * 3, 'b': [0.8, 1.0] * 3}))
+  bad = claims.eval_metrics(_report({'a': [0.1, 0.0] * 3, 'b': [0.2, 0.1] * 3}))
+  assert good['seen']['episodes'] == 12 and good['unseen']['progress'] is None
+  point, low, high = good['seen']['progress']
+  assert point == pytest.approx(0.925) and low <= point <= high
+  claim = claims.CLAIMS[0]   # WAM beats the action-only policy, seen progress
+  row = claims.judge(claim, {claim.a: good, claim.b: bad})
+  assert row['verdict'] == 'reproduced' and row['a']['label'] == 'wam (4 steps)'
+  assert claims.judge(claim, {claim.a: bad, claim.b: good})['verdict'] == 'not reproduced'
+  assert claims.judge(claim, {claim.a: good})['verdict'] == 'pending'
+  few = claims.eval_metrics(_report({'a': [1.0, 1.0]}))
+  assert claims.judge(claim, {claim.a: few, claim.b: bad})['verdict'] == 'inconclusive'   # under 10 episodes
+
+
+def test_claims_end_to_end_and_a_rerun_skips_finished_arms(tmp_path, monkeypatch):
+  out = str(tmp_path / 'claims')
+  argv = ['claims', '--out', out, '--arms', 'action_only,repetitive', '--tasks', 'plate-slide-v3',
+          '--unseen_tasks', 'hand-insert-v3', '--episodes', '2', '--repetitive_variations', '1',
+          '--eval_episodes', '1', '--max_steps', '24', '--vae', 'random', '--workers', '1', *TINY]
+  assert experiments_cli.main(argv) == 0
+
+  summary = json.load(open(os.path.join(out, 'claims.json')))
+  assert {'command', 'settings', 'seeds', 'seen_tasks', 'unseen_tasks', 'data', 'verdict_rule', 'claims', 'arms',
+          'figures'} <= set(summary)
+  assert summary['seeds'] == dict(train=0, data_pipeline=0, data_build=0, eval=1000, bootstrap=0)
+  assert [c['name'] for c in summary['claims']] == [c.name for c in claims.CLAIMS]
+  assert {c['verdict'] for c in summary['claims']} == {'pending'}   # every claim needs wam
+  arms = summary['arms']
+  assert arms['action_only']['status'] == 'finished' and arms['action_only']['step'] == 2
+  assert arms['wam']['status'] == 'not started' and not arms['wam']['evals']
+  metrics = arms['repetitive']['evals']['steps4']['metrics']
+  assert metrics['seen']['episodes'] == 1 and metrics['unseen']['episodes'] == 1
+  assert metrics['all']['jerk'][0] >= 0 and metrics['all']['chunk_ms'][0] > 0
+  report = json.load(open(os.path.join(out, arms['repetitive']['evals']['steps4']['report'])))
+  assert report['tasks']['plate-slide-v3']['episodes'][0]['jerk'] is not None
+
+  markdown = open(os.path.join(out, 'claims.md')).read()
+  for claim in claims.CLAIMS:
+    assert f'| {claim.text} |' in markdown
+  assert '| repetitive | (the recipe) | repetitive | finished, step 2 of 2 | 4 steps |' in markdown
+  assert {'figures/train_action_only.png', 'figures/train_repetitive.png'} <= set(summary['figures'])
+  for figure in summary['figures']:
+    assert figure.endswith('.png') and os.path.getsize(os.path.join(out, figure)) > 1000
+
+  # The repetitive data repeats one variation per task; --replay still finds each episode's.
+  from dreamzero_jax.evaluation import metaworld_env
+  assert [(v.task_index, v.reset_seed) for v in metaworld_env.dataset_variations(
+      os.path.join(out, 'data', 'repetitive'))] == [(0, 0), (0, 1)]
+  assert [(v.task_index, v.reset_seed) for v in metaworld_env.dataset_variations(
+      os.path.join(out, 'data', 'diverse'))] == [(0, 0), (1, 1)]
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('a finished arm was trained or evaluated again')
+
+  monkeypatch.setattr(claims.loop, 'train', must_not_run)
+  monkeypatch.setattr(claims.eval_cli, 'main', must_not_run)
+  assert experiments_cli.main(argv) == 0
+  assert json.load(open(os.path.join(out, 'claims.json')))['arms'] == arms
+  changed = [a if a != '2' else '3' for a in argv]   # --episodes 3: not the data this folder holds
+  assert experiments_cli.main(changed) == 2

@@ -1,0 +1,202 @@
+"""Imports run one way, down the layers of STYLE.md ("Layers").
+
+Every module of the package (and the TFDS builders under data/, the data layer) is parsed with `ast`,
+function bodies included, and its imports must: form no cycle; never reach a top-level script or
+`configs/` (configs import the package, not the other way); never go up the layers (training and
+inference share a rank and import neither each other); and sit at module level, except the optional
+heavy extras of ALLOWED_IN_FUNCTIONS. Dynamic imports (importlib) are not seen.
+"""
+import ast
+import fnmatch
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ('dreamzero_jax', 'data')   # the package, and the TFDS builders (the data layer)
+
+# STYLE.md's layers, bottom up: (name, rank, module patterns). A module may import from a lower rank
+# or from its own layer.
+LAYERS = (
+    ('foundations', 0, ('dreamzero_jax', 'dreamzero_jax.config', 'dreamzero_jax.flow', 'dreamzero_jax.sharding',
+                        'dreamzero_jax.checkpoint', 'dreamzero_jax.torch_files')),
+    ('models', 1, ('dreamzero_jax.models*', 'dreamzero_jax.kernels*')),
+    # encoders: the frozen encoders turn a data batch into the DiT's inputs (LatentBatch); training
+    # and inference both run them, so they sit below both.
+    ('data', 2, ('dreamzero_jax.datasets*', 'dreamzero_jax.envs*', 'data*', 'dreamzero_jax.encoders',
+                 'dreamzero_jax.defaults')),
+    ('training', 3, ('dreamzero_jax.training*',)),
+    ('inference', 3, ('dreamzero_jax.inference*',)),
+    ('evaluation', 4, ('dreamzero_jax.evaluation*',)),
+    ('serving', 5, ('dreamzero_jax.serve', 'dreamzero_jax.serving*')),
+    ('entry points', 6, ('dreamzero_jax.quickstart', 'dreamzero_jax.evaluate', 'dreamzero_jax.convert',
+                          'dreamzero_jax.summary', 'dreamzero_jax.experiments*')),
+)
+# Repository top level that the package must not import: scripts, configs, builders, benchmarks.
+TOP_LEVEL = ('train', 'eval', 'configs', 'data', 'bench', 'tests')
+# Optional heavy extras: imported inside the functions that need them.
+ALLOWED_IN_FUNCTIONS = (
+    'torch',                               # converters and references ([test])
+    'metaworld', 'mujoco', 'matplotlib',   # the simulator and the results plots ([sim])
+    'libtpu', 'jax.experimental.topologies', 'jax.experimental.pallas.ops.tpu',   # TPU only
+    'tensorflow',                          # RLDS sources ([tf])
+    'av', 'pyarrow',                       # LeRobot video and parquet
+)
+
+# Known exceptions (none): an entry here must still occur, or the test fails.
+KNOWN_VIOLATIONS: set[str] = set()
+
+
+def _modules() -> dict[str, str]:
+  """Module name -> path, for every .py file under SOURCES."""
+  out = {}
+  for source in SOURCES:
+    for folder, _, files in os.walk(os.path.join(ROOT, source)):
+      for name in files:
+        if name.endswith('.py'):
+          path = os.path.join(folder, name)
+          parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+          out['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = path
+  return out
+
+
+MODULES = _modules()
+
+
+def _layer(module: str) -> tuple[str, int]:
+  found = [(name, rank) for name, rank, patterns in LAYERS if any(fnmatch.fnmatch(module, p) for p in patterns)]
+  assert len(found) == 1, f'{module}: in {len(found)} layers of LAYERS (expected exactly one)'
+  return found[0]
+
+
+def _imports(module: str) -> list[tuple[str, str, int, bool]]:
+  """(imported module, dotted name, line, inside a function) for every name `module` imports: for
+  `from X import y`, the module is X.y where that is a scanned module, else X; the dotted name X.y."""
+  path = MODULES[module]
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  package = module if path.endswith('__init__.py') else module.rpartition('.')[0]
+  out = []
+
+  def visit(node, in_function):
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, ast.Import):
+        out.extend((alias.name, alias.name, child.lineno, in_function) for alias in child.names)
+      elif isinstance(child, ast.ImportFrom):
+        base = child.module or ''
+        if child.level:
+          anchor = package.split('.')[:len(package.split('.')) - child.level + 1]
+          base = '.'.join(anchor + ([base] if base else []))
+        for alias in child.names:
+          name = f'{base}.{alias.name}'
+          out.append((name if name in MODULES else base, name, child.lineno, in_function))
+      visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+  visit(tree, False)
+  return out
+
+
+def _internal(name: str) -> str | None:
+  """The scanned module an imported name loads (its longest prefix among MODULES), or None."""
+  parts = name.split('.')
+  for n in range(len(parts), 0, -1):
+    if '.'.join(parts[:n]) in MODULES:
+      return '.'.join(parts[:n])
+  return None
+
+
+def _extra(name: str) -> bool:
+  return any(name == e or name.startswith(e + '.') for e in ALLOWED_IN_FUNCTIONS)
+
+
+def _graph() -> dict[str, set[str]]:
+  return {m: {t for name, _, _, _ in _imports(m) if (t := _internal(name)) and t != m} for m in MODULES}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """The strongly connected components of more than one module (Tarjan)."""
+  index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+  def connect(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in sorted(graph[v]):
+      if w not in index:
+        connect(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.append(w)
+        if w == v:
+          break
+      if len(component) > 1:
+        out.append(sorted(component))
+
+  for v in sorted(graph):
+    if v not in index:
+      connect(v)
+  return out
+
+
+def _violations() -> dict[str, list[str]]:
+  """'importer -> imported' -> why, for every import that breaks a rule."""
+  out: dict[str, list[str]] = {}
+  for module in sorted(MODULES):
+    layer, rank = _layer(module)
+    for name, dotted, line, in_function in _imports(module):
+      where = f'{os.path.relpath(MODULES[module], ROOT)}:{line}'
+      target = _internal(name)
+      top = name.split('.')[0]
+      key = f'{module} -> {target or name}'
+      if module.split('.')[0] == 'dreamzero_jax' and top in TOP_LEVEL:
+        out.setdefault(key, []).append(f'{where}: the package imports the top-level {top!r}')
+      elif target is not None and target != module:
+        target_layer, target_rank = _layer(target)
+        if target_rank > rank or (target_rank == rank and target_layer != layer):
+          out.setdefault(key, []).append(f'{where}: {layer} imports {target_layer}')
+      if in_function and not _extra(dotted):
+        out.setdefault(key, []).append(f'{where}: imported inside a function (only ALLOWED_IN_FUNCTIONS are)')
+  return out
+
+
+def test_every_module_has_one_layer():
+  for module in MODULES:
+    _layer(module)
+
+
+def test_no_import_cycles():
+  cycles = _cycles(_graph())
+  assert not cycles, 'import cycles (function-level imports count):\n' + '\n'.join(' <-> '.join(c) for c in cycles)
+
+
+def test_imports_run_down_the_layers():
+  violations = _violations()
+  new = {k: v for k, v in violations.items() if k not in KNOWN_VIOLATIONS}
+  assert not new, 'imports against STYLE.md "Layers":\n' + '\n'.join(
+      f'  {k}\n' + '\n'.join(f'    {why}' for why in v) for k, v in sorted(new.items()))
+  fixed = sorted(KNOWN_VIOLATIONS - set(violations))
+  assert not fixed, 'KNOWN_VIOLATIONS that no longer occur (remove them): ' + ', '.join(fixed)
+
+
+def test_the_checker_sees_function_level_and_relative_imports(tmp_path, monkeypatch):
+  """An upward import hidden in a function body, written relatively, is found."""
+  package = tmp_path / 'dreamzero_jax' / 'models'
+  package.mkdir(parents=True)
+  (tmp_path / 'dreamzero_jax' / '__init__.py').write_text('')
+  (package / '__init__.py').write_text('')
+  (package / 'dit.py').write_text('def f():\n  from ..inference import kv_cache\n')
+  inference = tmp_path / 'dreamzero_jax' / 'inference'
+  inference.mkdir()
+  (inference / '__init__.py').write_text('')
+  (inference / 'kv_cache.py').write_text('from dreamzero_jax.models import dit\n')
+  this = sys.modules[__name__]
+  monkeypatch.setattr(this, 'ROOT', str(tmp_path))
+  monkeypatch.setattr(this, 'MODULES', _modules())
+  assert _cycles(_graph()) == [['dreamzero_jax.inference.kv_cache', 'dreamzero_jax.models.dit']]
+  why = _violations()['dreamzero_jax.models.dit -> dreamzero_jax.inference.kv_cache']
+  assert any('models imports inference' in w for w in why) and any('inside a function' in w for w in why)
