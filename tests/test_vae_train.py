@@ -92,7 +92,8 @@ def test_training_raises_the_psnr_and_resumes_at_the_saved_step(trained, capsys)
   assert vae_training.main(['--config', 'configs/tiny.py', '--workdir', workdir,
                             *[f'--config.{o}' for o in [f'data.dir={cfg.data.dir}', *OVERRIDES]]]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert out == dict(vae_psnr_db=round(result['psnr_db'], 2), path=result['path'], steps=STEPS)
+  assert out == dict(vae_psnr_db=round(result['psnr_db'], 2), mean_frame_psnr_db=round(result['mean_frame_psnr_db'], 2),
+                     path=result['path'], steps=STEPS)
 
 
 def test_folded_vae_gives_unit_latents_on_the_training_frames(trained):

@@ -25,7 +25,8 @@ Workdir:
                        vae_train.eval_every the held-out PSNR; eval_seconds is the time it took)
   W/vae/               the result, read by `--config.init.vae=W/vae`: params.npz (the folded
                        WanVAE parameters) and meta.json (the vae config section, psnr_db, steps,
-                       the dataset, the measured latent statistics)
+                       the dataset, the measured latent statistics, and mean_frame_psnr_db: the
+                       PSNR of the mean training frame on the same clips, the static scene's score)
 """
 from __future__ import annotations
 
@@ -204,6 +205,14 @@ def clips_psnr(graphdef: nnx.GraphDef, params: dict, clips: list[np.ndarray]) ->
   return float(10.0 * np.log10(count / max(squared, 1e-20)))
 
 
+def mean_frame_psnr(train: list[np.ndarray], clips: list[np.ndarray]) -> float:
+  """PSNR of the training frames' per-pixel mean as the reconstruction of every frame of `clips`:
+  the static scene alone scores this much, so a VAE that carries the scene's changes must beat it."""
+  mean = sum(e.astype(np.float64).sum(0) for e in train) / sum(len(e) for e in train)
+  frames = np.concatenate(clips).astype(np.float64)
+  return float(10.0 * np.log10(255.0 ** 2 / np.mean(np.square(frames - mean))))
+
+
 def latent_moments(graphdef: nnx.GraphDef, params: dict, clips: list[np.ndarray], kind: str
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel (mean, std) of the unnormalised mu over every latent of `clips`."""
@@ -263,7 +272,8 @@ def _stored_result(cfg: ml_collections.ConfigDict, out_dir: str, steps: int) -> 
     raise ValueError(f'{out_dir} holds a VAE trained for another vae config: ' + '; '.join(diffs))
   if meta.get('steps', -1) < steps:
     return None
-  return dict(psnr_db=meta['psnr_db'], path=out_dir, steps=meta['steps'])
+  return dict(psnr_db=meta['psnr_db'], mean_frame_psnr_db=meta['mean_frame_psnr_db'], path=out_dir,
+              steps=meta['steps'])
 
 
 def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = None,
@@ -271,7 +281,7 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = 
   """Trains (or resumes) the VAE in `workdir` to `steps` (default vae_train.steps) updates or until
   `max_minutes` of wall clock from this call (data, compilation and training) have passed, then
   folds the latent normalisation, measures the held-out PSNR and writes workdir/vae (seconds more).
-  Returns dict(psnr_db, path, steps); at once if workdir/vae is already that far."""
+  Returns dict(psnr_db, mean_frame_psnr_db, path, steps); at once if workdir/vae is already that far."""
   started = time.time()
   t = cfg.vae_train
   steps = steps or t.steps
@@ -330,8 +340,8 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = 
         save()
   save()
   result = finalise(cfg, graphdef, params, frames, out_dir, step, minutes=(time.time() - started) / 60)
-  print(f'vae: {step} steps, held-out PSNR {result["psnr_db"]:.2f} dB; weights in {out_dir} '
-        f'(--config.init.vae={out_dir})', flush=True)
+  print(f'vae: {step} steps, held-out PSNR {result["psnr_db"]:.2f} dB (the mean training frame: '
+        f'{result["mean_frame_psnr_db"]:.2f} dB); weights in {out_dir} (--config.init.vae={out_dir})', flush=True)
   return result
 
 
@@ -342,12 +352,14 @@ def finalise(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: dic
   length = clip_frames(cfg)
   mean, std = latent_moments(graphdef, params, tiled_clips(frames.train, length, frames.stride), cfg.vae.kind)
   folded = fold_normalisation(params, cfg.vae.kind, mean, std)
-  psnr = clips_psnr(graphdef, folded, tiled_clips(frames.heldout, length, frames.stride))
-  meta = dict(config=dict(vae=cfg.vae.to_dict()), psnr_db=psnr, steps=step, minutes=round(minutes, 2),
+  heldout = tiled_clips(frames.heldout, length, frames.stride)
+  psnr, baseline = clips_psnr(graphdef, folded, heldout), mean_frame_psnr(frames.train, heldout)
+  meta = dict(config=dict(vae=cfg.vae.to_dict()), psnr_db=psnr, mean_frame_psnr_db=baseline, steps=step,
+              minutes=round(minutes, 2),
               data_dir=os.path.abspath(cfg.data.dir), dataset=cfg.data.name, heldout_episodes=frames.heldout_ids,
               latent_mean=mean.tolist(), latent_std=std.tolist(), vae_train=cfg.vae_train.to_dict())
   checkpoint.save_weights(out_dir, folded, meta)
-  return dict(psnr_db=psnr, path=out_dir, steps=step)
+  return dict(psnr_db=psnr, mean_frame_psnr_db=baseline, path=out_dir, steps=step)
 
 
 def main(argv=None) -> int:
@@ -368,7 +380,9 @@ def main(argv=None) -> int:
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(json.dumps(dict(vae_psnr_db=round(result['psnr_db'], 2), path=result['path'], steps=result['steps'])))
+  print(json.dumps(dict(vae_psnr_db=round(result['psnr_db'], 2),
+                        mean_frame_psnr_db=round(result['mean_frame_psnr_db'], 2), path=result['path'],
+                        steps=result['steps'])))
   return 0
 
 
