@@ -9,11 +9,17 @@ Written asynchronously by one CheckpointManager per workdir, keeping the newest 
 each step into a temporary directory and renames it when complete, so a crash mid-write leaves
 no half checkpoint to resume from. On restore the stored config is compared with the current
 one and an incompatible checkpoint is refused naming every differing field.
+
+Small pytrees (the VAE trained here, its optimiser) are also kept as plain .npz files read without
+pickle (`save_arrays` / `load_arrays`), and a weights directory (`save_weights` / `load_weights`)
+pairs one with a JSON of what made it; both are written whole or not at all, never non-finite.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -152,3 +158,105 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ---- .npz pytrees and weights directories ---------------------------------------------------------
+
+WEIGHTS_FILE = 'params.npz'
+META_FILE = 'meta.json'
+
+
+def _key_name(entry) -> str:
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def flat_arrays(tree) -> dict[str, np.ndarray]:
+  """A pytree's leaves as host arrays keyed by their '/'-joined path ('encoder/conv_in/kernel')."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(_key_name(e) for e in path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def nonfinite_leaves(tree) -> list[str]:
+  """Paths of the leaves holding NaN or inf."""
+  return [k for k, v in flat_arrays(tree).items() if v.dtype.kind in 'fc' and not np.isfinite(v).all()]
+
+
+def save_arrays(path: str, tree) -> None:
+  """Writes a pytree of arrays to `path` (.npz) through a temporary file and a rename; refuses a
+  tree holding NaN or inf (the file already there is kept)."""
+  bad = nonfinite_leaves(tree)
+  if bad:
+    raise ValueError(f'{path}: not saved, non-finite values in {", ".join(bad[:5])}')
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.npz', dir=folder)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, **flat_arrays(tree))
+    os.chmod(tmp, 0o644)   # mkstemp's 0600 would hide the file from other readers
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def load_arrays(path: str, target):
+  """The pytree saved at `path`, in the structure of `target` (arrays or shape structs); refuses a
+  file (never unpickled) that lacks a leaf, holds another shape or holds NaN or inf."""
+  with np.load(path, allow_pickle=False) as z:
+    stored = {k: z[k] for k in z.files}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  out, problems = [], []
+  for entry_path, want in leaves:
+    key = '/'.join(_key_name(e) for e in entry_path)
+    have = stored.get(key)
+    if have is None:
+      problems.append(f'{key} missing')
+    elif have.shape != tuple(np.shape(want)):
+      problems.append(f'{key}: {have.shape} vs {tuple(np.shape(want))}')
+    elif have.dtype.kind in 'fc' and not np.isfinite(have).all():
+      problems.append(f'{key}: non-finite values')
+    out.append(have)
+  if problems:
+    raise ValueError(f'{path}: ' + '; '.join(problems[:5]) + (' ...' if len(problems) > 5 else ''))
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), out)
+
+
+def save_weights(directory: str, params, meta: dict) -> None:
+  """A weights directory: `params` (WEIGHTS_FILE) and `meta` (META_FILE), built beside `directory`
+  and renamed into place, so a reader sees the old directory or the new one, never a mix."""
+  directory = os.path.abspath(directory)
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.tmp', dir=parent)
+  os.chmod(tmp, 0o755)
+  try:
+    save_arrays(os.path.join(tmp, WEIGHTS_FILE), params)
+    with open(os.path.join(tmp, META_FILE), 'w') as f:
+      json.dump(_jsonable(meta), f, indent=1)
+    old = None
+    if os.path.exists(directory):
+      old = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.old', dir=parent)
+      os.replace(directory, os.path.join(old, 'd'))
+    os.replace(tmp, directory)
+    if old:
+      shutil.rmtree(old)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def read_weights_meta(directory: str) -> dict:
+  path = os.path.join(directory, META_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{directory} is not a weights directory (no {META_FILE})')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_weights(directory: str, target):
+  """The parameters of a weights directory in the structure of `target` (see load_arrays)."""
+  return load_arrays(os.path.join(directory, WEIGHTS_FILE), target)

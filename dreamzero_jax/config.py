@@ -80,10 +80,11 @@ POSITIVE_FIELDS = (
     'video.height', 'video.width', 'video.vae_spatial', 'video.vae_temporal',
     'video.latent_channels', 'video.frames_per_chunk', 'video.max_chunks', 'video.action_horizon',
     'data.control_hz', 'data.frame_stride', 'data.action_dim', 'data.state_dim',
-    'data.max_corrupt', 'data.anchor_stride', 'sampler.num_steps', 'serve.camera_height', 'serve.camera_width')
+    'data.max_corrupt', 'data.anchor_stride', 'sampler.num_steps', 'serve.camera_height', 'serve.camera_width',
+    'vae_train.steps', 'vae_train.batch_size', 'vae_train.checkpoint_every', 'vae_train.log_every')
 # Counts for which 0 means "none" or "off".
 NON_NEGATIVE_FIELDS = ('train.lora_rank', 'data.num_workers', 'data.relative_action_dims',
-                       'model.image_dim', 'model.attention_block_q')
+                       'model.image_dim', 'model.attention_block_q', 'vae_train.eval_every')
 
 
 def _lookup(config: ml_collections.ConfigDict, key: str):

@@ -124,7 +124,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Training in a fresh workdir starts the DiT from it, and the frozen VAE / umT5 / CLIP are its
   # weights wherever they run (training, evaluation, serving: the path travels in the checkpoint's
   # config). '' = random initialisation (toy configs and tests).
-  c.init = ml_collections.ConfigDict(dict(converted=''))
+  # init.vae: a VAE trained here (`python -m dreamzero_jax.training.vae` writes WORKDIR/vae) replaces
+  # the frozen VAE's weights, random or converted, wherever it runs; '' = keep them.
+  c.init = ml_collections.ConfigDict(dict(converted='', vae=''))
+
+  # Training the VAE on the dataset's canvases (dreamzero_jax/training/vae.py, docs/small_scale.md)
+  # for configs with no pretrained one, in clips as long as the DiT's. Loss: pixel MSE + l1_weight x
+  # L1 + kl_weight x KL (means over elements). The last heldout_fraction of the episodes (at least
+  # one) is held out for the reconstruction PSNR, measured at the end and every eval_every steps
+  # (0 = only at the end).
+  c.vae_train = ml_collections.ConfigDict(dict(
+      steps=1500, batch_size=1, lr=2e-3, warmup_steps=20, grad_clip=1.0, l1_weight=1.0,
+      kl_weight=1e-4, heldout_fraction=0.1, checkpoint_every=100, log_every=20, eval_every=0))
 
   # Mesh sizes (one -1 takes the remaining devices) and the logical-axis -> mesh-axis rules.
   c.mesh = ml_collections.ConfigDict(dict(

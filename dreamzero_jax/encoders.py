@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from dreamzero_jax import checkpoint
 from dreamzero_jax.datasets import embodiments
 from dreamzero_jax.models import clip, text_cache, umt5, vae
 from dreamzero_jax.models.dit import build_dit
@@ -83,11 +84,36 @@ def with_params(abstract: nnx.Module, params: dict) -> nnx.Module:
 
 def build_frozen_encoders(cfg: ml_collections.ConfigDict) -> FrozenEncoders:
   """The frozen VAE / umT5 / CLIP: the weights of cfg.init.converted (a `convert` output), or
-  random ones drawn at cfg.seed + 1 when it is '' (toy configs and tests)."""
+  random ones drawn at cfg.seed + 1 when it is '' (toy configs and tests); then the VAE's replaced
+  by cfg.init.vae's (a VAE trained by `python -m dreamzero_jax.training.vae`) when that is set."""
   if not cfg.init.converted:
-    return FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
-  _, params = release.load_converted(cfg.init.converted, cfg, parts=('encoders',))
-  return with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), params)
+    encoders = FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
+  else:
+    _, params = release.load_converted(cfg.init.converted, cfg, parts=('encoders',))
+    encoders = with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), params)
+  if cfg.init.vae:
+    state = nnx.state(encoders.vae)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, trained_vae_params(cfg)))
+    nnx.update(encoders.vae, state)
+  return encoders
+
+
+def trained_vae_params(cfg: ml_collections.ConfigDict) -> dict:
+  """The VAE parameters (pure dict of numpy arrays) in cfg.init.vae, refused (ValueError naming
+  init.vae) when they were trained for another vae config or hold NaN or inf."""
+  directory = cfg.init.vae
+  try:
+    meta = checkpoint.read_weights_meta(directory)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'init.vae: {e}') from None
+  diffs = checkpoint.config_differences(meta.get('config', {}), cfg, ('vae',))
+  if diffs:
+    raise ValueError(f'init.vae: {directory} was trained for another vae config: ' + '; '.join(diffs))
+  abstract = nnx.state(nnx.eval_shape(lambda: vae.WanVAE(cfg.vae, rngs=nnx.Rngs(0)))).to_pure_dict()
+  try:
+    return checkpoint.load_weights(directory, abstract)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'init.vae: {e}') from None
 
 
 def initial_dit_params(cfg: ml_collections.ConfigDict) -> dict:

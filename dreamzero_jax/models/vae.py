@@ -60,6 +60,11 @@ _KINDS = {'wan2.1': _Kind(WAN21_LATENT_MEAN, WAN21_LATENT_STD, patch=1, residual
           'wan2.2': _Kind(WAN22_LATENT_MEAN, WAN22_LATENT_STD, patch=2, residual=True)}
 
 
+def latent_statistics(kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """The per-channel (mean, std) a `kind` VAE normalises mu with: latents = (mu - mean) / std."""
+  return np.asarray(_KINDS[kind].mean), np.asarray(_KINDS[kind].std)
+
+
 def _conv_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
   """torch's default conv/linear init U(+-1/sqrt(fan_in)), kernels laid out [..., in, out].
 
@@ -73,6 +78,29 @@ def _conv_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax
   except jax.errors.TracerArrayConversionError:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
   return jnp.asarray(np.random.default_rng(seed).uniform(-bound, bound, shape).astype(dtype))
+
+
+def _time_folded_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int],
+                      padding: str | tuple) -> jax.Array:
+  """The 3-D convolution (no padding in time) as a 2-D one whose input channels are its kt time taps.
+
+  The same sum: XLA:CPU runs 3-D convolutions and their gradients through a generic loop several
+  times slower than its 2-D convolution.
+  """
+  kt, kh, kw, din, dout = kernel.shape
+  st, sh, sw = strides
+  if not isinstance(padding, str):
+    if tuple(padding[0]) != (0, 0):
+      raise ValueError(f'time padding {padding[0]}: causal convolutions pad time with the cache')
+    padding = tuple(padding[1:])
+  b, t, h, w, _ = x.shape
+  frames = (t - kt) // st + 1
+  taps = [x[:, i:i + st * (frames - 1) + 1:st] for i in range(kt)]
+  folded = jnp.concatenate(taps, axis=-1).reshape(b * frames, h, w, kt * din)
+  kernel_2d = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * din, dout)
+  y = jax.lax.conv_general_dilated(folded, kernel_2d, (sh, sw), padding,
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return y.reshape(b, frames, *y.shape[1:])
 
 
 def _sub(cache: Cache, key: str | int) -> Cache:
@@ -92,9 +120,12 @@ class Conv(nnx.Module):
                padding: str | tuple = 'VALID') -> jax.Array:
     kernel = self.kernel[...].astype(x.dtype)
     nd = kernel.ndim - 2
-    dims = ('NDHWC', 'DHWIO', 'NDHWC') if nd == 3 else ('NHWC', 'HWIO', 'NHWC')
-    y = jax.lax.conv_general_dilated(x, kernel, strides or (1,) * nd, padding,
-                                     dimension_numbers=dims)
+    if nd == 3 and jax.default_backend() == 'cpu':
+      y = _time_folded_conv(x, kernel, strides or (1, 1, 1), padding)
+    else:
+      dims = ('NDHWC', 'DHWIO', 'NDHWC') if nd == 3 else ('NHWC', 'HWIO', 'NHWC')
+      y = jax.lax.conv_general_dilated(x, kernel, strides or (1,) * nd, padding,
+                                       dimension_numbers=dims)
     return y + self.bias[...].astype(x.dtype)
 
   def causal(self, x: jax.Array, cache: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -392,7 +423,8 @@ class WanVAE(nnx.Module):
     return self.encoder(_patchify(frames.astype(self.dtype), self.patch), cache)
 
   def _mu(self, x: jax.Array) -> jax.Array:
-    """Encoder output -> normalised mu in fp32 (log-variance is never used, so never computed)."""
+    """Encoder output -> normalised mu in fp32 (encoding never samples, so the log-variance is left
+    uncomputed; `posterior` gives both for training)."""
     kernel, bias = self.quant_conv.kernel[...], self.quant_conv.bias[...]
     mu = jnp.einsum('...i,io->...o', x.astype(jnp.float32), kernel[0, 0, 0, :, :self.z_dim])
     mu = mu + bias[:self.z_dim]
@@ -457,6 +489,28 @@ class WanVAE(nnx.Module):
       rest = rest.swapaxes(0, 1).reshape(x.shape[0], -1, *rest.shape[3:])
       first = jnp.concatenate([first, rest], axis=1)
     return jnp.clip(_unpatchify(first, self.patch).astype(jnp.float32), -1.0, 1.0)
+
+  # Training (training/vae.py) needs the posterior before normalisation and gradients through the
+  # decoder. Every layer is causal in time and the temporal resamplers treat a clip's first frame
+  # alone whatever the chunking, so one pass over the whole clip equals encode's and decode's
+  # chunk-by-chunk scans; XLA:CPU differentiates it several times faster than a scan.
+
+  def posterior(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Whole clip [B, 1 + 4k, H, W, 3] -> the posterior's (mu, log-variance) [B, 1 + k, h, w, z]
+    in fp32, unnormalised (`encode` gives mu normalised)."""
+    self._check_frames(video)
+    if video.shape[1] % FRAMES_PER_LATENT != 1:
+      raise ValueError(f'a clip has 1 + 4k frames, got {video.shape[1]}')
+    x = self._encode_chunk(video, None)[0].astype(jnp.float32)
+    kernel, bias = self.quant_conv.kernel[...], self.quant_conv.bias[...]
+    moments = jnp.einsum('...i,io->...o', x, kernel[0, 0, 0]) + bias
+    return moments[..., :self.z_dim], moments[..., self.z_dim:]
+
+  def decode_unnormalised(self, z: jax.Array) -> jax.Array:
+    """A sample z [B, F, h, w, z] of the `posterior` -> video [B, 1 + 4 (F - 1), H, W, 3] in fp32,
+    not clipped to [-1, 1] (the reconstruction loss needs gradients past the range)."""
+    x = self.post_quant_conv(z.astype(jnp.float32)).astype(self.dtype)
+    return _unpatchify(self.decoder(x, None)[0], self.patch).astype(jnp.float32)
 
   def i2v_condition(self, first_frame: jax.Array, num_frames: int) -> jax.Array:
     """Wan2.1 I2V y [B, F, h, w, 4 + z]: mask (1 on latent frame 0) + VAE(first frame, zeros)."""
