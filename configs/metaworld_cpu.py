@@ -20,7 +20,9 @@ def get_config(arg=None):
                       embodiment_hidden=128, num_embodiments=2, dtype='float32', seq_pad_multiple=1))
   # 8 frames and 8 actions per chunk (one frame per control step), 4 chunks of context.
   c.video.update(dict(height=64, width=64, frames_per_chunk=8, max_chunks=4, action_horizon=8))
-  c.vae.update(dict(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
+  c.vae.update(dict(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
+  # The small VAE trained here first (training/vae.py; docs/small_scale.md): ~0.33 s per update.
+  c.vae_train.update(dict(steps=2000))
   c.text_encoder.update(dict(vocab_size=384, dim=16, ffn_dim=32, num_heads=2, num_layers=2,
                              num_buckets=8, max_distance=16))
   c.data.update(embodiments.data_config('metaworld'))   # cameras, dims, rate, stride 1
@@ -34,6 +36,7 @@ def get_config(arg=None):
   c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
   if arg == 'quick':
     c.train.update(dict(steps=1200, checkpoint_every=400))
+    c.vae_train.update(dict(steps=900))
   elif arg is not None:
     raise ValueError(f'configs/metaworld_cpu.py: unknown variant {arg!r} (known: quick)')
   return c

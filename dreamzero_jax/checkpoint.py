@@ -16,6 +16,7 @@ pairs one with a JSON of what made it; both are written whole or not at all, nev
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ import orbax.checkpoint as ocp
 # Fields whose change makes a checkpoint unusable (shapes or meaning of the parameters change).
 COMPATIBILITY_FIELDS = ('model', 'video.latent_channels', 'video.action_horizon', 'data.action_dim',
                         'data.state_dim', 'data.embodiment', 'train.lora_rank', 'train.lora_targets',
-                        'train.ema_decay', 'train.grad_accum_steps')
+                        'train.ema_decay', 'train.grad_accum_steps', 'init.vae_sha256')
 
 # Fields that choose how the same parameters run (kernels, inference weight and cache dtypes): a
 # checkpoint serves under any value of them.
@@ -67,7 +68,7 @@ def config_differences(saved: dict, current: ml_collections.ConfigDict,
     if isinstance(a, dict) and isinstance(b, dict):
       for key in sorted(set(a) | set(b)):
         walk(f'{prefix}.{key}', a.get(key), b.get(key))
-    elif a != b:
+    elif a != b and not (a in (None, '') and b in (None, '')):   # '' = unset, as a missing key
       diffs.append(f'{prefix}: {a!r} (checkpoint) vs {b!r} (config)')
 
   for field in fields:
@@ -255,6 +256,16 @@ def read_weights_meta(directory: str) -> dict:
     raise FileNotFoundError(f'{directory} is not a weights directory (no {META_FILE})')
   with open(path) as f:
     return json.load(f)
+
+
+def weights_digest(directory: str) -> str:
+  """SHA-256 (hex) of a weights directory's parameter file: what a model trained on top of these
+  weights records, so that it is never run with other ones."""
+  digest = hashlib.sha256()
+  with open(os.path.join(directory, WEIGHTS_FILE), 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def load_weights(directory: str, target):

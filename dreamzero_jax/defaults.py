@@ -126,15 +126,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   # config). '' = random initialisation (toy configs and tests).
   # init.vae: a VAE trained here (`python -m dreamzero_jax.training.vae` writes WORKDIR/vae) replaces
   # the frozen VAE's weights, random or converted, wherever it runs; '' = keep them.
-  c.init = ml_collections.ConfigDict(dict(converted='', vae=''))
+  # init.vae_sha256: the digest of init.vae's parameters the DiT was trained with (training records
+  # it; loading other weights under that path, or resuming on them, is refused); '' = unchecked.
+  c.init = ml_collections.ConfigDict(dict(converted='', vae='', vae_sha256=''))
 
   # Training the VAE on the dataset's canvases (dreamzero_jax/training/vae.py, docs/small_scale.md)
   # for configs with no pretrained one, in clips as long as the DiT's. Loss: pixel MSE + l1_weight x
   # L1 + kl_weight x KL (means over elements). The last heldout_fraction of the episodes (at least
   # one) is held out for the reconstruction PSNR, measured at the end and every eval_every steps
-  # (0 = only at the end).
+  # (0 = only at the end). image_batch: single frames per update beside the batch_size clips, each
+  # with its own loss (Wan2.1's VAE, too, learned images before videos): 0 = clips only.
   c.vae_train = ml_collections.ConfigDict(dict(
-      steps=1500, batch_size=1, lr=2e-3, warmup_steps=20, grad_clip=1.0, l1_weight=1.0,
+      steps=1500, batch_size=1, image_batch=0, lr=2e-3, warmup_steps=20, grad_clip=1.0, l1_weight=1.0,
       kl_weight=1e-4, heldout_fraction=0.1, checkpoint_every=100, log_every=20, eval_every=0))
 
   # Mesh sizes (one -1 takes the remaining devices) and the logical-axis -> mesh-axis rules.

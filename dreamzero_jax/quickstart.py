@@ -1,7 +1,8 @@
 """The default job: `python -m dreamzero_jax.quickstart --out DIR` (CPU, no downloads; every stage resumes).
 
 1. builds a small Meta-World dataset with the scripted experts (DIR/data),
-2. (the frozen VAE: random until a small one is trained here, issue 14 item 2),
+2. trains the small Wan2.1 VAE on the data's canvases (DIR/vae; training/vae.py) and makes it the
+   frozen VAE (init.vae; its held-out reconstruction PSNR is the JSON line's vae_psnr_db),
 3. encodes every training clip once with it and trains the policy on the stored latents (DIR/train),
 4. evaluates closed loop through the same policy a robot uses: replays of training episodes (their
    own variations and reset seeds), new variations of the seen tasks, and unseen tasks
@@ -24,6 +25,7 @@ from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.datasets import __main__ as datasets_cli
 from dreamzero_jax.evaluation import metaworld_env, results
 from dreamzero_jax.training import loop
+from dreamzero_jax.training import vae as vae_training
 
 
 def parse(argv):
@@ -41,6 +43,9 @@ def parse(argv):
   p.add_argument('--eval_steps', type=int, default=150, help='environment steps per evaluation episode')
   p.add_argument('--replay', type=int, default=6, help='training episodes replayed in their own variations')
   p.add_argument('--max_minutes', type=float, help='wall-clock budget of the policy training stage (resumable)')
+  p.add_argument('--vae', choices=('trained', 'random'), default='trained',
+                 help='train the small VAE here (vae_train.steps updates), or keep the random frozen one')
+  p.add_argument('--vae_minutes', type=float, help='wall-clock cap of the VAE stage (resumable)')
   p.add_argument('--baselines', action='store_true',
                  help='also evaluate the scripted expert and a random policy; write results.md/json and PNGs')
   return p.parse_args(rest), overrides
@@ -52,7 +57,7 @@ def main(argv=None) -> int:
   tasks = ','.join(train_tasks) if args.tasks == 'ml45' else args.tasks
   unseen = ','.join(test_tasks) if args.unseen_tasks == 'ml45' else args.unseen_tasks
   start = time.time()
-  data_dir, workdir, eval_dir = (os.path.join(args.out, d) for d in ('data', 'train', 'eval'))
+  data_dir, vae_dir, workdir, eval_dir = (os.path.join(args.out, d) for d in ('data', 'vae', 'train', 'eval'))
   try:
     cfg = load_config(args.config, [f'data.dir={data_dir}', *overrides])
   except ConfigError as e:
@@ -66,17 +71,27 @@ def main(argv=None) -> int:
                               '--episodes', str(args.episodes), '--image_size', str(size), '--max_steps', '200'])
     if code:
       return code
-  vae_psnr = None   # the small VAE trained here arrives with issue 14 item 2; until then a random one
-  print('[2/4] the frozen VAE: ' + ('init.converted' if cfg.init.converted else
-                                    f'random (seed {cfg.seed + 1}); no trained small VAE yet'), flush=True)
+  vae_psnr = None
+  if cfg.init.vae or cfg.init.converted or args.vae == 'random':
+    print('[2/4] the frozen VAE: ' + (f'init.vae={cfg.init.vae}' if cfg.init.vae else 'init.converted'
+                                      if cfg.init.converted else f'random (seed {cfg.seed + 1}; --vae random)'),
+          flush=True)
+  else:
+    print(f'[2/4] training the small VAE for {cfg.vae_train.steps} updates in {vae_dir}', flush=True)
+    try:
+      result = vae_training.train_vae(cfg, vae_dir, max_minutes=args.vae_minutes)
+    except (ValueError, OSError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    cfg.init.vae, vae_psnr = result['path'], round(result['psnr_db'], 2)
   print(f'[3/4] training {args.config} for {cfg.train.steps} steps in {workdir}', flush=True)
   code = loop.train(cfg, workdir, max_minutes=args.max_minutes)
   if code:
     return code
   print(f'[4/4] closed-loop evaluation in {eval_dir}', flush=True)
-  common = ['--out', eval_dir, '--tasks', tasks, '--unseen_tasks', unseen, '--episodes', str(args.eval_episodes),
+  common = ['--tasks', tasks, '--unseen_tasks', unseen, '--episodes', str(args.eval_episodes),
             '--max_steps', str(args.eval_steps)]
-  code = eval_cli.main(['--checkpoint', workdir, *common, '--replay', str(args.replay)])
+  code = eval_cli.main(['--checkpoint', workdir, '--out', eval_dir, *common, '--replay', str(args.replay)])
   if code:
     return code
   with open(os.path.join(eval_dir, 'report.json')) as fh:
@@ -93,13 +108,13 @@ def main(argv=None) -> int:
 
 
 def write_results(args, cfg, workdir: str, report: dict, common: list[str]) -> None:
-  """The expert and random baselines through the same loop, then the table and the plots."""
+  """The expert and random baselines through the same loop (`common`: the evaluation's arguments
+  but its checkpoint and output directory), then the table and the plots."""
   reports = {'policy': report}
   for kind in ('expert', 'random'):
     out = os.path.join(args.out, f'eval_{kind}')
     if not os.path.isfile(os.path.join(out, 'report.json')):
-      common_kind = [out if c == os.path.join(args.out, 'eval') else c for c in common]
-      eval_cli.main(['--checkpoint', workdir, '--policy', kind, *common_kind])
+      eval_cli.main(['--checkpoint', workdir, '--policy', kind, '--out', out, *common])
     with open(os.path.join(out, 'report.json')) as fh:
       reports[kind] = json.load(fh)
   lines = []

@@ -7,23 +7,29 @@ import pytest
 
 pytest.importorskip('metaworld')
 
-from dreamzero_jax import quickstart  # noqa: E402
+from dreamzero_jax import checkpoint, quickstart  # noqa: E402
 
 TOY = ['--config.model.dim=32', '--config.model.num_layers=1', '--config.model.num_heads=2',
        '--config.model.ffn_dim=64', '--config.model.freq_dim=16', '--config.model.embodiment_hidden=16',
        '--config.train.steps=2', '--config.train.checkpoint_every=2', '--config.vae.base_dim=4',
-       '--config.video.max_chunks=2']
+       '--config.video.max_chunks=2', '--config.vae_train.steps=2']
 
 
 def test_quickstart_runs_every_stage_and_prints_the_json_line(tmp_path, capsys):
   out = str(tmp_path / 'qs')
-  args = ['--out', out, '--tasks', 'plate-slide-v3', '--unseen_tasks', '', '--episodes', '1',
+  # Two episodes: the VAE stage holds one out for its PSNR.
+  args = ['--out', out, '--tasks', 'plate-slide-v3', '--unseen_tasks', '', '--episodes', '2',
           '--eval_steps', '16', '--replay', '1', '--baselines', *TOY]
   assert quickstart.main(args) == 0
   line = json.loads(capsys.readouterr().out.strip().splitlines()[-2])
   assert {'seen', 'unseen', 'replay', 'vae_psnr_db', 'crashed', 'minutes'} <= set(line)
   assert 0 <= line['replay']['success_rate'] <= 1 and line['crashed'] == 0
   assert 'prediction_psnr_db' in line['seen']
+  assert isinstance(line['vae_psnr_db'], float) and line['vae_psnr_db'] > 0
+  # The policy was trained on the small VAE trained here, and its checkpoint records which.
+  vae_dir = os.path.join(out, 'vae', 'vae')
+  saved = checkpoint.Checkpointer(os.path.join(out, 'train')).read_config(2)
+  assert saved['init']['vae'] == vae_dir and saved['init']['vae_sha256'] == checkpoint.weights_digest(vae_dir)
   for name in ('results.md', 'results.json', 'training_curve.png', 'success.png'):
     assert os.path.isfile(os.path.join(out, name)), name
   table = open(os.path.join(out, 'results.md')).read()

@@ -175,3 +175,15 @@ def test_init_vae_of_another_config_or_non_finite_is_refused(trained, tmp_path):
   with pytest.raises(ValueError, match='not saved, non-finite values in decoder/conv_out/bias'):
     checkpoint.save_arrays(str(tmp_path / 'x.npz'), {'decoder': {'conv_out': {'bias': arrays['decoder/conv_out/bias']}}})
   assert not os.path.exists(tmp_path / 'x.npz')
+
+
+def test_init_vae_other_weights_than_the_recorded_digest_are_refused(trained):
+  cfg, _, result = trained
+  digest = checkpoint.weights_digest(result['path'])
+  assert len(digest) == 64
+  same = _config(cfg.data.dir, f'init.vae={result["path"]}', f'init.vae_sha256={digest}')
+  encoders.build_frozen_encoders(same)
+  other = _config(cfg.data.dir, f'init.vae={result["path"]}', 'init.vae_sha256=' + '0' * 64)
+  with pytest.raises(ValueError, match=r'^init\.vae: .* holds other weights \(sha256 [0-9a-f]{12}\.\.\.\) than the '
+                                       r'model was trained with \(init\.vae_sha256 000000000000\.\.\.\)$'):
+    encoders.build_frozen_encoders(other)

@@ -45,11 +45,8 @@ from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.datasets import __main__ as datasets_cli
 from dreamzero_jax.evaluation import metaworld_env, results
 from dreamzero_jax.training import loop
+from dreamzero_jax.training import vae as vae_training
 
-try:
-  from dreamzero_jax.training import vae as vae_training
-except ImportError:   # training/vae.py lands from its own branch; until then only `--vae random` runs
-  vae_training = None
 
 
 class Arm(NamedTuple):
@@ -231,8 +228,6 @@ class Suite:
       bad = [t for t in tasks if t not in known]
       if bad:
         raise ConfigError(f'{flag}: unknown Meta-World task {", ".join(bad)} (e.g. {", ".join(train_tasks[:3])})')
-    if args.vae == 'trained' and vae_training is None:
-      raise ConfigError('--vae trained: dreamzero_jax/training/vae.py is not in this checkout; pass --vae random')
     self.base = load_config(args.config, overrides)   # refuses a bad override before any work
     self.unseen_are_ml45 = sorted(self.unseen) == sorted(test_tasks)
     self.data_variations = {'diverse': 0, 'repetitive': args.repetitive_variations}

@@ -154,15 +154,24 @@ def vae_loss(vae: vae_lib.WanVAE, video: jax.Array, rng: jax.Array, cfg_train: m
 
 
 def make_update(graphdef: nnx.GraphDef, cfg_train: ml_collections.ConfigDict):
-  """(params, opt_state, video, rng, lr) -> (params, opt_state, metrics); pure, jit it donating the
-  first two."""
+  """(params, opt_state, video, images, rng, lr) -> (params, opt_state, metrics); pure, jit it
+  donating the first two. `images` ([B, 1, H, W, 3] single frames, or None) adds their own loss:
+  the frame-0 path (spatial features) learns from many scenes per update, the clip's frames teach
+  the causal temporal path."""
   tx = make_optimizer(cfg_train)
 
   def loss_fn(params, video, rng):
     return vae_loss(nnx.merge(graphdef, params), video, rng, cfg_train)
 
-  def update(params, opt_state, video, rng, lr):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, video, rng)
+  def joint_loss_fn(params, video, images, rng):
+    loss, metrics = loss_fn(params, video, rng)
+    if images is None:
+      return loss, metrics
+    image_loss, image_metrics = loss_fn(params, images, jax.random.fold_in(rng, 1))
+    return loss + image_loss, dict(metrics, image_mse=image_metrics['mse'])
+
+  def update(params, opt_state, video, images, rng, lr):
+    (loss, metrics), grads = jax.value_and_grad(joint_loss_fn, has_aux=True)(params, video, images, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
     return params, opt_state, dict(metrics, loss=loss)
@@ -314,7 +323,9 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = 
     while step < steps and not (deadline and time.time() > deadline):
       video = sample_clips(frames.train, t.batch_size, clip_frames(cfg), frames.stride,
                            np.random.default_rng([cfg.seed, step]))
-      params, opt_state, metrics = update(params, opt_state, video, jax.random.fold_in(key, step),
+      images = sample_clips(frames.train, t.image_batch, 1, 1, np.random.default_rng([cfg.seed, step, 1])
+                            ) if t.image_batch else None
+      params, opt_state, metrics = update(params, opt_state, video, images, jax.random.fold_in(key, step),
                                           np.float32(schedule(step)))
       loss = float(metrics['loss'])
       if not np.isfinite(loss):
