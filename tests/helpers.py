@@ -50,25 +50,25 @@ def cache_rollout_errors(cfg, model, chunk_t) -> tuple[list[tuple[float, float]]
   f, h = 1 + k * lf, v.height // v.vae_spatial
   rng = np.random.default_rng(0)
   arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-  clean, noisy, cond = arr(1, f, h, h, 16), arr(1, f, h, h, 16), arr(1, f, h, h, 20)
+  clean, noisy, i2v_cond = arr(1, f, h, h, 16), arr(1, f, h, h, 16), arr(1, f, h, h, 20)
   actions, state = arr(1, k * ha, m.action_dim), arr(1, k, m.state_dim)
   chunk_t = jnp.asarray(chunk_t, jnp.float32)
   video_t = jnp.concatenate([jnp.zeros(1), jnp.repeat(chunk_t, lf)])[None]
   emb, text, image = jnp.array([1], jnp.int32), arr(1, m.text_len, m.text_dim), arr(1, m.image_tokens, m.image_dim)
   full_video, full_actions = jax.jit(model.teacher_forcing)(clean, noisy, video_t, actions,
                                                             jnp.repeat(chunk_t, ha)[None], state, emb, text, image,
-                                                            cond)
+                                                            i2v_cond)
   cross_kv = model.cross_kv(*model.embed_context(text, image))
   cache = kv_cache.empty_cache(m.num_layers, 1, f * (h // 2) ** 2, m.num_heads, m.dim // m.num_heads)
-  cache = model.write_clean_frames(clean[:, :1], cache, cross_kv, cond=cond[:, :1])
+  cache = model.write_clean_frames(clean[:, :1], cache, cross_kv, i2v_cond=i2v_cond[:, :1])
   denoise = jax.jit(model.denoise)
-  write = jax.jit(lambda lat, cache, c, cnd: model.write_clean_frames(lat, cache, cross_kv, chunk=c, cond=cnd))
+  write = jax.jit(lambda lat, cache, c, i2v_c: model.write_clean_frames(lat, cache, cross_kv, chunk=c, i2v_cond=i2v_c))
   rel = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
   errors = []
   for c in range(k):
     frames, acts = slice(1 + c * lf, 1 + (c + 1) * lf), slice(c * ha, (c + 1) * ha)
     vid, act = denoise(noisy[:, frames], chunk_t[c:c + 1], actions[:, acts], chunk_t[c:c + 1], state[:, c:c + 1],
-                       emb, jnp.int32(c), cache, cross_kv, cond[:, frames])
+                       emb, jnp.int32(c), cache, cross_kv, i2v_cond[:, frames])
     errors.append((rel(vid, full_video[:, frames]), rel(act, full_actions[:, acts])))
-    cache = write(clean[:, frames], cache, jnp.int32(c), cond[:, frames])  # the REAL frames enter the cache
+    cache = write(clean[:, frames], cache, jnp.int32(c), i2v_cond[:, frames])  # the REAL frames enter the cache
   return errors, cache

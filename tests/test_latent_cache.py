@@ -56,7 +56,7 @@ def test_cached_batch_gives_the_same_loss_as_encoding_on_the_fly(mw_dir, tmp_pat
   encode.cache = cache
   from_cache = encode(cached)
   np.testing.assert_allclose(from_cache.latents, on_the_fly.latents, rtol=0, atol=1e-6)
-  np.testing.assert_allclose(from_cache.cond, on_the_fly.cond, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(from_cache.i2v_cond, on_the_fly.i2v_cond, rtol=0, atol=1e-6)
   np.testing.assert_allclose(from_cache.image, on_the_fly.image, rtol=0, atol=1e-6)
   model = encoders.initial_dit(cfg)
   rng = jax.random.key(3)

@@ -127,7 +127,7 @@ def test_teacher_forcing_forward_respects_chunk_causality():
       action_t=np.full((1, K * HA), 700.0), state=rng.standard_normal((1, K, 64)),
       embodiment_id=np.array([1]), text=rng.standard_normal((1, CFG.model.text_len, CFG.model.text_dim)),
       image=rng.standard_normal((1, CFG.model.image_tokens, CFG.model.image_dim)),
-      cond=rng.standard_normal((1, f, h, h, 20)))
+      i2v_cond=rng.standard_normal((1, f, h, h, 20)))
   args = {k: jnp.asarray(v, jnp.int32 if k == 'embodiment_id' else jnp.float32) for k, v in args.items()}
   fwd = jax.jit(model.teacher_forcing)
   video, actions = fwd(**args)
