@@ -133,10 +133,10 @@ def dit_rows(config: str, impl: str, batches, repeats: int, rng):
       image = arr(b, m.image_tokens, m.image_dim) if m.image_dim else None
       cross_kv = jax.jit(lambda s, t, i: nnx.merge(graphdef, s).cross_kv(*nnx.merge(graphdef, s).embed_context(t, i)))(
           state, arr(b, m.text_len, m.text_dim), image)
-      cond = arr(b, geo.lf, h, w, m.in_channels - v.latent_channels) if geo.i2v else None
+      i2v_cond = arr(b, geo.lf, h, w, m.in_channels - v.latent_channels) if geo.i2v else None
       args = (arr(b, geo.lf, h, w, v.latent_channels), jnp.full((b,), 500.0), arr(b, v.action_horizon, m.action_dim),
               jnp.full((b,), 500.0), arr(b, 1, m.state_dim), jnp.zeros((b,), jnp.int32), jnp.int32(v.max_chunks - 1),
-              cache, cross_kv, cond)
+              cache, cross_kv, i2v_cond)
       forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s).denoise(*a))
       with registry.record() as used:
         jax.eval_shape(forward, state, *args)

@@ -69,9 +69,9 @@ def main(argv):
 
   spec, (dit, vae, _) = policy.spec, policy.networks
   vae_ms, (latents, _) = timed(rollout.encode_observed, spec, vae, ep.vae_cache, frames)
-  write_ms, _ = timed(rollout.write_observed, spec, dit, ep.cache, ep.cross_kv, ep.cond, latents, jnp.int32(0))
+  write_ms, _ = timed(rollout.write_observed, spec, dit, ep.cache, ep.cross_kv, ep.i2v_cond, latents, jnp.int32(0))
   denoise_ms, (_, actions, evaluations) = timed(
-      rollout.denoise, spec, dit, ep.cache, ep.cross_kv, ep.cond, policy.normalised_state(state), jnp.int32(e.id),
+      rollout.denoise, spec, dit, ep.cache, ep.cross_kv, ep.i2v_cond, policy.normalised_state(state), jnp.int32(e.id),
       jnp.int32(0), jax.random.key(0))
   actions = np.asarray(actions[0])
   t = time.perf_counter()

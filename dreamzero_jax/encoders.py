@@ -175,7 +175,7 @@ class PromptEncoder:
 class LatentBatch(NamedTuple):
   """A training batch after the frozen encoders: what the DiT consumes."""
   latents: jax.Array          # [B, F, h, w, C] clean VAE latents, F = 1 + K * lf
-  cond: jax.Array | None      # [B, F, h, w, 20] the I2V condition y, or None (T2V / TI2V)
+  i2v_cond: jax.Array | None  # [B, F, h, w, 20] the I2V condition y, or None (T2V / TI2V)
   text: jax.Array             # [B, Lt, text_dim] umT5 embeddings, zero past each prompt
   image: jax.Array | None     # [B, Li, image_dim] CLIP features, or None
   actions: jax.Array          # [B, K*Ha, A] normalised to [-1, 1]
@@ -201,9 +201,9 @@ class BatchEncoder:
     def pixels(state, video):
       enc = nnx.merge(graphdef, state)
       latents = enc.vae.encode(video)
-      cond = enc.vae.i2v_condition(video[:, 0], video.shape[1]) if self.i2v else None
+      i2v_cond = enc.vae.i2v_condition(video[:, 0], video.shape[1]) if self.i2v else None
       image = clip.encode_first_frame(enc.image, video) if enc.image is not None else None
-      return jax.lax.stop_gradient((latents, cond, image))
+      return jax.lax.stop_gradient((latents, i2v_cond, image))
 
     self._pixels = jax.jit(pixels)
     self.prompts = PromptEncoder(encoders.text, cfg)
@@ -216,11 +216,13 @@ class BatchEncoder:
     if 'latent_row' in batch:
       if self.cache is None:
         raise ValueError('batch has latent_row but no latent cache was given')
-      latents, cond, image = (None if x is None else jnp.asarray(x) for x in self.cache.gather(batch['latent_row']))
+      latents, i2v_cond, image = (None if x is None else jnp.asarray(x)
+                                  for x in self.cache.gather(batch['latent_row']))
     else:
-      latents, cond, image = self.pixels(batch['video'])
+      latents, i2v_cond, image = self.pixels(batch['video'])
     return LatentBatch(
-        latents=latents, cond=cond, text=self.prompts.text(batch['instruction'], batch['embodiment_id']), image=image,
+        latents=latents, i2v_cond=i2v_cond, text=self.prompts.text(batch['instruction'], batch['embodiment_id']),
+        image=image,
         actions=jnp.asarray(batch['actions']), action_mask=jnp.asarray(batch['action_mask']),
         state=jnp.asarray(batch['state']), chunk_mask=jnp.asarray(batch['chunk_mask']),
         embodiment_id=jnp.asarray(batch['embodiment_id'], jnp.int32))

@@ -66,7 +66,7 @@ def test_sequence_length_of_droid_14b():
   cfg = load_config('configs/dreamzero_14b_droid.py')
   assert aot.sequence_length(cfg) == (15_940, 16_000)
   batch = aot.abstract_batch(cfg, 128)
-  assert batch.latents.shape == (128, 9, 44, 80, 16) and batch.cond.shape == (128, 9, 44, 80, 20)
+  assert batch.latents.shape == (128, 9, 44, 80, 16) and batch.i2v_cond.shape == (128, 9, 44, 80, 20)
   assert np.dtype(batch.embodiment_id.dtype) == np.int32
 
 

@@ -205,7 +205,7 @@ def test_training_and_serving_use_the_converted_weights(refs, official, official
   from dreamzero_jax import encoders
   from dreamzero_jax.serving.loading import load_policy
   from dreamzero_jax.training import loop
-  from tests.test_train_loop import ListIterator, synthetic_batches
+  from tests.helpers import ListIterator, synthetic_batches
   cfg = _cfg(f'init.converted={official}', 'train.steps=1', 'train.lr=0.0', 'train.warmup_fraction=0.0',
              'video.max_chunks=2', 'video.height=32', 'video.width=32')
   want_dit, want_enc = official_params

@@ -1,8 +1,6 @@
 """AgiBot from a LeRobot v2 directory written here (parquet + H.264 videos of constant colour)."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from dreamzero_jax.datasets import episodes, pipeline  # pylint: disable=g-import-not-at-top
+from tests.helpers import run_datasets_cli as run_cli  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAMERAS = ('top_head', 'hand_left', 'hand_right')
@@ -73,11 +72,6 @@ def write_lerobot(root, num_episodes=2, state_dim=32, modality=True):
     for c in CAMERAS:
       write_video(os.path.join(root, info['video_path'].format(
           episode_chunk=0, episode_index=e, video_key=f'observation.images.{c}')), COLOURS[c], LENGTH)
-
-
-def run_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'dreamzero_jax.datasets', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
 
 
 def test_agibot_builds_and_fills_the_grid(tmp_path):

@@ -6,8 +6,6 @@ spare channel carries the step index, so every canvas pixel says which camera an
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from dreamzero_jax import config as config_lib
 from dreamzero_jax.datasets import episodes, normalization, pipeline
+from tests.helpers import run_datasets_cli as run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAMERAS = ('wrist_image_left', 'exterior_image_1_left', 'exterior_image_2_left')
@@ -115,11 +114,6 @@ def write_rlds(root, num_episodes=2, hw=IMAGE_HW, drop=(), corrupt=None):
   if corrupt is not None:
     records[corrupt] = b'\x0a\xff\xff' + records[corrupt][3:100]
   write_tfrecord(os.path.join(root, 'droid_test-train.tfrecord-00000-of-00001'), records)
-
-
-def run_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'dreamzero_jax.datasets', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
 
 
 DROID_OVERRIDES = [

@@ -3,7 +3,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -15,24 +14,16 @@ pytest.importorskip('metaworld')
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from dreamzero_jax.datasets import episodes, normalization, pipeline  # pylint: disable=g-import-not-at-top
+from tests.helpers import build_metaworld, run_datasets_cli as run_cli  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/tiny.py has 8 frames per chunk at stride 1 but a 4-step horizon; 8 makes them agree.
 TINY = ['video.action_horizon=8']
 
 
-def run_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'dreamzero_jax.datasets', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope='module')
 def mw_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('mw'))
-  r = run_cli('build', 'metaworld', '--out', out, '--tasks', 'reach-v3,push-v3', '--episodes', '1',
-              '--image_size', '64', '--max_steps', '40')
-  assert r.returncode == 0, r.stderr
-  return out
+  return build_metaworld(str(tmp_path_factory.mktemp('mw')), image_size=64)
 
 
 def _config(data_dir, *extra):

@@ -10,9 +10,7 @@ pytest.importorskip('metaworld')
 from dreamzero_jax.config import load_config  # noqa: E402
 from dreamzero_jax.evaluation import closed_loop  # noqa: E402
 from dreamzero_jax.serving import loading  # noqa: E402
-from dreamzero_jax.training import loop  # noqa: E402
-from tests.test_policy import STATS  # noqa: E402
-from tests.test_train_loop import ListIterator, synthetic_batches  # noqa: E402
+from tests.helpers import synthetic_batches, train_on_synthetic  # noqa: E402
 
 from dreamzero_jax import evaluate as eval_cli  # noqa: E402
 
@@ -25,7 +23,7 @@ OVERRIDES = ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.s
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('eval_ckpt'))
   cfg = load_config('configs/tiny.py', OVERRIDES)
-  assert loop.train(cfg, path, data=ListIterator(synthetic_batches(cfg, n=1)), norm_stats=STATS) == 0
+  train_on_synthetic(cfg, path, n=1)
   return path
 
 

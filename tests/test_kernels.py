@@ -84,7 +84,7 @@ def _teacher_forcing_and_denoise(model, teacher_forcing=True, denoise=True):
   f = 1 + k * lf
   r = np.random.default_rng(0)
   arr = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)
-  clean, noisy, cond = arr(1, f, h, h, 16), arr(1, f, h, h, 16), arr(1, f, h, h, 20)
+  clean, noisy, i2v_cond = arr(1, f, h, h, 16), arr(1, f, h, h, 16), arr(1, f, h, h, 20)
   actions, state = arr(1, k * ha, m.action_dim), arr(1, k, m.state_dim)
   text, image = arr(1, 8, m.text_dim), arr(1, 5, m.image_dim)
   emb = jnp.array([1], jnp.int32)
@@ -92,14 +92,14 @@ def _teacher_forcing_and_denoise(model, teacher_forcing=True, denoise=True):
   if teacher_forcing:
     video_t = jnp.asarray([[3.0, 900.0, 900.0, 250.0, 250.0]])
     action_t = jnp.repeat(jnp.asarray([[700.0, 60.0]]), ha, 1)
-    out += model.teacher_forcing(clean, noisy, video_t, actions, action_t, state, emb, text, image, cond)
+    out += model.teacher_forcing(clean, noisy, video_t, actions, action_t, state, emb, text, image, i2v_cond)
   if denoise:
     cross_kv = model.cross_kv(*model.embed_context(text, image))
     cache = kv_cache.empty_cache(m.num_layers, 1, f * (h // 2) ** 2, m.num_heads, m.head_dim)
-    cache = model.write_clean_frames(clean[:, :1], cache, cross_kv, cond=cond[:, :1])
-    cache = model.write_clean_frames(clean[:, 1:3], cache, cross_kv, chunk=jnp.int32(0), cond=cond[:, 1:3])
+    cache = model.write_clean_frames(clean[:, :1], cache, cross_kv, i2v_cond=i2v_cond[:, :1])
+    cache = model.write_clean_frames(clean[:, 1:3], cache, cross_kv, chunk=jnp.int32(0), i2v_cond=i2v_cond[:, 1:3])
     out += model.denoise(noisy[:, 3:5], jnp.asarray([250.0]), actions[:, ha:], jnp.asarray([60.0]), state[:, 1:],
-                         emb, jnp.int32(1), cache, cross_kv, cond[:, 3:5])
+                         emb, jnp.int32(1), cache, cross_kv, i2v_cond[:, 3:5])
   return out
 
 

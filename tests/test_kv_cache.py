@@ -1,23 +1,17 @@
 """A rollout through the KV cache equals one masked full-sequence (teacher-forcing) forward."""
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models import kv_cache
-from dreamzero_jax.models.dit import build_dit
-from tests.helpers import cache_rollout_errors, random_model
+from tests.helpers import cache_rollout_errors, random_dit
 
 # The training-consistent rule for state queries: under it the cache rollout IS the masked forward.
 CFG = load_config('configs/tiny.py', ['model.inference_state_attention=self'])
 
 
-def _random_model():
-  return random_model(lambda: build_dit(CFG.model, rngs=nnx.Rngs(0)), seed=1)
-
-
 def test_four_chunk_rollout_through_cache_equals_full_masked_forward():
-  errors, cache = cache_rollout_errors(CFG, _random_model(), [900.0, 600.0, 350.0, 75.0])
+  errors, cache = cache_rollout_errors(CFG, random_dit(CFG), [900.0, 600.0, 350.0, 75.0])
   for c, (video, actions) in enumerate(errors):
     assert video < 1e-5 and actions < 1e-5, (c, video, actions)
   assert int(cache.length) == cache.capacity

@@ -1,7 +1,5 @@
 """data.latent_cache: every distinct clip encoded once, and training on it equals encoding on the fly."""
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,6 +11,7 @@ from dreamzero_jax import config as config_lib, encoders  # noqa: E402
 from dreamzero_jax.datasets import pipeline  # noqa: E402
 from dreamzero_jax.datasets.episodes import DataError  # noqa: E402
 from dreamzero_jax.training import latent_cache, loop, objective  # noqa: E402
+from tests.helpers import build_metaworld  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHED = ['data.latent_cache=True', 'data.anchor_stride=8', 'data.augment_brightness=0.0',
@@ -21,12 +20,7 @@ CACHED = ['data.latent_cache=True', 'data.anchor_stride=8', 'data.augment_bright
 
 @pytest.fixture(scope='module')
 def mw_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('mw'))
-  r = subprocess.run([sys.executable, '-m', 'dreamzero_jax.datasets', 'build', 'metaworld', '--out', out,
-                      '--tasks', 'reach-v3,push-v3', '--episodes', '1', '--image_size', '32', '--max_steps', '40'],
-                     cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr
-  return out
+  return build_metaworld(str(tmp_path_factory.mktemp('mw')), image_size=32)
 
 
 def _config(data_dir, *extra):
@@ -56,7 +50,7 @@ def test_cached_batch_gives_the_same_loss_as_encoding_on_the_fly(mw_dir, tmp_pat
   encode.cache = cache
   from_cache = encode(cached)
   np.testing.assert_allclose(from_cache.latents, on_the_fly.latents, rtol=0, atol=1e-6)
-  np.testing.assert_allclose(from_cache.cond, on_the_fly.cond, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(from_cache.i2v_cond, on_the_fly.i2v_cond, rtol=0, atol=1e-6)
   np.testing.assert_allclose(from_cache.image, on_the_fly.image, rtol=0, atol=1e-6)
   model = encoders.initial_dit(cfg)
   rng = jax.random.key(3)

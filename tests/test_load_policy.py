@@ -9,9 +9,8 @@ import orbax.checkpoint as ocp
 from dreamzero_jax import checkpoint
 from dreamzero_jax.config import load_config
 from dreamzero_jax.serving import loading
-from dreamzero_jax.training import loop, trainer
-from tests.test_policy import STATS
-from tests.test_train_loop import ListIterator, synthetic_batches
+from dreamzero_jax.training import trainer
+from tests.helpers import train_on_synthetic
 
 OVERRIDES = ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.steps=1', 'train.ema_decay=0.5',
              'train.lr=1e-2', 'train.warmup_fraction=0.0', 'sampler.num_steps=1', 'sampler.dit_step_mask="1"']
@@ -19,7 +18,7 @@ OVERRIDES = ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.s
 
 def _train(workdir, overrides=()):
   cfg = load_config('configs/tiny.py', OVERRIDES + list(overrides))
-  assert loop.train(cfg, workdir, data=ListIterator(synthetic_batches(cfg, n=1)), norm_stats=STATS) == 0
+  train_on_synthetic(cfg, workdir, n=1)
   ckpt = checkpoint.Checkpointer(workdir)
   step = ckpt.latest_step()
   state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']

@@ -4,12 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models import masks
-from dreamzero_jax.models.dit import build_dit
-from tests.helpers import random_model
+from tests.helpers import random_dit
 
 CFG = load_config('configs/tiny.py')
 K = 4
@@ -87,13 +85,9 @@ def test_unknown_mask_kind_is_an_error():
     masks.attention_mask(layout, layout, 'causal')
 
 
-def _random_model():
-  return random_model(lambda: build_dit(CFG.model, rngs=nnx.Rngs(0)), seed=1)
-
-
 def test_backbone_sees_exactly_what_the_mask_allows():
   """Perturb one input token: an output row changes iff the mask's transitive reach allows it."""
-  model = _random_model()
+  model = random_dit(CFG)
   layout = masks.teacher_forcing_layout(K, LF, 1, 2)
   mask = masks.attention_mask(layout, layout)
   n = len(layout.group)
@@ -117,7 +111,7 @@ def test_backbone_sees_exactly_what_the_mask_allows():
 
 def test_teacher_forcing_forward_respects_chunk_causality():
   """Future clean frames and other chunks' actions cannot reach a chunk's predictions; past ones do."""
-  model = _random_model()
+  model = random_dit(CFG)
   rng = np.random.default_rng(0)
   f = 1 + K * LF
   h = CFG.video.height // 8
@@ -127,7 +121,7 @@ def test_teacher_forcing_forward_respects_chunk_causality():
       action_t=np.full((1, K * HA), 700.0), state=rng.standard_normal((1, K, 64)),
       embodiment_id=np.array([1]), text=rng.standard_normal((1, CFG.model.text_len, CFG.model.text_dim)),
       image=rng.standard_normal((1, CFG.model.image_tokens, CFG.model.image_dim)),
-      cond=rng.standard_normal((1, f, h, h, 20)))
+      i2v_cond=rng.standard_normal((1, f, h, h, 20)))
   args = {k: jnp.asarray(v, jnp.int32 if k == 'embodiment_id' else jnp.float32) for k, v in args.items()}
   fwd = jax.jit(model.teacher_forcing)
   video, actions = fwd(**args)

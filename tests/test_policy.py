@@ -14,8 +14,6 @@ from dreamzero_jax.inference.policy import Policy
 from dreamzero_jax.models.dit import build_dit
 from tests import helpers
 
-STATS = {'state': dict(q01=[-1.0] * 4, q99=[1.0] * 4), 'action': dict(q01=[-2.0] * 4, q99=[2.0] * 4)}
-
 
 def _policy(overrides=()):
   cfg = load_config('configs/tiny.py', ['video.height=32', 'video.width=32', 'video.max_chunks=2',
@@ -26,7 +24,7 @@ def _policy(overrides=()):
   model.head.kernel.set_value(jax.random.normal(jax.random.key(3), model.head.kernel.shape) * 0.3)
   out = model.action_decoder.layer2.kernel
   out.set_value(jax.random.normal(jax.random.key(4), out.shape) * 0.3)
-  return cfg, Policy(cfg, model, encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)), STATS)
+  return cfg, Policy(cfg, model, encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)), helpers.STATS)
 
 
 def _frames(cfg, seed, n):
@@ -97,14 +95,11 @@ def test_server_runs_a_trained_checkpoint_end_to_end(tmp_path):
   import dreamzero_client
   from dreamzero_jax.inference import rollout
   from dreamzero_jax.serving import loading as policy_lib
-  from dreamzero_jax.training import loop
   from tests.test_serve import _health, raw_connection, raw_infer, running_server
-  from tests.test_train_loop import ListIterator, synthetic_batches
   cfg = load_config('configs/tiny.py', ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.steps=1',
                                         'sampler.num_steps=1', 'sampler.dit_step_mask="1"', 'serve.camera_height=24',
                                         'serve.camera_width=20'])
-  batches = synthetic_batches(cfg, n=1)
-  assert loop.train(cfg, str(tmp_path), data=ListIterator(batches), norm_stats=STATS) == 0
+  helpers.train_on_synthetic(cfg, str(tmp_path), n=1)
   # The rollout functions are shared by every policy in this process: count this one's compiles.
   pieces = ('start', 'denoise', 'observe')
   compiles = lambda: {name: getattr(rollout, name)._cache_size() - before[name] for name in pieces}

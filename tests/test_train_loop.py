@@ -14,46 +14,10 @@ from dreamzero_jax.config import load_config
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.training import aot, loop, trainer
 from tests import helpers
+from tests.helpers import ListIterator, synthetic_batches
 
 CFG_OVERRIDES = ['train.steps=4', 'train.checkpoint_every=2', 'train.lr=1e-2', 'train.warmup_fraction=0.0',
                  'video.max_chunks=2', 'video.height=32', 'video.width=32']
-
-
-def synthetic_batches(cfg, n=8, seed=0):
-  """Pipeline-contract batches, deterministic in their index."""
-  v, m, b = cfg.video, cfg.model, cfg.train.batch_size
-  k = v.max_chunks
-  out = []
-  for i in range(n):
-    rng = np.random.default_rng(seed + i)
-    action_mask = np.zeros((b, k * v.action_horizon, m.action_dim), bool)
-    action_mask[..., :4] = True
-    out.append(dict(
-        video=rng.uniform(-1, 1, (b, 1 + k * v.frames_per_chunk, v.height, v.width, 3)).astype(np.float32),
-        actions=(rng.uniform(-1, 1, action_mask.shape) * action_mask).astype(np.float32), action_mask=action_mask,
-        state=rng.uniform(-1, 1, (b, k, m.state_dim)).astype(np.float32), state_mask=np.ones((b, k, m.state_dim), bool),
-        chunk_mask=np.ones((b, k), bool), has_real_action=np.ones((b,), bool),
-        embodiment_id=np.zeros((b,), np.int32),
-        instruction=np.array([b'reach the goal', b'push the puck'][:b], dtype=object)))
-  return out
-
-
-class ListIterator:
-  """An iterator over a list with grain-style get_state/set_state."""
-
-  def __init__(self, items):
-    self.items, self.index = items, 0
-
-  def __next__(self):
-    item = self.items[self.index]
-    self.index += 1
-    return item
-
-  def get_state(self):
-    return {'next_index': self.index}
-
-  def set_state(self, state):
-    self.index = state['next_index']
 
 
 def _params(workdir):

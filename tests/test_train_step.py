@@ -28,7 +28,8 @@ def fixed_batch(cfg, batch_size=2, seed=0, full=False):
   action_mask[..., :cfg.data.action_dim] = np.repeat(chunk_mask, v.action_horizon, 1)[..., None]
   return objective.LatentBatch(
       latents=arr(batch_size, f, h, w, v.latent_channels),
-      cond=arr(batch_size, f, h, w, m.in_channels - v.latent_channels) if m.in_channels > v.latent_channels else None,
+      i2v_cond=(arr(batch_size, f, h, w, m.in_channels - v.latent_channels)
+                if m.in_channels > v.latent_channels else None),
       text=arr(batch_size, m.text_len, m.text_dim),
       image=arr(batch_size, m.image_tokens, m.image_dim) if m.image_dim else None,
       actions=jnp.clip(arr(batch_size, k * v.action_horizon, m.action_dim), -1, 1) * action_mask,

@@ -61,9 +61,9 @@ def compile_only(cfg: ml_collections.ConfigDict) -> dict:
   sds = jax.ShapeDtypeStruct
   frame = sds((1, 1, v.height, v.width, 3), jnp.float32)
   text = sds((spec.batch, m.text_len, m.text_dim), jnp.float32)
-  cache, cross_kv, vae_cache, cond = jax.eval_shape(functools.partial(rollout.start, spec), dit, vae, image, frame,
-                                                    text, frame)
-  args = (dit, vae, cache, cross_kv, vae_cache, cond,
+  cache, cross_kv, vae_cache, i2v_cond = jax.eval_shape(functools.partial(rollout.start, spec), dit, vae, image,
+                                                        frame, text, frame)
+  args = (dit, vae, cache, cross_kv, vae_cache, i2v_cond,
           sds((1, v.frames_per_chunk, v.height, v.width, 3), jnp.float32), sds((), jnp.int32),
           sds((1, 1, m.state_dim), jnp.float32), sds((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
   start = time.perf_counter()

@@ -39,7 +39,7 @@ class Episode:
   cache: kv_cache.KVCache
   cross_kv: Any
   vae_cache: Any
-  cond: jax.Array | None      # I2V y for the whole context window [B, F, h, w, 20]
+  i2v_cond: jax.Array | None  # I2V y for the whole context window [B, F, h, w, 20]
   chunk: int                  # the chunk `step` predicts next
   written: int                # chunks whose real frames are in the cache
   anchor_state: np.ndarray    # raw robot state at the start of the chunk being predicted
@@ -103,8 +103,9 @@ class Policy:
     """first_frame: one canvas frame [H, W, 3] in [-1, 1]; robot_state: raw [state_dim]."""
     frame = jnp.asarray(first_frame, jnp.float32)[None, None]
     dit, vae, image = self.networks
-    cache, cross_kv, vae_cache, cond = rollout.start(self.spec, dit, vae, image, frame, self._text(instruction), frame)
-    return Episode(cache, cross_kv, vae_cache, cond, chunk=0, written=0,
+    cache, cross_kv, vae_cache, i2v_cond = rollout.start(self.spec, dit, vae, image, frame, self._text(instruction),
+                                                         frame)
+    return Episode(cache, cross_kv, vae_cache, i2v_cond, chunk=0, written=0,
                    anchor_state=np.asarray(robot_state, np.float32), rng=jax.random.key(seed),
                    instruction=instruction)
 
@@ -131,7 +132,7 @@ class Policy:
       ep = self.reset(ep.instruction, frames[-1], robot_state, seed=int(jax.random.randint(ep.rng, (), 0, 2**30)))
       return ep
     dit, vae, _ = self.networks
-    cache, vae_cache = rollout.observe(self.spec, dit, vae, ep.cache, ep.cross_kv, ep.vae_cache, ep.cond,
+    cache, vae_cache = rollout.observe(self.spec, dit, vae, ep.cache, ep.cross_kv, ep.vae_cache, ep.i2v_cond,
                                        jnp.asarray(frames, jnp.float32)[None], jnp.int32(ep.written))
     return dataclasses.replace(ep, cache=cache, vae_cache=vae_cache, written=ep.written + 1,
                                anchor_state=np.asarray(robot_state, np.float32))
@@ -142,7 +143,7 @@ class Policy:
       raise ValueError('the previous chunk\'s observations have not been written: call observe first')
     rng, sub = jax.random.split(ep.rng)
     video, actions, evaluations = rollout.denoise(
-        self.spec, self.networks[0], ep.cache, ep.cross_kv, ep.cond, self.normalised_state(ep.anchor_state),
+        self.spec, self.networks[0], ep.cache, ep.cross_kv, ep.i2v_cond, self.normalised_state(ep.anchor_state),
         jnp.int32(self.embodiment.id), jnp.int32(ep.chunk), sub)
     normalised = np.asarray(actions[0])
     raw = self.postprocess(normalised, ep.anchor_state)

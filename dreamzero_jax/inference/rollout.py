@@ -113,16 +113,16 @@ def _dup(spec: RolloutSpec, x):
   return None if x is None else jnp.broadcast_to(x, (spec.batch, *x.shape[1:]))
 
 
-def _chunk_cond(spec: RolloutSpec, cond, chunk):
+def _chunk_i2v_cond(spec: RolloutSpec, i2v_cond, chunk):
   """The I2V condition y of chunk `chunk`'s latent frames."""
-  return None if cond is None else jax.lax.dynamic_slice_in_dim(cond, 1 + chunk * spec.lf, spec.lf, axis=1)
+  return None if i2v_cond is None else jax.lax.dynamic_slice_in_dim(i2v_cond, 1 + chunk * spec.lf, spec.lf, axis=1)
 
 
 def _start(spec: RolloutSpec, dit: Network, vae: Network, image: Network | None, frame, text, image_frame):
   """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache, y)."""
   model, vae = nnx.merge(*dit), nnx.merge(*vae)
   latent, vae_cache = vae.encode_stream(vae.init_encode_cache(1, *frame.shape[2:4]), frame)
-  cond = vae.i2v_condition(frame[:, 0], spec.num_frames) if spec.i2v else None
+  i2v_cond = vae.i2v_condition(frame[:, 0], spec.num_frames) if spec.i2v else None
   image_tokens = None
   if image is not None:
     image_tokens = clip.encode_first_frame(nnx.merge(*image), image_frame)
@@ -131,8 +131,8 @@ def _start(spec: RolloutSpec, dit: Network, vae: Network, image: Network | None,
   cache = kv_cache.empty_cache(spec.num_layers, spec.batch, spec.capacity, spec.num_heads, spec.head_dim,
                                jnp.dtype(spec.cache_dtype))
   cache = model.write_clean_frames(_dup(spec, latent), cache, cross_kv,
-                                   cond=_dup(spec, None if cond is None else cond[:, :1]))
-  return cache._replace(k=_by_branch(cache.k), v=_by_branch(cache.v)), cross_kv, vae_cache, cond
+                                   i2v_cond=_dup(spec, None if i2v_cond is None else i2v_cond[:, :1]))
+  return cache._replace(k=_by_branch(cache.k), v=_by_branch(cache.v)), cross_kv, vae_cache, i2v_cond
 
 
 def _encode_observed(spec: RolloutSpec, vae: Network, vae_cache, frames):
@@ -140,34 +140,34 @@ def _encode_observed(spec: RolloutSpec, vae: Network, vae_cache, frames):
   return nnx.merge(*vae).encode_stream(vae_cache, frames)
 
 
-def _write_observed(spec: RolloutSpec, dit: Network, cache, cross_kv, cond, latents, chunk):
+def _write_observed(spec: RolloutSpec, dit: Network, cache, cross_kv, i2v_cond, latents, chunk):
   """Chunk `chunk`'s clean latents -> the cache with their K/V written."""
   cache = nnx.merge(*dit).write_clean_frames(_dup(spec, latents), cache, cross_kv, chunk=chunk,
-                                             cond=_dup(spec, _chunk_cond(spec, cond, chunk)))
+                                             i2v_cond=_dup(spec, _chunk_i2v_cond(spec, i2v_cond, chunk)))
   return cache._replace(k=_by_branch(cache.k), v=_by_branch(cache.v))
 
 
-def _observe(spec: RolloutSpec, dit: Network, vae: Network, cache, cross_kv, vae_cache, cond, frames, chunk):
+def _observe(spec: RolloutSpec, dit: Network, vae: Network, cache, cross_kv, vae_cache, i2v_cond, frames, chunk):
   """Observed frames [1, frames_per_chunk, H, W, 3] of chunk `chunk` -> (cache, VAE cache)."""
   latents, vae_cache = _encode_observed(spec, vae, vae_cache, frames)
-  return _write_observed(spec, dit, cache, cross_kv, cond, latents, chunk), vae_cache
+  return _write_observed(spec, dit, cache, cross_kv, i2v_cond, latents, chunk), vae_cache
 
 
-def _denoise(spec: RolloutSpec, dit: Network, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng):
+def _denoise(spec: RolloutSpec, dit: Network, cache, cross_kv, i2v_cond, state_vec, embodiment_id, chunk, rng):
   """Samples chunk `chunk`: (video latents [1, lf, h, w, C], normalised actions [1, Ha, A], DiT calls)."""
   model = nnx.merge(*dit)
   h, w = spec.latent_hw
   x_rng, a_rng = jax.random.split(rng)
   x0 = {'video': jax.random.normal(x_rng, (1, spec.lf, h, w, spec.latent_channels)),
         'action': jax.random.normal(a_rng, (1, spec.action_horizon, spec.action_dim))}
-  c = _chunk_cond(spec, cond, chunk)
+  chunk_i2v_cond = _chunk_i2v_cond(spec, i2v_cond, chunk)
   emb = jnp.full((spec.batch,), embodiment_id, jnp.int32)
   state_b = jnp.broadcast_to(state_vec, (spec.batch, 1, spec.state_dim))
 
   def velocity(x, t, with_uncond):
     tt = jnp.full((spec.batch,), t, jnp.float32)
     vid, act = model.denoise(_dup(spec, x['video']), tt, _dup(spec, x['action']), tt, state_b, emb, chunk, cache,
-                             cross_kv, _dup(spec, c))
+                             cross_kv, _dup(spec, chunk_i2v_cond))
     cond_v = {'video': vid[:1], 'action': act[:1]}
     return cond_v, (vid[1:] if with_uncond else None)
 
@@ -175,25 +175,26 @@ def _denoise(spec: RolloutSpec, dit: Network, cache, cross_kv, cond, state_vec, 
   return out['video'], out['action'], info.num_evaluations
 
 
-def _control_step(spec: RolloutSpec, dit: Network, vae: Network, cache, cross_kv, vae_cache, cond, frames, chunk,
-                  state_vec, embodiment_id, rng):
+def _control_step(spec: RolloutSpec, dit: Network, vae: Network, cache, cross_kv, vae_cache, i2v_cond, frames,
+                  chunk, state_vec, embodiment_id, rng):
   """One control tick as the server runs it: the frames observed while chunk `chunk` ran are
   written into the cache, then chunk + 1 is denoised."""
-  cache, vae_cache = _observe(spec, dit, vae, cache, cross_kv, vae_cache, cond, frames, chunk)
-  video, actions, evaluations = _denoise(spec, dit, cache, cross_kv, cond, state_vec, embodiment_id, chunk + 1, rng)
+  cache, vae_cache = _observe(spec, dit, vae, cache, cross_kv, vae_cache, i2v_cond, frames, chunk)
+  video, actions, evaluations = _denoise(spec, dit, cache, cross_kv, i2v_cond, state_vec, embodiment_id, chunk + 1,
+                                         rng)
   return cache, vae_cache, video, actions, evaluations
 
 
 _jit = functools.partial(jax.jit, static_argnums=0)
 
-# start(spec, dit, vae, image, frame, text, image_frame) -> (cache, cross_kv, vae_cache, cond)
+# start(spec, dit, vae, image, frame, text, image_frame) -> (cache, cross_kv, vae_cache, i2v_cond)
 start = _jit(_under_mesh(_start))
-# observe(spec, dit, vae, cache, cross_kv, vae_cache, cond, frames, chunk) -> (cache, vae_cache);
+# observe(spec, dit, vae, cache, cross_kv, vae_cache, i2v_cond, frames, chunk) -> (cache, vae_cache);
 # the cache and the VAE cache are donated (updated in place).
 observe = _jit(_under_mesh(_observe), donate_argnums=(3, 5))
-# denoise(spec, dit, cache, cross_kv, cond, state_vec, embodiment_id, chunk, rng) -> (video, actions, evaluations)
+# denoise(spec, dit, cache, cross_kv, i2v_cond, state_vec, embodiment_id, chunk, rng) -> (video, actions, evaluations)
 denoise = _jit(_under_mesh(_denoise))
-# control_step(spec, dit, vae, cache, cross_kv, vae_cache, cond, frames, chunk, state_vec, embodiment_id, rng)
+# control_step(spec, dit, vae, cache, cross_kv, vae_cache, i2v_cond, frames, chunk, state_vec, embodiment_id, rng)
 #   -> (cache, vae_cache, video, actions, evaluations): observe then denoise, as one program.
 control_step = _jit(_under_mesh(_control_step), donate_argnums=(3, 5))
 # The two halves of observe, for timing them apart (bench/policy_latency.py).

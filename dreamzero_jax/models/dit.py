@@ -382,13 +382,13 @@ class DreamZeroDiT(nnx.Module):
     return self.unpatchify(self.video_head(hidden, e, groups.group), grid)
 
   def teacher_forcing(self, clean, noisy, video_t, actions, action_t, state, embodiment_id, text,
-                      image=None, cond=None):
+                      image=None, i2v_cond=None):
     """The training forward over [clean video | noisy video | K*Ha actions | K states].
 
     clean, noisy: latents [B, F, H, W, C] with F = 1 + K * latent_frames_per_chunk; video_t [B, F]
     timesteps of the noisy frames (clean frames run at t=0); actions [B, K*Ha, A] noisy, action_t
-    [B, K*Ha] (constant within a chunk; chunk k's state token runs at it); state [B, K, S]; cond:
-    the I2V condition y [B, F, H, W, 20] appended to both copies.
+    [B, K*Ha] (constant within a chunk; chunk k's state token runs at it); state [B, K, S];
+    i2v_cond: the I2V condition y [B, F, H, W, 20] appended to both copies.
     Returns (video velocity [B, F, H, W, C_out], action velocity [B, K*Ha, A]).
     """
     b, f, hh, ww, _ = clean.shape
@@ -399,8 +399,8 @@ class DreamZeroDiT(nnx.Module):
     pt, ph, pw = self.cfg.patch_size
     grid = (f // pt, hh // ph, ww // pw)
     n = grid[0] * grid[1] * grid[2]
-    if cond is not None:
-      clean, noisy = (jnp.concatenate([z, cond.astype(z.dtype)], -1) for z in (clean, noisy))
+    if i2v_cond is not None:
+      clean, noisy = (jnp.concatenate([z, i2v_cond.astype(z.dtype)], -1) for z in (clean, noisy))
     x = jnp.concatenate([self.embed_video(clean), self.embed_video(noisy),
                          self.embed_actions(actions, action_t, embodiment_id),
                          self.embed_state(state, embodiment_id)], 1)
@@ -425,10 +425,10 @@ class DreamZeroDiT(nnx.Module):
 
   # ---- inference against a KV cache ---------------------------------------------------------------
 
-  def _cond(self, latents, cond):
-    return latents if cond is None else jnp.concatenate([latents, cond.astype(latents.dtype)], -1)
+  def _with_i2v_cond(self, latents, i2v_cond):
+    return latents if i2v_cond is None else jnp.concatenate([latents, i2v_cond.astype(latents.dtype)], -1)
 
-  def write_clean_frames(self, latents, cache, cross_kv, *, chunk=None, cond=None):
+  def write_clean_frames(self, latents, cache, cross_kv, *, chunk=None, i2v_cond=None):
     """Runs observed latent frames (t=0) through the model against the cache; appends their K/V.
 
     latents [B, n, H, W, C]. chunk=None: the episode's conditioning frame 0 (n == 1); otherwise
@@ -444,7 +444,7 @@ class DreamZeroDiT(nnx.Module):
     else:
       layout = masks.segment(masks.Group.CLEAN, 0, n * grid[1] * grid[2]).shifted(chunk)
       first = 1 + chunk * n
-    x = self.embed_video(self._cond(latents, cond))
+    x = self.embed_video(self._with_i2v_cond(latents, i2v_cond))
     angles = rope.video_angles(*grid, self.cfg.head_dim, self.cfg.rope_theta, first)
     mask = masks.attention_mask(layout, masks.TokenLayout.concat(cache.layout, layout), self.cfg.attention_mask)
     clean = TimeGroups(jnp.zeros((x.shape[0], 1)), np.zeros(x.shape[1], np.int32))
@@ -453,7 +453,7 @@ class DreamZeroDiT(nnx.Module):
     return kv_cache.append(cache, k, v, layout)
 
   def denoise(self, noisy, video_t, actions, action_t, state, embodiment_id, chunk, cache, cross_kv,
-              cond=None):
+              i2v_cond=None):
     """One velocity evaluation for chunk `chunk` against the cache of earlier real frames.
 
     noisy [B, lf, H, W, C] latents of the chunk, video_t [B], actions [B, Ha, A], action_t [B] (also
@@ -465,7 +465,7 @@ class DreamZeroDiT(nnx.Module):
     grid = (lf // pt, hh // ph, ww // pw)
     n = grid[0] * grid[1] * grid[2]
     x = jnp.concatenate([
-        self.embed_video(self._cond(noisy, cond)),
+        self.embed_video(self._with_i2v_cond(noisy, i2v_cond)),
         self.embed_actions(actions, jnp.broadcast_to(action_t[:, None], (b, ha)), embodiment_id),
         self.embed_state(state, embodiment_id)], 1)
     # Two groups: the video tokens at video_t; actions and the state token at action_t.

@@ -30,10 +30,10 @@ def abstract_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> objective
   k, lf = v.max_chunks, v.frames_per_chunk // v.vae_temporal
   f, h, w = 1 + k * lf, v.height // v.vae_spatial, v.width // v.vae_spatial
   arr = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
-  cond_channels = m.in_channels - v.latent_channels
+  i2v_cond_channels = m.in_channels - v.latent_channels
   return objective.LatentBatch(
       latents=arr(f, h, w, v.latent_channels),
-      cond=arr(f, h, w, cond_channels) if cond_channels else None,
+      i2v_cond=arr(f, h, w, i2v_cond_channels) if i2v_cond_channels else None,
       text=arr(m.text_len, m.text_dim),
       image=arr(m.image_tokens, m.image_dim) if m.image_dim else None,
       actions=arr(k * v.action_horizon, m.action_dim),

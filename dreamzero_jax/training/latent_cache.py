@@ -32,7 +32,7 @@ from flax import nnx
 from dreamzero_jax.datasets import pipeline
 from dreamzero_jax.datasets.episodes import DataError
 
-VERSION = 1
+VERSION = 2  # 2: the I2V condition's array renamed to i2v_cond.npy, so older caches are rebuilt
 ENCODE_BATCH = 8
 _AUGMENT_OFF = (('augment_crop_scale', 1.0), ('augment_brightness', 0.0), ('augment_contrast', 0.0),
                 ('augment_saturation', 0.0), ('augment_hue', 0.0))
@@ -43,16 +43,16 @@ class LatentCache:
   """The encoded clips of every member of the data mixture, row-aligned."""
   path: str
   latents: np.ndarray           # [N, F, h, w, C] (memory-mapped)
-  cond: np.ndarray | None       # [N, F, h, w, 20] the I2V condition, or None
+  i2v_cond: np.ndarray | None   # [N, F, h, w, 20] the I2V condition, or None
   image: np.ndarray | None      # [N, Li, image_dim] CLIP features, or None
   valid: np.ndarray             # [N] bool: False where the clip's images did not decode (skip)
   member_rows: list[tuple[np.ndarray, np.ndarray]]  # per member: (rows of its distinct clips, valid)
 
   def gather(self, rows: np.ndarray):
-    """(latents, cond, image) of the given rows, as host arrays."""
+    """(latents, i2v_cond, image) of the given rows, as host arrays."""
     rows = np.asarray(rows)
     take = lambda a: None if a is None else np.ascontiguousarray(a[rows])
-    return take(self.latents), take(self.cond), take(self.image)
+    return take(self.latents), take(self.i2v_cond), take(self.image)
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -102,7 +102,7 @@ def _load(directory: str, meta: dict, sizes: list[int]) -> LatentCache:
     raise DataError(f'data.latent_cache_dir: {directory} holds another cache (meta.json differs); delete it')
   arrays = _arrays(directory)
   total = sum(sizes)
-  for name in ('latents', 'valid') + tuple(k for k in ('cond', 'image') if meta['has_' + k]):
+  for name in ('latents', 'valid') + tuple(k for k in ('i2v_cond', 'image') if meta['has_' + k]):
     if name not in arrays or len(arrays[name]) != total:
       raise DataError(f'data.latent_cache_dir: {directory}/{name}.npy is missing or has the wrong length; delete '
                       'the directory to rebuild it')
@@ -111,7 +111,7 @@ def _load(directory: str, meta: dict, sizes: list[int]) -> LatentCache:
   for n in sizes:
     member_rows.append((np.arange(offset, offset + n), valid[offset:offset + n]))
     offset += n
-  return LatentCache(directory, arrays['latents'], arrays.get('cond'), arrays.get('image'), valid, member_rows)
+  return LatentCache(directory, arrays['latents'], arrays.get('i2v_cond'), arrays.get('image'), valid, member_rows)
 
 
 def build_or_load(cfg: ml_collections.ConfigDict, workdir: str, batch_encoder, encoders) -> LatentCache:
@@ -124,7 +124,7 @@ def build_or_load(cfg: ml_collections.ConfigDict, workdir: str, batch_encoder, e
   distinct = [pipeline.distinct_clips(m.index)[0] for m in members]
   sizes = [len(d) for d in distinct]
   meta = dict(version=VERSION, fingerprint=key, rows=sum(sizes), members=[m.loader.dataset.path for m in members],
-              has_cond=bool(batch_encoder.i2v), has_image=encoders.image is not None)
+              has_i2v_cond=bool(batch_encoder.i2v), has_image=encoders.image is not None)
   if os.path.isdir(directory):
     return _load(directory, meta, sizes)
   os.makedirs(root, exist_ok=True)
@@ -151,7 +151,7 @@ def _encode(members, distinct, batch_encoder, out: str, total: int) -> None:
       return
     rows = [r for r, _ in pending]
     video = np.stack([v for _, v in pending] + [pending[-1][1]] * (ENCODE_BATCH - len(pending)))
-    outputs = dict(zip(('latents', 'cond', 'image'), jax.device_get(batch_encoder.pixels(video))))
+    outputs = dict(zip(('latents', 'i2v_cond', 'image'), jax.device_get(batch_encoder.pixels(video))))
     for name, value in outputs.items():
       if value is None:
         continue

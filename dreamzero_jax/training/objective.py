@@ -73,7 +73,7 @@ def flow_matching_loss(model, batch: LatentBatch, rng: jax.Array, cfg_train: ml_
   action_t = flow.sigma_to_timestep(action_sigma, n_steps)
   video_v, action_v = model.teacher_forcing(
       latents, noisy, video_t, noisy_actions, action_t, batch.state, batch.embodiment_id,
-      batch.text, batch.image, batch.cond)
+      batch.text, batch.image, batch.i2v_cond)
 
   # Video: MSE per latent frame, weighted by its level's w(t), over frame 0 and the real chunks.
   video_err = jnp.square(video_v - flow.velocity_target(latents, video_noise)).mean(axis=(2, 3, 4))
