@@ -30,7 +30,7 @@ def get_config(arg=None):
                      # The cache holds unaugmented clips: no crop, no jitter.
                      augment_crop_scale=1.0, augment_brightness=0.0, augment_contrast=0.0,
                      augment_saturation=0.0, augment_hue=0.0))
-  c.train.update(dict(steps=6000, batch_size=8, checkpoint_every=1000, lr=1e-3, log_every=50,
+  c.train.update(dict(steps=8000, batch_size=8, checkpoint_every=1000, lr=1e-3, log_every=50,
                       action_loss_norm='valid'))   # trained from scratch: the 4 real action dims
   c.sampler.update(dict(num_steps=4, dit_step_mask='1111', cfg_scale=1.0))
   c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))

@@ -101,6 +101,14 @@ class Checkpointer:
                                            create=True)
     self.manager = ocp.CheckpointManager(os.path.join(self.workdir, 'checkpoints'), options=options)
 
+  def _has_item(self, step: int, name: str) -> bool:
+    """Whether checkpoint `step` holds item `name`; read off its directory where Orbax's layout
+    is the default one (item_metadata would warn about every item it has no handler for)."""
+    step_dir = os.path.join(str(self.manager.directory), str(step))
+    if os.path.isdir(step_dir):
+      return os.path.isdir(os.path.join(step_dir, name))
+    return name in self.manager.item_metadata(step)
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -140,7 +148,7 @@ class Checkpointer:
     checkpoint from an incompatible config, as `restore` does.
     """
     self._check_compatible(step, config)
-    if 'params' not in self.manager.item_metadata(step):
+    if not self._has_item(step, 'params'):
       state, _, norm_stats = self.restore(step, abstract_state, config)
       return _served(state), state.frozen, norm_stats
     args = dict(params=ocp.args.StandardRestore(_restore_targets(_served(abstract_state))),
