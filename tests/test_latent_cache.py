@@ -62,7 +62,8 @@ def test_cached_batch_gives_the_same_loss_as_encoding_on_the_fly(mw_dir, tmp_pat
   other_cfg = _config(mw_dir, 'seed=7')
   other = encoders.build_frozen_encoders(other_cfg)
   members = [pipeline.open_member(other_cfg, 'metaworld', 1.0, train=False)]
-  assert latent_cache.fingerprint(other_cfg, other, members) != os.path.basename(cache.path)
+  distinct = [pipeline.distinct_clips(m.index)[0] for m in members]
+  assert latent_cache.fingerprint(other_cfg, other, members, distinct) != os.path.basename(cache.path)
 
 
 def test_training_on_the_cache_runs_and_resumes(mw_dir, tmp_path, capsys):

@@ -75,7 +75,7 @@ def _stats(cfg, from_official: str = '', out: str = '') -> None:
     return
   if out:
     raise episodes.DataError('--out: only with --from_official (recomputed statistics go beside each dataset)')
-  for name, _ in pipeline._mixture(cfg):  # pylint: disable=protected-access
+  for name, _ in pipeline.mixture(cfg):
     member = pipeline.open_member(cfg, name, 1.0, train=False, with_stats=False)
     stats = normalization.compute_stats(member.loader.dataset.lowdim, cfg.video.action_horizon,
                                         member.loader.spec.relative_action_dims)

@@ -63,10 +63,9 @@ class ClipLoader(grain.transforms.RandomMap):
 
   def random_map(self, item: np.ndarray, rng: np.random.Generator) -> dict[str, Any] | None:
     ep, start, k = (int(x) for x in item[:3])
-    try:
-      record = self.dataset.source[ep]
-    except Exception as e:  # the record itself does not parse
-      return self._corrupt(ep, f'record does not parse ({type(e).__name__}: {e})')
+    record = self.record(ep)
+    if record is None:
+      return None
     out = self.clip(record, ep, start, k, rng)
     if out is not None:
       self._failures_in_a_row = 0
@@ -74,7 +73,17 @@ class ClipLoader(grain.transforms.RandomMap):
         out['latent_row'] = np.int64(item[3])
     return out
 
-  def _corrupt(self, ep: int, why: str) -> None:
+  def record(self, ep: int) -> dict[str, Any] | None:
+    """Episode `ep`'s record; None (logged once) for one that does not parse under
+    data.on_corrupt=skip, a DataError otherwise."""
+    try:
+      return self.dataset.source[ep]
+    except Exception as e:  # noqa: BLE001  the record itself does not parse
+      return self.corrupt(ep, f'record does not parse ({type(e).__name__}: {e})')
+
+  def corrupt(self, ep: int, why: str) -> None:
+    """Reports episode `ep` as unreadable: a DataError, or under data.on_corrupt=skip a warning
+    (once per episode) until data.max_corrupt is passed."""
     eid = self.dataset.lowdim.episode_id[ep]
     message = f'{self.dataset.path}: episode {eid.decode()}: {why}'
     if self.spec.on_corrupt != 'skip':
@@ -110,7 +119,7 @@ class ClipLoader(grain.transforms.RandomMap):
         canvas.compose(frames, s.canvas_layout, video, list(s.image_shapes),
                        rng if self.train else None, s.augment)
       except Exception as e:  # PIL raises many types on bad bytes; report them all the same way
-        return self._corrupt(ep, f'images: {e}')
+        return self.corrupt(ep, f'images: {e}')
 
     has_action = bool(record['has_action'])
     state = record['state'][lay.anchor_steps(start, k)]                       # [k, S]
@@ -160,7 +169,8 @@ class Member:
   weight: float
 
 
-def _mixture(config) -> list[tuple[str, float]]:
+def mixture(config) -> list[tuple[str, float]]:
+  """(dataset name, weight) per member of data.mixture ('name:w,name:w'), or data.name alone."""
   text = config.data.mixture
   if not text:
     return [(config.data.name, 1.0)]
@@ -264,7 +274,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
   if batch_size % process_count:
     raise DataError(f'train.batch_size: {batch_size} examples per update do not split over {process_count} hosts')
   datasets, weights = [], []
-  for i, (name, weight) in enumerate(_mixture(config)):
+  for i, (name, weight) in enumerate(mixture(config)):
     member = open_member(config, name, weight, train)
     index = member.index
     if latent_rows is not None:

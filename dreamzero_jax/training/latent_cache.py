@@ -66,11 +66,12 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _members(cfg):
-  return [pipeline.open_member(cfg, name, weight, train=False) for name, weight in pipeline._mixture(cfg)]
+  return [pipeline.open_member(cfg, name, weight, train=False) for name, weight in pipeline.mixture(cfg)]
 
 
-def fingerprint(cfg: ml_collections.ConfigDict, encoders, members) -> str:
-  """A hash of everything a cached row depends on: encoder weights, layout, canvas, episodes."""
+def fingerprint(cfg: ml_collections.ConfigDict, encoders, members, distinct: list[np.ndarray]) -> str:
+  """A hash of everything a cached row depends on: encoder weights, layout, canvas, episodes and
+  the members' distinct clips (`distinct`, pipeline.distinct_clips per member)."""
   h = hashlib.sha256()
   keys = ('cameras', 'canvas_layout', 'frame_stride', 'anchor_stride', 'idle_threshold', 'name', 'mixture',
           'relative_action_dims')
@@ -82,11 +83,11 @@ def fingerprint(cfg: ml_collections.ConfigDict, encoders, members) -> str:
         h.update(str(path).encode())
         h.update(np.ascontiguousarray(jax.device_get(leaf.get_value() if hasattr(leaf, 'get_value')
                                                       else leaf.value)).tobytes())
-  for member in members:
+  for member, clips in zip(members, distinct):
     h.update(member.loader.dataset.path.encode())
     h.update(member.loader.dataset.lowdim.episode_id.tobytes())
     h.update(np.asarray(member.loader.dataset.lowdim.offsets).tobytes())
-    h.update(pipeline.distinct_clips(member.index)[0].tobytes())
+    h.update(clips.tobytes())
   return h.hexdigest()[:20]
 
 
@@ -118,10 +119,10 @@ def build_or_load(cfg: ml_collections.ConfigDict, workdir: str, batch_encoder, e
   """The cache for cfg's data and encoders: read from disk if built, else encoded now."""
   check_config(cfg)
   members = _members(cfg)
-  key = fingerprint(cfg, encoders, members)
+  distinct = [pipeline.distinct_clips(m.index)[0] for m in members]
+  key = fingerprint(cfg, encoders, members, distinct)
   root = cfg.data.latent_cache_dir or os.path.join(workdir, 'latent_cache')
   directory = os.path.join(root, key)
-  distinct = [pipeline.distinct_clips(m.index)[0] for m in members]
   sizes = [len(d) for d in distinct]
   meta = dict(version=VERSION, fingerprint=key, rows=sum(sizes), members=[m.loader.dataset.path for m in members],
               has_i2v_cond=bool(batch_encoder.i2v), has_image=encoders.image is not None)
@@ -171,12 +172,7 @@ def _encode(members, distinct, batch_encoder, out: str, total: int) -> None:
     record, record_ep = None, -1
     for ep, start, k in clips.tolist():
       if ep != record_ep:
-        record_ep = ep
-        try:
-          record = loader.dataset.source[ep]
-        except Exception as e:  # noqa: BLE001  reported like the pipeline does
-          record = None
-          loader._corrupt(ep, f'record does not parse ({type(e).__name__}: {e})')
+        record_ep, record = ep, loader.record(ep)
       clip = None if record is None else loader.clip(record, ep, start, k, None)
       if clip is not None:
         valid[row] = True
