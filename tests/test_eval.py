@@ -65,8 +65,11 @@ def test_closed_loop_report_and_gif(workdir, tmp_path):
   for task in report['tasks'].values():
     assert {'success_rate', 'progress', 'length'} <= set(task) and task['length'] > 0
     assert 0 < task['prediction_psnr_db'] < 100   # the predicted frames scored against the real ones
+    # ... beside holding the last observed frame, and the real frames through the VAE
+    assert 0 < task['persistence_psnr_db'] and 0 < task['reconstruction_psnr_db'] < 100
     assert task['jerk'] >= 0 and task['chunk_ms'] > 0 and task['episodes'][0]['jerk'] == task['jerk']
-  assert report['seen']['prediction_psnr_db'] == report['tasks']['reach-v3']['prediction_psnr_db']
+  for key in closed_loop.PSNR_KEYS:
+    assert report['seen'][key] == report['tasks']['reach-v3'][key]
   from PIL import Image
   gif = Image.open(report['gifs'][0])
   assert gif.n_frames > 1 and gif.size == (64, 32)   # real | predicted, side by side
@@ -159,3 +162,9 @@ def test_expert_and_random_baselines_run_through_the_same_loop(tmp_path):
     report = json.load(open(os.path.join(out, 'report.json')))
     rates[kind] = report['seen']['success_rate']
   assert rates == {'expert': 1.0, 'random': 0.0}
+
+
+def test_persistence_holds_the_last_frame_seen_before_each_chunk():
+  real = np.arange(17, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 3), np.float32)
+  held = closed_loop.persistence_frames(real, 8)[:, 0, 0, 0]
+  np.testing.assert_array_equal(held, [0] * 9 + [8] * 8)   # frame 0; frames 1-8 from 0; 9-16 from 8

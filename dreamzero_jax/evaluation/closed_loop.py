@@ -158,6 +158,25 @@ def prediction_psnr(real: np.ndarray, predicted: np.ndarray) -> float:
   return float(10 * np.log10(1.0 / max(mse, 1e-12)))
 
 
+def persistence_frames(real: np.ndarray, frames_per_chunk: int) -> np.ndarray:
+  """The "nothing moves" prediction: each chunk's frames (1 + c F .. F + c F) as the last real frame
+  the policy had seen when it predicted them (frame c F)."""
+  index = np.arange(len(real))
+  return real[np.maximum(index - 1, 0) // frames_per_chunk * frames_per_chunk]
+
+
+def reference_psnrs(cfg, real: np.ndarray, predicted: np.ndarray, encode: Callable, decode: Callable) -> dict:
+  """What a prediction's PSNR is read against, on the same frames (1 .. len(predicted) - 1):
+  `persistence_psnr_db`, the last observed frame held through each chunk (a model that predicts
+  no motion), and `reconstruction_psnr_db`, the real frames through the VAE (the best a predicted
+  latent can score)."""
+  n = min(len(real), len(predicted))
+  usable = 1 + (n - 1) // cfg.video.vae_temporal * cfg.video.vae_temporal   # the causal VAE's 1 + 4k frames
+  reconstructed = decode(encode(real[None, :usable])) if usable > 1 else real[:1]
+  return dict(persistence_psnr_db=prediction_psnr(real[:n], persistence_frames(real[:n], cfg.video.frames_per_chunk)),
+              reconstruction_psnr_db=prediction_psnr(real[:usable], reconstructed))
+
+
 def write_gif(path: str, cfg, real: list[dict], predicted_frames: np.ndarray | None) -> None:
   """Real canvas frames (left) next to the model's predicted frames (right)."""
   frames = canvas_frames(cfg, real)
@@ -184,10 +203,14 @@ def _summary(runs: list[dict]) -> dict:
               chunk_ms=_mean_of(runs, 'chunk_ms', np.median), episodes=runs)
 
 
+PSNR_KEYS = ('prediction_psnr_db', 'persistence_psnr_db', 'reconstruction_psnr_db')
+
+
 def _mean_psnr(summary: dict, rows: list[dict]) -> None:
-  values = [t['prediction_psnr_db'] for t in rows if np.isfinite(t.get('prediction_psnr_db', np.nan))]
-  if values:
-    summary['prediction_psnr_db'] = float(np.mean(values))
+  for key in PSNR_KEYS:
+    values = [t[key] for t in rows if np.isfinite(t.get(key, np.nan))]
+    if values:
+      summary[key] = float(np.mean(values))
 
 
 def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_unseen, episodes: int,
@@ -203,7 +226,8 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
   under replay.tasks).
 
   With `encode` and `decode` (the policy's VAE), each task's first episode's predicted video is
-  decoded for its GIF and scored against the real frames: `prediction_psnr_db` per task and split.
+  decoded for its GIF and scored against the real frames: `prediction_psnr_db` per task and split,
+  beside `persistence_psnr_db` and `reconstruction_psnr_db` on the same frames (reference_psnrs).
   """
   os.makedirs(out_dir, exist_ok=True)
   report = dict(tasks={}, seen={}, unseen={}, replay={}, crashed=0, gifs=[])
@@ -216,7 +240,7 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
       jobs[split, task] = [(seed + e, None) for e in range(episodes)]
   replay_tasks = {}
   for (split, task), episodes_of_task in jobs.items():
-    runs, first_psnr = [], None
+    runs, first_psnr, references = [], None, {}
     for e, (ep_seed, variation) in enumerate(episodes_of_task):
       rec = run_episode(infer_factory(f'{split}-{task}-{e}'), cfg, task, instruction(task), ep_seed, max_steps,
                         variation)
@@ -225,7 +249,9 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
         predicted = None
         if decode is not None and encode is not None and rec['predicted']:
           predicted = predicted_video(cfg, rec['real'], rec['predicted'], encode, decode)
-          psnr = prediction_psnr(canvas_frames(cfg, rec['real']), predicted)
+          real = canvas_frames(cfg, rec['real'])
+          psnr = prediction_psnr(real, predicted)
+          references = reference_psnrs(cfg, real, predicted, encode, decode)
         path = os.path.join(out_dir, f'{task}.gif' if split != 'replay' else f'replay-{task}.gif')
         write_gif(path, cfg, rec['real'], predicted)
         report['gifs'].append(path)
@@ -238,9 +264,10 @@ def evaluate(cfg, infer_factory: Callable[[str], Callable], tasks_seen, tasks_un
         first_psnr = psnr
     summary = dict(split=split, **_summary(runs))
     if first_psnr is not None:
-      summary['prediction_psnr_db'] = first_psnr
+      summary.update(prediction_psnr_db=first_psnr, **references)
     (replay_tasks if split == 'replay' else report['tasks'])[task] = summary
-    psnr_text = f'  prediction {first_psnr:.1f} dB' if first_psnr is not None else ''
+    psnr_text = (f'  prediction {first_psnr:.1f} dB (persistence {references["persistence_psnr_db"]:.1f}, '
+                 f'VAE {references["reconstruction_psnr_db"]:.1f})' if first_psnr is not None else '')
     print(f'{split:>6} {task:<24} success {summary["success_rate"]:.2f}  progress {summary["progress"]:.2f}  '
           f'length {summary["length"]:.0f}{psnr_text}', flush=True)
   for split in ('seen', 'unseen'):
