@@ -2,11 +2,13 @@
 baselines, results files, and the JSON line of the README's first command."""
 import json
 import os
+import shlex
 
 import pytest
 
 pytest.importorskip('metaworld')
 
+from configs import metaworld  # noqa: E402
 from dreamzero_jax import checkpoint, quickstart  # noqa: E402
 
 TOY = ['--config.model.dim=32', '--config.model.num_layers=1', '--config.model.num_heads=2',
@@ -36,3 +38,22 @@ def test_quickstart_runs_every_stage_and_prints_the_json_line(tmp_path, capsys):
   assert '| task | policy | expert | random |' in table and 'plate-slide-v3' in table
   # Rerunning resumes every stage: nothing is rebuilt or retrained.
   assert quickstart.main(args) == 0
+
+
+def test_the_gpu_recipe_command_runs_at_toy_size(tmp_path, capsys):
+  """configs/metaworld.py's documented command (its docstring), at toy widths, one task and a few
+  steps: its flags parse and its geometry (128x128 canvas, a frame every 2 steps, 16-step chunks)
+  runs through every stage until a GPU run is made."""
+  command = metaworld.__doc__[metaworld.__doc__.index('python -m dreamzero_jax.quickstart'):]
+  command = command.split('\n\n')[0]
+  argv = shlex.split(command.replace('\\\n', ' '))[3:]
+  out = str(tmp_path / 'gpu')
+  toy = {'--tasks': 'plate-slide-v3', '--unseen_tasks': '', '--episodes': '2', '--eval_episodes': '1',
+         '--eval_steps': '16', '--replay': '1', '--out': out}
+  for flag, value in toy.items():   # the documented flags, at toy size
+    assert flag in argv, flag
+    argv[argv.index(flag) + 1] = value
+  argv += TOY
+  assert quickstart.main(argv) == 0
+  line = json.loads(capsys.readouterr().out.strip().splitlines()[-2])
+  assert line['replay']['success_rate'] >= 0 and isinstance(line['vae_psnr_db'], float)

@@ -20,13 +20,13 @@ skipped. Every run rewrites DIR/claims.json, DIR/claims.md and DIR/figures/*.png
 there: per claim our numbers with 95% bootstrap intervals beside the paper's and a verdict
 (VERDICT_RULE; docs/claims.md).
 
-Expected time with the defaults (5 seen tasks x 20 expert episodes per data setting; 6,000 training
-steps per arm; 6 evaluations of 5 episodes on each of 5 seen and 5 unseen tasks, 150 steps at most)
-on a 2-core CPU, from measurements on a shared one (load ~7): data ~5 min per setting; the VAE per
-setting (training/vae.py, 2,000 steps; not measured here); training 1.1-1.7 steps/s (60-90 min an
-arm; ~45 min on an idle box); evaluation ~15 s per 150-step episode (chunks of ~210 ms), 8-12 min
-an evaluation. About 5-6 hours on an idle 2-core box, 8-9 on a shared one; `--budget_minutes`
-splits it over several runs.
+Expected time with the defaults (5 seen tasks x 20 expert episodes per data setting; the base
+config's 8,000 training steps per arm; 6 evaluations of 5 episodes on each of 5 seen and 5 unseen
+tasks, 150 steps at most) on an idle 2-core CPU, from the recipe's measurements (2026-11-28):
+data ~5 min per setting; the VAE ~11 min per setting (2,000 updates at 0.33 s); training ~4.7
+steps/s (~28 min an arm; `--config.train.steps=N` changes every arm); evaluation with chunks of
+~20 ms, a few minutes an evaluation. About 4 hours in all; `--budget_minutes` splits it over
+several runs.
 """
 from __future__ import annotations
 
