@@ -93,7 +93,7 @@ class Logger:
 _leaves_finite = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))
 
 
-def nonfinite_leaves(tree) -> tuple[int, int]:
+def count_nonfinite_leaves(tree) -> tuple[int, int]:
   """(non-finite floating leaves, floating leaves) of a pytree: one reduction per leaf, on device."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   finite = np.asarray(_leaves_finite(leaves)) if leaves else np.ones(0, bool)
@@ -201,7 +201,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
         logger.log(step, metrics)
       out_of_time = deadline is not None and time.monotonic() > deadline
       if step % cfg.train.checkpoint_every == 0 or step == last or out_of_time:
-        bad, leaves = nonfinite_leaves(state)
+        bad, leaves = count_nonfinite_leaves(state)
         if bad:
           last_good = ckpt.latest_step()
           raise NonFiniteLossError(f'step {step}: {bad} of {leaves} parameter/optimiser arrays are not finite '
