@@ -111,8 +111,8 @@ def trained_vae_params(cfg: ml_collections.ConfigDict) -> dict:
     raise ValueError(f'init.vae: {directory} was trained for another vae config: ' + '; '.join(diffs))
   abstract = nnx.state(nnx.eval_shape(lambda: vae.WanVAE(cfg.vae, rngs=nnx.Rngs(0)))).to_pure_dict()
   try:
-    digest = checkpoint.weights_digest(directory)
-    if cfg.init.vae_sha256 and digest != cfg.init.vae_sha256:
+    digest = checkpoint.weights_digest(directory) if cfg.init.vae_sha256 else None
+    if digest is not None and digest != cfg.init.vae_sha256:
       raise ValueError(f'{directory} holds other weights (sha256 {digest[:12]}...) than the model was trained '
                        f'with (init.vae_sha256 {cfg.init.vae_sha256[:12]}...)')
     return checkpoint.load_weights(directory, abstract)
