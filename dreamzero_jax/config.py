@@ -85,7 +85,7 @@ POSITIVE_FIELDS = (
 # Counts for which 0 means "none" or "off".
 NON_NEGATIVE_FIELDS = ('train.lora_rank', 'data.num_workers', 'data.relative_action_dims',
                        'model.image_dim', 'model.attention_block_q', 'vae_train.eval_every',
-                       'vae_train.image_batch')
+                       'vae_train.image_batch', 'vae_train.clip_frames')
 
 
 def _lookup(config: ml_collections.ConfigDict, key: str):
@@ -104,6 +104,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       value = _lookup(config, key)
       if isinstance(value, int) and not isinstance(value, bool) and value < low:
         raise ConfigError(f'{key}: {value} (must be {what})')
+  clip = _lookup(config, 'vae_train.clip_frames')
+  if isinstance(clip, int) and clip and clip % 4 != 1:
+    raise ConfigError(f'vae_train.clip_frames: {clip} (must be 1 + a multiple of 4, or 0 for the DiT\'s clip)')
   lr = _lookup(config, 'train.lr')
   if isinstance(lr, float) and not (lr == lr and abs(lr) != float('inf')):
     raise ConfigError(f'train.lr: {lr} (must be finite)')

@@ -138,7 +138,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # with its own loss (Wan2.1's VAE, too, learned images before videos): 0 = clips only.
   c.vae_train = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=1, image_batch=0, lr=2e-3, warmup_steps=20, grad_clip=1.0, l1_weight=1.0,
-      kl_weight=1e-4, heldout_fraction=0.1, checkpoint_every=100, log_every=20, eval_every=0))
+      kl_weight=1e-4, heldout_fraction=0.1, checkpoint_every=100, log_every=20, eval_every=0,
+      clip_frames=0))   # frames of a training clip (1 + 4k); 0 = the DiT's clip (the held-out PSNR's always)
 
   # Mesh sizes (one -1 takes the remaining devices) and the logical-axis -> mesh-axis rules.
   c.mesh = ml_collections.ConfigDict(dict(

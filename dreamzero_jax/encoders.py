@@ -68,6 +68,9 @@ class FrozenEncoders(nnx.Module):
     if cfg.vae.z_dim != cfg.video.latent_channels:
       raise ValueError(f'vae.z_dim={cfg.vae.z_dim} must equal video.latent_channels={cfg.video.latent_channels}')
     self.vae = vae.WanVAE(cfg.vae, rngs=rngs)
+    if self.vae.spatial_factor != cfg.video.vae_spatial:
+      raise ValueError(f'video.vae_spatial={cfg.video.vae_spatial}: the vae config (kind {cfg.vae.kind}, dim_mult '
+                       f'{tuple(cfg.vae.dim_mult)}) compresses {self.vae.spatial_factor}x')
     self.text = umt5.UMT5Encoder(cfg.text_encoder, rngs=rngs)
     if cfg.model.image_dim and cfg.image_encoder.width != cfg.model.image_dim:
       raise ValueError(f'image_encoder.width={cfg.image_encoder.width} must equal model.image_dim='

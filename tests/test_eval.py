@@ -168,3 +168,44 @@ def test_persistence_holds_the_last_frame_seen_before_each_chunk():
   real = np.arange(17, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 3), np.float32)
   held = closed_loop.persistence_frames(real, 8)[:, 0, 0, 0]
   np.testing.assert_array_equal(held, [0] * 9 + [8] * 8)   # frame 0; frames 1-8 from 0; 9-16 from 8
+
+
+def _tagging_vae(size: int, calls: list):
+  """A stand-in VAE whose latents carry frame tags: encode keeps one value per latent frame (the
+  first frame alone, then the last of every 4) and records each clip's length; decode spreads each
+  value back over its frames."""
+  def encode(video):
+    calls.append(video.shape[1])
+    return np.asarray(video)[:, ::4, :1, :1, :1]     # [1, 1 + k, 1, 1, 1]
+  def decode(latents):
+    values = np.asarray(latents)[0, :, 0, 0, 0]
+    return np.concatenate([values[:1], np.repeat(values[1:], 4)])[:, None, None, None] * np.ones((1, size, size, 3))
+  return encode, decode
+
+
+def test_context_windows_follow_the_policy_restarts():
+  cfg = load_config('configs/metaworld_cpu.py:quick')           # 2 chunks of 8 frames: windows of 17
+  assert closed_loop.context_windows(cfg, 40) == [(0, 17), (16, 33), (32, 37)]
+  assert closed_loop.context_windows(cfg, 17) == [(0, 17)]
+  assert closed_loop.context_windows(cfg, 1) == [(0, 1)]
+
+
+def test_predicted_video_and_reconstruction_are_decoded_per_context_window():
+  """After video.max_chunks chunks the policy restarts from the newest real frame: a window's
+  predicted latents follow that frame's encoding, never one long clip through the whole episode."""
+  cfg = load_config('configs/metaworld_cpu.py:quick')
+  calls = []
+  encode, decode = _tagging_vae(cfg.video.height, calls)
+  side = cfg.serve.camera_height
+  real = [{c: np.full((side, side, 3), 5 * i, np.uint8) for c in cfg.data.cameras} for i in range(41)]
+  tag = lambda i: 2 * 5 * i / 255 - 1                               # frame i's pixels on [-1, 1]
+  predicted = [np.full((1, 2, 1, 1, 1), 100.0 + c) for c in range(5)]   # chunks 0-4, 2 latents each
+  frames = closed_loop.predicted_video(cfg, real, predicted, encode, decode)[:, 0, 0, 0]
+  # Window 0: frame 0's encoding, chunks 0-1; window 1 (from real frame 16): chunks 2-3; window 2: chunk 4.
+  np.testing.assert_allclose(frames, [tag(0)] + [100 + c for c in range(5) for _ in range(8)], rtol=1e-6)
+  assert calls == [1, 1, 1]                                          # frames 0, 16 and 32 alone
+  calls.clear()
+  video = closed_loop.canvas_frames(cfg, real[:38])
+  references = closed_loop.reference_psnrs(cfg, video, video, encode, decode)
+  assert calls == [17, 17, 5]                                        # frames 0-16, 16-32, 32-36
+  assert np.isfinite(references['reconstruction_psnr_db'])

@@ -186,3 +186,33 @@ def test_init_vae_other_weights_than_the_recorded_digest_are_refused(trained):
   with pytest.raises(ValueError, match=r'^init\.vae: .* holds other weights \(sha256 [0-9a-f]{12}\.\.\.\) than the '
                                        r'model was trained with \(init\.vae_sha256 abababababab\.\.\.\)$'):
     encoders.build_frozen_encoders(other)
+
+
+def test_short_training_clips_on_given_frames_keep_the_heldout_clip(tmp_path):
+  """vae_train.clip_frames trains on shorter clips (frames handed in, no dataset) while the held-out
+  PSNR stays in the DiT's clips; a length that is not 1 + 4k is refused naming the field."""
+  from dreamzero_jax.config import ConfigError
+  with pytest.raises(ConfigError, match=r'^vae_train\.clip_frames: 6 '):
+    _config('', 'vae_train.clip_frames=6')
+  cfg = _config('', 'vae_train.clip_frames=5')
+  assert (vae_training.train_clip_frames(cfg), vae_training.clip_frames(cfg)) == (5, 9)
+  assert vae_training.train_clip_frames(_config('')) == 9
+  rng = np.random.default_rng(0)
+  frames = vae_training.EpisodeFrames(train=[rng.integers(0, 255, (n, 32, 32, 3), np.uint8) for n in (7, 8)],
+                                      heldout=[rng.integers(0, 255, (9, 32, 32, 3), np.uint8)],
+                                      heldout_ids=['toy/held'], stride=1)
+  # Training clips of 5 frames fit the 7- and 8-frame episodes; a 9-frame training clip would not.
+  result = vae_training.train_vae(cfg, str(tmp_path / 'short'), steps=2, frames=frames)
+  assert result['steps'] == 2 and np.isfinite(result['psnr_db'])
+  with pytest.raises(episodes.DataError, match='no training episode has 9 frames'):
+    vae_training.train_vae(_config(''), str(tmp_path / 'full'), steps=2, frames=frames)
+
+
+def test_a_vae_of_other_compression_than_the_video_config_is_refused():
+  cfg = _config('', 'vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)')
+  with pytest.raises(ValueError, match=r'^video\.vae_spatial=8: .* compresses 4x'):
+    nnx.eval_shape(lambda: encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(0)))
+  nnx.eval_shape(lambda: encoders.FrozenEncoders(load_config(
+      os.path.join(helpers.ROOT, 'configs/tiny.py'),
+      [*OVERRIDES, 'vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)', 'video.vae_spatial=4']),
+      rngs=nnx.Rngs(0)))

@@ -31,12 +31,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from dreamzero_jax.datasets.errors import DataError  # noqa: F401  (raised here; importers use either path)
+
 LOWDIM_FILE = 'lowdim.npz'
 SPLIT = 'train'
-
-
-class DataError(ValueError):
-  """Input data that does not match what its dataset declares; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,12 +141,32 @@ def canvas_frames(cfg, real: list[dict]) -> np.ndarray:
 
 def predicted_video(cfg, real: list[dict], predicted: list[np.ndarray], encode: Callable,
                     decode: Callable) -> np.ndarray:
-  """The episode's predicted frames [1 + 4 n, H, W, 3], aligned with the real ones: frame 0's latent
-  (encoded from the real first frame, as the policy did) followed by every chunk's predicted latents,
-  decoded as one clip by the causal decoder (a chunk's latents continue the clip; decoded alone, its
-  first latent would be read as a clip's lone first frame)."""
-  first = encode(canvas_frames(cfg, real[:1])[None])
-  return decode(np.concatenate([first, *predicted], axis=1))
+  """The episode's predicted frames [1 + 4 n, H, W, 3], aligned with the real ones, decoded per
+  context window as the policy made them (inference/policy.py: after video.max_chunks chunks it
+  restarts from the newest real frame as frame 0): each window's frame-0 latent (encoded from that
+  real frame, as the policy did) followed by its chunks' predicted latents, decoded as one clip by the
+  causal decoder (a chunk's latents continue the clip; decoded alone, its first latent would be read
+  as a clip's lone first frame). A later window's frame 0 is the previous window's last frame: kept
+  from the previous window, which predicted it."""
+  k, f = cfg.video.max_chunks, cfg.video.frames_per_chunk
+  parts = []
+  for w in range(0, len(predicted), k):
+    first = encode(canvas_frames(cfg, real[w * f:w * f + 1])[None])
+    clip = decode(np.concatenate([first, *predicted[w:w + k]], axis=1))
+    parts.append(clip[1:] if parts else clip)
+  return np.concatenate(parts)
+
+
+def context_windows(cfg, n: int) -> list[tuple[int, int]]:
+  """(start, stop) of the policy's context windows over n frames: 1 + video.max_chunks x
+  frames_per_chunk frames each, the next starting at the last frame of one, each cut to the causal
+  VAE's 1 + 4k frames (so the last may end early)."""
+  span, t = cfg.video.max_chunks * cfg.video.frames_per_chunk, cfg.video.vae_temporal
+  windows = []
+  for start in range(0, max(n - 1, 1), span):
+    stop = start + (min(start + span, n - 1) - start) // t * t
+    windows.append((start, stop + 1))
+  return windows
 
 
 def prediction_psnr(real: np.ndarray, predicted: np.ndarray) -> float:
@@ -168,13 +188,16 @@ def persistence_frames(real: np.ndarray, frames_per_chunk: int) -> np.ndarray:
 def reference_psnrs(cfg, real: np.ndarray, predicted: np.ndarray, encode: Callable, decode: Callable) -> dict:
   """What a prediction's PSNR is read against, on the same frames (1 .. len(predicted) - 1):
   `persistence_psnr_db`, the last observed frame held through each chunk (a model that predicts
-  no motion), and `reconstruction_psnr_db`, the real frames through the VAE (the best a predicted
-  latent can score)."""
+  no motion), and `reconstruction_psnr_db`, the real frames through the VAE one context window at a
+  time (the best a predicted latent can score)."""
   n = min(len(real), len(predicted))
-  usable = 1 + (n - 1) // cfg.video.vae_temporal * cfg.video.vae_temporal   # the causal VAE's 1 + 4k frames
-  reconstructed = decode(encode(real[None, :usable])) if usable > 1 else real[:1]
+  parts = []
+  for start, stop in context_windows(cfg, n):   # encoded as the policy encodes: one window at a time
+    clip = decode(encode(real[None, start:stop])) if stop - start > 1 else real[start:stop]
+    parts.append(clip[1:] if parts else clip)
+  reconstructed = np.concatenate(parts)
   return dict(persistence_psnr_db=prediction_psnr(real[:n], persistence_frames(real[:n], cfg.video.frames_per_chunk)),
-              reconstruction_psnr_db=prediction_psnr(real[:usable], reconstructed))
+              reconstruction_psnr_db=prediction_psnr(real[:len(reconstructed)], reconstructed))
 
 
 def write_gif(path: str, cfg, real: list[dict], predicted_frames: np.ndarray | None) -> None:

@@ -112,8 +112,32 @@ def xla_attention(q, k, v, mask=None, block_q: int = 0):
 
 @register('cudnn', supports=lambda q, k, mask: _platform() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16))
 def cudnn_attention(q, k, v, mask=None):
-  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else _expand_mask(mask),
-                                      implementation='cudnn')
+  return even_length_attention(q, k, v, mask, implementation='cudnn')
+
+
+def even_length_attention(q, k, v, mask=None, *, implementation: str | None = None):
+  """jax.nn.dot_product_attention with odd query / key lengths padded to even ones: cuDNN's fused
+  kernel has no backward pass for odd lengths (jax raises 'Unsupported sequence length Q 16000, KV
+  257' at the first training step: the 257 CLIP image tokens of the I2V cross-attention, measured on
+  an H200, bench/RESULTS.md). The padding is exact: a zero query row, sliced off the output, and a
+  zero key that no query sees (hidden by the kernel's own key_value_seq_lengths, or by a False column
+  of `mask` where there is one)."""
+  b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+  pad_q, pad_k = lq % 2, lk % 2
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+  q, k, v = pad(q, pad_q), pad(k, pad_k), pad(v, pad_k)
+  lengths = {}
+  if mask is not None:
+    mask = _expand_mask(mask)
+    # The padded query row sees the real keys (never a fully masked row); the padded key is hidden.
+    mask = jax.lax.pad(mask, jnp.array(False), [(0, 0, 0)] * 2 + [(0, pad_q, 0), (0, pad_k, 0)])
+    if pad_q:
+      mask = mask.at[..., lq, :lk].set(True)
+  elif pad_k or pad_q:
+    lengths = dict(query_seq_lengths=jnp.full((b,), lq, jnp.int32),
+                   key_value_seq_lengths=jnp.full((b,), lk, jnp.int32))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation, **lengths)
+  return out[:, :lq]
 
 
 def _splash_layout():

@@ -47,8 +47,8 @@ from flax import nnx
 
 from dreamzero_jax import checkpoint
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
-from dreamzero_jax.datasets import canvas, pipeline
-from dreamzero_jax.datasets.episodes import DataError
+from dreamzero_jax.datasets import canvas
+from dreamzero_jax.datasets.errors import DataError
 from dreamzero_jax.models import vae as vae_lib
 from dreamzero_jax.models.vae import FRAMES_PER_LATENT
 
@@ -75,6 +75,7 @@ class EpisodeFrames:
 def episode_frames(cfg: ml_collections.ConfigDict) -> EpisodeFrames:
   """The canvases of cfg.data.name's episodes; the last vae_train.heldout_fraction (at least one)
   held out."""
+  from dreamzero_jax.datasets import pipeline  # here: the objective and update import without TFDS/Grain
   member = pipeline.open_member(cfg, cfg.data.name, 1.0, train=False)
   dataset, spec = member.loader.dataset, member.loader.spec
   count = len(dataset.lowdim)
@@ -122,6 +123,13 @@ def tiled_clips(episodes: list[np.ndarray], frames: int, stride: int) -> list[np
 def clip_frames(cfg: ml_collections.ConfigDict) -> int:
   """Frames in one of the DiT's clips (1 + video.max_chunks x video.frames_per_chunk)."""
   return 1 + cfg.video.max_chunks * cfg.video.frames_per_chunk
+
+
+def train_clip_frames(cfg: ml_collections.ConfigDict) -> int:
+  """Frames in a training clip: vae_train.clip_frames, or the DiT's clip. Shorter clips cost less
+  per update; the held-out PSNR is always measured in the DiT's clips, so a VAE that drifts past its
+  training length shows it there."""
+  return cfg.vae_train.clip_frames or clip_frames(cfg)
 
 
 # ---- the objective and the update ----------------------------------------------------------------
@@ -286,10 +294,11 @@ def _stored_result(cfg: ml_collections.ConfigDict, out_dir: str, steps: int) -> 
 
 
 def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = None,
-              max_minutes: float | None = None) -> dict:
+              max_minutes: float | None = None, frames: EpisodeFrames | None = None) -> dict:
   """Trains (or resumes) the VAE in `workdir` to `steps` (default vae_train.steps) updates or until
   `max_minutes` of wall clock from this call (data, compilation and training) have passed, then
   folds the latent normalisation, measures the held-out PSNR and writes workdir/vae (seconds more).
+  `frames` (default: episode_frames(cfg)) are the episodes to train on and hold out.
   Returns dict(psnr_db, mean_frame_psnr_db, path, steps); at once if workdir/vae is already that far."""
   started = time.time()
   t = cfg.vae_train
@@ -298,7 +307,7 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = 
   done = _stored_result(cfg, out_dir, steps)
   if done:
     return done
-  frames = episode_frames(cfg)
+  frames = frames or episode_frames(cfg)
   graphdef, params = nnx.split(vae_lib.WanVAE(cfg.vae, rngs=nnx.Rngs(cfg.seed + 1)))
   params = params.to_pure_dict()
   opt_state = make_optimizer(t).init(params)
@@ -321,7 +330,7 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = 
   eval_seconds = 0.0   # spent on eval_every evaluations, reported apart from training time
   with open(os.path.join(workdir, METRICS_FILE), 'a') as log:
     while step < steps and not (deadline and time.time() > deadline):
-      video = sample_clips(frames.train, t.batch_size, clip_frames(cfg), frames.stride,
+      video = sample_clips(frames.train, t.batch_size, train_clip_frames(cfg), frames.stride,
                            np.random.default_rng([cfg.seed, step]))
       images = sample_clips(frames.train, t.image_batch, 1, 1, np.random.default_rng([cfg.seed, step, 1])
                             ) if t.image_batch else None
