@@ -145,7 +145,7 @@ def dit_rows(config: str, impl: str, batches, repeats: int, rng):
       weights = next(x.dtype for x in jax.tree.leaves(nnx.state(model.blocks.ffn1)) if x.ndim == 3)
       rows.append((f'jax DiT forward, {weights.name} weights + {dtype.name} cache',
                    shape, impls, dict(ms=timed_ms(forward, state, *args, repeats=repeats))))
-    del model, state, graphdef
+    del model, state
   return rows
 
 

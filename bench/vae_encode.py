@@ -63,8 +63,8 @@ def main(argv: list[str]) -> None:
   median = statistics.median(times)
 
   device = jax.devices()[0]
-  print(f'| device | dtype | batch x frames x HxW | latents | compile s | median ms | min ms '
-        f'| GFLOP | GFLOP/s |')
+  print('| device | dtype | batch x frames x HxW | latents | compile s | median ms | min ms '
+        '| GFLOP | GFLOP/s |')
   print('|---|---|---|---|---|---|---|---|---|')
   print(f'| {device.device_kind} ({device.platform}) | {args.dtype} | {args.batch} x '
         f'{FRAMES_PER_LATENT} x {h}x{w} | {tuple(latents.shape)} | {compile_s:.1f} | '

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -66,6 +67,11 @@ def _pyplot():
   return plt
 
 
+def _title(ax, text: str) -> None:
+  """A title wrapped to the figure's width (a quickstart's task list runs long)."""
+  ax.set_title(textwrap.fill(text.replace(',', ', '), 80, break_on_hyphens=False), fontsize=9)
+
+
 def training_curve(metrics_path: str, out_png: str, title: str = '') -> str:
   """The losses of a train.py metrics.jsonl against the step (log scale)."""
   rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
@@ -77,7 +83,7 @@ def training_curve(metrics_path: str, out_png: str, title: str = '') -> str:
       ax.plot(*zip(*points), label=key)
   ax.set_yscale('log')
   ax.set_xlabel('step')
-  ax.set_title(title or os.path.dirname(metrics_path))
+  _title(ax, title or os.path.dirname(metrics_path))
   ax.legend()
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
@@ -101,7 +107,7 @@ def success_bars(data: dict, out_png: str, title: str = '') -> str:
   ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=30, ha='right')
   ax.set_ylim(0, 1.05)
   ax.set_ylabel('success rate')
-  ax.set_title(title)
+  _title(ax, title)
   ax.legend()
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
@@ -131,7 +137,7 @@ def interval_bars(groups: dict[str, dict[str, tuple[float, float, float]]], out_
         labelled = True
   ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, list(groups))
   ax.set_ylabel(ylabel)
-  ax.set_title(title)
+  _title(ax, title)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
