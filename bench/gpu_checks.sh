@@ -3,14 +3,15 @@
 #   1. bench/vae_sweep.py: every small-VAE variant trained at once (one process each) on frames
 #      exported here (F.npz, default .devdata/qs_frames.npz): held-out PSNR against updates;
 #   2. bench/train_step.py: the 14B-width slice (4 layers, DROID sequence) and configs/metaworld.py's
-#      policy at its own batch size (the GPU recipe's step).
+#      policy at its own batch size (the GPU recipe's step);
+#   3. bench/policy_latency.py: the 14B DROID control step, DreamZero-Flash (1 Euler step).
 # Where the dataset readers and this project's pins are not installed (a lent GPU machine), the wheels
 # in .whl are installed to /tmp/site first: made with `pip download --no-deps --only-binary=:all:
 # --python-version 3.12 -d .whl ml-collections==1.1.0 optax==0.2.8 orbax-checkpoint==0.12.8 ftfy wcwidth
 # nest_asyncio` (not flax: the machine's 0.12.10 is one that imports under its jax 0.11). The scripts
 # import nothing of TFDS or Grain. Logs and tables go to $OUT (default: bench/results/gpu).
 #
-#   [RUNS="variant@steps ..."] [SKIP_VAE_SWEEP=1] [STEP_TIMEOUT=s] [SKIP_METAWORLD_STEP=1] \
+#   [RUNS="variant@steps ..."] [SKIP_VAE_SWEEP=1] [STEP_TIMEOUT=s] [SKIP_METAWORLD_STEP=1] [LATENCY_TIMEOUT=s] \
 #     bash bench/gpu_checks.sh [F.npz] [sweep minutes]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,3 +48,7 @@ echo "== 2. train step"
 { timeout ${STEP_TIMEOUT:-130} python3 bench/train_step.py --runs 5; \
   [ -z "${STEPS_MW:-}" ] || timeout 90 python3 bench/train_step.py --config configs/metaworld.py --batch 16 --runs 10; \
 } 2>&1 | tee "$OUT/train_step.log"
+
+echo "== 3. policy latency (14B DROID, Flash)"
+[ "${LATENCY_TIMEOUT:-240}" = 0 ] || timeout ${LATENCY_TIMEOUT:-240} python3 bench/policy_latency.py \
+  --config.sampler.num_steps=1 --config.sampler.dit_step_mask=1 --config.sampler.kind=euler 2>&1 | tee "$OUT/policy_latency.log"

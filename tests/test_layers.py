@@ -203,3 +203,14 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path, monkeypa
   assert _cycles(_graph()) == [['dreamzero_jax.inference.kv_cache', 'dreamzero_jax.models.dit']]
   why = _violations()['dreamzero_jax.models.dit -> dreamzero_jax.inference.kv_cache']
   assert any('models imports inference' in w for w in why) and any('inside a function' in w for w in why)
+
+
+def test_serving_and_the_vae_objective_import_without_the_dataset_readers():
+  """The policy server (and bench/policy_latency.py through inference.policy) and training/vae.py's
+  objective load no TFDS or Grain: a GPU machine or a robot-side server needs neither."""
+  import subprocess
+  code = ('import sys; import dreamzero_jax.serve, dreamzero_jax.inference.policy, dreamzero_jax.training.vae; '
+          'print(sorted(m for m in ("tensorflow_datasets", "grain") if m in sys.modules))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=True).stdout
+  assert out.strip().splitlines()[-1] == '[]'

@@ -24,7 +24,6 @@ import dataclasses
 import io
 import os
 import re
-import zipfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -32,8 +31,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from dreamzero_jax.datasets.errors import DataError  # noqa: F401  (raised here; importers use either path)
+from dreamzero_jax.datasets.lowdim import (  # noqa: F401  (re-exported: the low-dim layer reads without TFDS)
+    LOWDIM_FILE, LowDim, load_lowdim, save_lowdim)
 
-LOWDIM_FILE = 'lowdim.npz'
 SPLIT = 'train'
 
 
@@ -177,39 +177,6 @@ def build(builder: EpisodeBuilder) -> str:
   return str(builder.data_dir)
 
 
-def save_lowdim(version_dir: str, episodes: list[dict[str, Any]]) -> None:
-  lengths = np.array([len(e['state']) for e in episodes], np.int64)
-  ids = [e['episode_id'] if isinstance(e['episode_id'], bytes) else str(e['episode_id']).encode()
-         for e in episodes]
-  np.savez(os.path.join(version_dir, LOWDIM_FILE),
-           episode_id=np.array(ids, dtype=np.bytes_),   # plain bytes: loads without pickle
-           offsets=np.concatenate([[0], np.cumsum(lengths)]),
-           state=np.concatenate([e['state'] for e in episodes]),
-           action=np.concatenate([e['action'] for e in episodes]),
-           language=np.concatenate([e['language'] for e in episodes]),
-           has_action=np.array([e['has_action'] for e in episodes]),
-           success=np.array([e['success'] for e in episodes]))
-
-
-@dataclasses.dataclass
-class LowDim:
-  """All episodes' low-dimensional arrays, concatenated; episode i is rows offsets[i]:offsets[i+1]."""
-  episode_id: np.ndarray
-  offsets: np.ndarray
-  state: np.ndarray
-  action: np.ndarray
-  language: np.ndarray
-  has_action: np.ndarray
-  success: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.offsets) - 1
-
-  def episode(self, i: int) -> dict[str, np.ndarray]:
-    s = slice(self.offsets[i], self.offsets[i + 1])
-    return dict(state=self.state[s], action=self.action[s], language=self.language[s])
-
-
 @dataclasses.dataclass
 class StoredDataset:
   """A built dataset opened for reading (no TensorFlow)."""
@@ -231,75 +198,6 @@ def version_dir(data_dir: str, name: str) -> str:
     others = f' (version folders are named like 1.0.0; found {", ".join(sorted(built))})' if built else ''
     raise DataError(f'data.dir: {root} holds no built version (no <version>/dataset_info.json){others}')
   return os.path.join(root, max(versions, key=lambda v: tuple(int(x) for x in v.split('.'))))
-
-
-LOWDIM_FIELDS = {'episode_id': 'S', 'offsets': 'i', 'state': 'f', 'action': 'f', 'language': 'i',
-                 'has_action': 'b', 'success': 'b'}
-
-
-def _first_nonfinite(values: np.ndarray, offsets: np.ndarray) -> int | None:
-  """The episode holding the first non-finite row of `values`, if any."""
-  rows = np.flatnonzero(~np.isfinite(values).all(axis=1))
-  return None if not len(rows) else int(np.searchsorted(offsets, rows[0], side='right') - 1)
-
-
-def check_lowdim(lowdim: 'LowDim', where: str, episode_lengths=None) -> None:
-  """Raises DataError naming the field (and episode) where `lowdim` is inconsistent: offsets that
-  are not the episode boundaries, arrays of other lengths, non-finite state or action."""
-  n, offsets = len(lowdim.episode_id), lowdim.offsets
-  if offsets.ndim != 1 or len(offsets) != n + 1 or n == 0:
-    raise DataError(f'{where}: offsets has {len(offsets)} entries for {n} episodes')
-  lengths = np.diff(offsets)
-  if offsets[0] != 0 or (lengths < 2).any():
-    raise DataError(f'{where}: offsets are not episode boundaries (start {offsets[0]}, '
-                    f'shortest episode {lengths.min()} steps)')
-  for name in ('state', 'action', 'language'):
-    rows = getattr(lowdim, name)
-    if rows.ndim != 2 or len(rows) != offsets[-1]:
-      raise DataError(f'{where}: {name} has {len(rows)} rows, the offsets end at {offsets[-1]}')
-  for name in ('has_action', 'success'):
-    if getattr(lowdim, name).shape != (n,):
-      raise DataError(f'{where}: {name} has shape {getattr(lowdim, name).shape}, expected ({n},)')
-  if episode_lengths is not None:
-    expected = np.asarray(episode_lengths)
-    if expected.shape != lengths.shape or (expected != lengths).any():
-      i = next((i for i in range(min(len(expected), n)) if expected[i] != lengths[i]), min(len(expected), n))
-      raise DataError(f'{where}: episode boundaries disagree with the dataset index at episode {i} '
-                      f'({lengths[i] if i < n else "none"} steps vs {expected[i] if i < len(expected) else "none"} '
-                      'recorded at build): rebuild the dataset')
-  for name in ('state', 'action'):
-    bad = _first_nonfinite(getattr(lowdim, name), offsets)
-    if bad is not None:
-      raise DataError(f'{where}: episode {lowdim.episode_id[bad].decode(errors="replace")}: {name} '
-                      'contains NaN or inf')
-
-
-def load_lowdim(path: str, episode_lengths=None) -> 'LowDim':
-  """Reads and checks lowdim.npz; never unpickles (an object array is refused, not loaded)."""
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      missing = [k for k in LOWDIM_FIELDS if k not in z.files]
-      if missing:
-        raise DataError(f'{path}: missing {", ".join(missing)}')
-      arrays = {}
-      for key, kind in LOWDIM_FIELDS.items():
-        try:
-          arrays[key] = z[key]
-        except ValueError as e:
-          if 'allow_pickle' in str(e):
-            raise DataError(f'{path}: {key} holds pickled Python objects, which are never loaded '
-                            '(rebuild the dataset with this version)') from None
-          raise
-        if arrays[key].dtype.kind != kind:
-          raise DataError(f'{path}: {key} has dtype {arrays[key].dtype}, expected kind {kind!r}')
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-    if isinstance(e, DataError):
-      raise
-    raise DataError(f'{path}: not a readable {LOWDIM_FILE} ({type(e).__name__}: '
-                    f'{str(e).splitlines()[0] if str(e) else ""}): rebuild the dataset') from None
-  lowdim = LowDim(**arrays)
-  check_lowdim(lowdim, path, episode_lengths)
-  return lowdim
 
 
 def open_dataset(data_dir: str, name: str) -> StoredDataset:
