@@ -44,9 +44,8 @@ tar czf "$OUT/vae_sweep_logs.tgz" -C /tmp $(cd /tmp && ls -d vae_sweep.*.log vae
 fi
 
 echo "== 2. train step"
-[ -n "${SKIP_METAWORLD_STEP:-}" ] || STEPS_MW=1
 { timeout ${STEP_TIMEOUT:-130} python3 bench/train_step.py --runs 5; \
-  [ -z "${STEPS_MW:-}" ] || timeout 90 python3 bench/train_step.py --config configs/metaworld.py --batch 16 --runs 10; \
+  [ -n "${SKIP_METAWORLD_STEP:-}" ] || timeout 90 python3 bench/train_step.py --config configs/metaworld.py --batch 16 --runs 10; \
 } 2>&1 | tee "$OUT/train_step.log"
 
 echo "== 3. policy latency (14B DROID, Flash)"

@@ -32,6 +32,7 @@ from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
 from dreamzero_jax.models import vae as vae_lib  # noqa: E402
 from dreamzero_jax.training import vae as vae_training  # noqa: E402
 
+SPATIAL4 = ['vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)']   # 4x, not 8x, in space
 VARIANTS = {
     'base': [],
     'wide16': ['vae.base_dim=16'],
@@ -44,13 +45,11 @@ VARIANTS = {
     'batch4': ['vae_train.batch_size=4'],
     'img16': ['vae_train.image_batch=16'],
     'res2': ['vae.num_res_blocks=2'],
-    'spatial4': ['vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)'],
-    'spatial4_lr4e-3': ['vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)', 'vae_train.lr=0.004'],
-    'spatial4_lr3e-3': ['vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)', 'vae_train.lr=0.003'],
-    'spatial4_lr4e-3_clip17': ['vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)',
-                               'vae_train.lr=0.004', 'vae_train.clip_frames=17'],
-    'spatial4_lr4e-3_clip9': ['vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)',
-                              'vae_train.lr=0.004', 'vae_train.clip_frames=9'],
+    'spatial4': SPATIAL4,
+    'spatial4_lr4e-3': [*SPATIAL4, 'vae_train.lr=0.004'],
+    'spatial4_lr3e-3': [*SPATIAL4, 'vae_train.lr=0.003'],
+    'spatial4_lr4e-3_clip17': [*SPATIAL4, 'vae_train.lr=0.004', 'vae_train.clip_frames=17'],
+    'spatial4_lr4e-3_clip9': [*SPATIAL4, 'vae_train.lr=0.004', 'vae_train.clip_frames=9'],
 }
 
 

@@ -149,12 +149,17 @@ def predicted_video(cfg, real: list[dict], predicted: list[np.ndarray], encode: 
   as a clip's lone first frame). A later window's frame 0 is the previous window's last frame: kept
   from the previous window, which predicted it."""
   k, f = cfg.video.max_chunks, cfg.video.frames_per_chunk
-  parts = []
-  for w in range(0, len(predicted), k):
+  clips = []
+  for w in range(0, len(predicted), k):   # w: the window's first chunk; its frame 0 is real frame w x f
     first = encode(canvas_frames(cfg, real[w * f:w * f + 1])[None])
-    clip = decode(np.concatenate([first, *predicted[w:w + k]], axis=1))
-    parts.append(clip[1:] if parts else clip)
-  return np.concatenate(parts)
+    clips.append(decode(np.concatenate([first, *predicted[w:w + k]], axis=1)))
+  return _join_windows(clips)
+
+
+def _join_windows(clips: list[np.ndarray]) -> np.ndarray:
+  """Consecutive context windows' frames as one video: each window after the first starts at the
+  previous one's last frame, which is kept from the previous window."""
+  return np.concatenate([clips[0], *(c[1:] for c in clips[1:])])
 
 
 def context_windows(cfg, n: int) -> list[tuple[int, int]]:
@@ -191,11 +196,9 @@ def reference_psnrs(cfg, real: np.ndarray, predicted: np.ndarray, encode: Callab
   no motion), and `reconstruction_psnr_db`, the real frames through the VAE one context window at a
   time (the best a predicted latent can score)."""
   n = min(len(real), len(predicted))
-  parts = []
-  for start, stop in context_windows(cfg, n):   # encoded as the policy encodes: one window at a time
-    clip = decode(encode(real[None, start:stop])) if stop - start > 1 else real[start:stop]
-    parts.append(clip[1:] if parts else clip)
-  reconstructed = np.concatenate(parts)
+  reconstructed = _join_windows([   # encoded as the policy encodes: one window at a time
+      decode(encode(real[None, start:stop])) if stop - start > 1 else real[start:stop]
+      for start, stop in context_windows(cfg, n)])
   return dict(persistence_psnr_db=prediction_psnr(real[:n], persistence_frames(real[:n], cfg.video.frames_per_chunk)),
               reconstruction_psnr_db=prediction_psnr(real[:len(reconstructed)], reconstructed))
 
