@@ -58,7 +58,7 @@ def test_claims_end_to_end_and_a_rerun_skips_finished_arms(tmp_path, monkeypatch
 
   summary = json.load(open(os.path.join(out, 'claims.json')))
   assert {'command', 'settings', 'seeds', 'seen_tasks', 'unseen_tasks', 'data', 'verdict_rule', 'claims', 'arms',
-          'figures'} <= set(summary)
+          'baselines', 'figures'} <= set(summary)
   assert summary['seeds'] == dict(train=0, data_pipeline=0, data_build=0, eval=1000, bootstrap=0)
   assert [c['name'] for c in summary['claims']] == [c.name for c in claims.CLAIMS]
   assert {c['verdict'] for c in summary['claims']} == {'pending'}   # every claim needs wam
@@ -71,10 +71,17 @@ def test_claims_end_to_end_and_a_rerun_skips_finished_arms(tmp_path, monkeypatch
   report = json.load(open(os.path.join(out, arms['repetitive']['evals']['steps4']['report'])))
   assert report['tasks']['plate-slide-v3']['episodes'][0]['jerk'] is not None
 
+  # The baselines run through the same loop, tasks and seeds (24 steps: too few for the expert to finish,
+  # but its actions are smooth where uniform random ones have a mean squared jerk near 20/3).
+  expert, random = (summary['baselines'][k]['metrics'] for k in ('expert', 'random'))
+  assert expert['seen']['episodes'] == random['unseen']['episodes'] == 1
+  assert random['all']['jerk'][0] > 2.0 > 10 * expert['all']['jerk'][0]
+
   markdown = open(os.path.join(out, 'claims.md')).read()
   for claim in claims.CLAIMS:
     assert f'| {claim.text} |' in markdown
   assert '| repetitive | (the recipe) | repetitive | finished, step 2 of 2 | 4 steps |' in markdown
+  assert '| expert (baseline) | the scripted expert' in markdown and '| random (baseline) |' in markdown
   assert {'figures/train_action_only.png', 'figures/train_repetitive.png'} <= set(summary['figures'])
   for figure in summary['figures']:
     assert figure.endswith('.png') and os.path.getsize(os.path.join(out, figure)) > 1000

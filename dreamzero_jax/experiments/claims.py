@@ -12,7 +12,8 @@ it for every arm):
 
 Stages, each skipped once done, so a rerun continues where the last one stopped: the Meta-World
 data per setting (DIR/data/{diverse,repetitive}), the small VAE per setting (DIR/vae/SETTING;
-`--vae random` keeps the random frozen VAE), then per arm the training (DIR/arms/ARM/train; each run
+`--vae random` keeps the random frozen VAE), the baselines' evaluations (the scripted expert and
+random actions, DIR/baselines/KIND/report.json, on the same tasks and seeds), then per arm the training (DIR/arms/ARM/train; each run
 trains at most `--budget_minutes`, a rerun resumes) and the closed-loop evaluations
 (DIR/arms/ARM/eval/EVAL/report.json: the seen tasks on variations the data never held, and unseen
 tasks, by default the held-out ML45 test tasks). An arm whose reports all exist is finished and
@@ -99,6 +100,10 @@ CLAIMS = (
     Claim('diverse_vs_repetitive', 'Diverse data beats repetitive data at equal episode count',
           ('wam', 'steps4'), ('repetitive', 'steps4'), 'progress', 'seen', 'greater', (0.50, 0.33), 'data'),
 )
+# Reference policies through the same closed loop, tasks and seeds as the arms (no training):
+# where a number sits between them says what it means.
+BASELINES = {'expert': 'the scripted expert (the data\'s policy)', 'random': 'uniform random actions'}
+
 # The evaluations whose latency per chunk is reported beside the step-count claims.
 LATENCY = (('wam', 'steps4'), ('wam', 'steps1'), ('flash', 'steps1'))
 FIGURES = {'wam_vs_vla': 'World action model vs action-only (VLA)', 'denoising_steps': 'Denoising steps and Flash',
@@ -299,6 +304,27 @@ class Suite:
     return [f'data.dir={self.path("data", arm.data)!r}', *self.vae_override(arm.data), *self.overrides,
             *[f'{k}={v!r}' for k, v in arm.changes.items()]]
 
+  def baseline_path(self, kind: str) -> str:
+    return self.path('baselines', kind, 'report.json')
+
+  def eval_argv(self, out: str) -> list[str]:
+    """eval.py's flags every evaluation shares: the tasks, episodes, steps and seeds."""
+    args = self.args
+    return ['--config', args.config, '--out', out, '--tasks', ','.join(self.seen),
+            '--unseen_tasks', ','.join(self.unseen), '--episodes', str(args.eval_episodes),
+            '--max_steps', str(args.max_steps), '--seed', str(EVAL_SEED)]
+
+  def run_baseline(self, kind: str) -> int:
+    """The baseline's closed-loop evaluation, once (its config: the base with the diverse data)."""
+    report = self.baseline_path(kind)
+    if os.path.exists(report):
+      return 0
+    out = os.path.dirname(report)
+    print(f'[baseline] {kind}: {BASELINES[kind]} in {out}', flush=True)
+    overrides = [f'data.dir={self.path("data", "diverse")!r}', *self.overrides]
+    return eval_cli.main(['--checkpoint', out, '--policy', kind, *self.eval_argv(out),
+                          *[f'--config.{o}' for o in overrides]])
+
   def report_path(self, name: str, eval_name: str) -> str:
     return self.path('arms', name, 'eval', eval_name, 'report.json')
 
@@ -324,18 +350,14 @@ class Suite:
       if step is None or step < cfg.train.steps:
         print(f'[{name}] step {step} of {cfg.train.steps} after --budget_minutes; rerun to continue', flush=True)
         return 0
-    args = self.args
     for eval_name in ARMS[name].evals:
       report = self.report_path(name, eval_name)
       if os.path.exists(report):
         continue
       print(f'[{name}] evaluating at {EVALS[eval_name][0]} in {os.path.dirname(report)}', flush=True)
       sampler = [f'{k}={v!r}' for k, v in EVALS[eval_name][1].items()]
-      code = eval_cli.main(['--checkpoint', train_dir, '--config', args.config,
-                            *[f'--config.{o}' for o in overrides + sampler], '--out', os.path.dirname(report),
-                            '--tasks', ','.join(self.seen), '--unseen_tasks', ','.join(self.unseen),
-                            '--episodes', str(args.eval_episodes), '--max_steps', str(args.max_steps),
-                            '--seed', str(EVAL_SEED)])
+      code = eval_cli.main(['--checkpoint', train_dir, *self.eval_argv(os.path.dirname(report)),
+                            *[f'--config.{o}' for o in overrides + sampler]])
       if code:
         return code
     return 0
@@ -362,13 +384,24 @@ class Suite:
     return dict(what=arm.what, changes=arm.changes, data=arm.data, status=status, step=step,
                 steps=self.base.train.steps, evals=evals)
 
+  def baseline_status(self) -> dict:
+    """{kind: what, report, metrics} of the baselines evaluated so far."""
+    out = {}
+    for kind, what in BASELINES.items():
+      path = self.baseline_path(kind)
+      if os.path.exists(path):
+        with open(path) as fh:
+          out[kind] = dict(what=what, report=os.path.relpath(path, self.out), metrics=eval_metrics(json.load(fh)))
+    return out
+
   def write_outputs(self) -> dict:
     """claims.json, claims.md and the figures, from every report in DIR (arms of earlier runs too)."""
     arms = {name: self.arm_status(name) for name in ARMS}
+    baselines = self.baseline_status()
     metrics = {(name, e): v['metrics'] for name, a in arms.items() for e, v in a['evals'].items()}
     rows = [judge(c, metrics) for c in CLAIMS]
     os.makedirs(self.path('figures'), exist_ok=True)
-    figures = self.figures(rows, metrics, arms)
+    figures = self.figures(rows, metrics, arms, baselines)
     vae = {}
     for setting in self.data_variations:
       if os.path.exists(self.path('vae', f'{setting}.json')):
@@ -381,7 +414,7 @@ class Suite:
         seen_tasks=self.seen, unseen_tasks=self.unseen, unseen_are_ml45_test_tasks=self.unseen_are_ml45,
         data={s: dict(dir=os.path.relpath(self.path('data', s), self.out), variations_per_task=v or 'all distinct')
               for s, v in self.data_variations.items()},
-        vae=vae, verdict_rule=VERDICT_RULE, claims=rows, arms=arms,
+        vae=vae, verdict_rule=VERDICT_RULE, claims=rows, arms=arms, baselines=baselines,
         figures=[os.path.relpath(f, self.out) for f in figures])
     with open(self.path('claims.json'), 'w') as fh:
       json.dump(summary, fh, indent=1)
@@ -389,8 +422,9 @@ class Suite:
       fh.write(self.markdown(summary))
     return summary
 
-  def figures(self, rows: list[dict], metrics: dict, arms: dict) -> list[str]:
-    """Per claim figure: bars with 95% intervals and the paper's values; latency; training curves."""
+  def figures(self, rows: list[dict], metrics: dict, arms: dict, baselines: dict) -> list[str]:
+    """Per claim figure: bars with 95% intervals and the paper's values, the baselines' beside them on
+    progress and success (their jerk would dwarf the arms'); latency; training curves."""
     out, by_figure = [], {}
     for claim, row in zip(CLAIMS, rows):
       groups, reference = by_figure.setdefault(claim.figure, ({}, {}))
@@ -400,6 +434,10 @@ class Suite:
           groups.setdefault(group, {})[row[key]['label']] = tuple(row[key]['value'])
           if not isinstance(claim.paper, str):
             reference.setdefault(group, {})[row[key]['label']] = claim.paper[i]
+      if group in groups and claim.metric in ('progress', 'success'):
+        for kind, b in baselines.items():
+          if b['metrics'][claim.split][claim.metric] is not None:
+            groups[group][kind] = tuple(b['metrics'][claim.split][claim.metric])
     latency = {label(side): tuple(metrics[side]['all']['chunk_ms']) for side in LATENCY
                if side in metrics and metrics[side]['all']['chunk_ms'] is not None}
     if latency:
@@ -414,6 +452,10 @@ class Suite:
         out.append(results.training_curve(metrics_path, self.path('figures', f'train_{name}.png'),
                                           title=f'{name}: training losses'))
     return out
+
+  # The Arms table's metric columns, (split, metric).
+  ROW = (('seen', 'success'), ('seen', 'progress'), ('unseen', 'success'), ('unseen', 'progress'), ('all', 'jerk'),
+         ('all', 'chunk_ms'))
 
   def markdown(self, summary: dict) -> str:
     s = self.settings
@@ -435,16 +477,17 @@ class Suite:
     lines += ['', '## Arms', '',
               '| arm | changes | data | training | evaluation | seen success | seen progress | unseen success | '
               'unseen progress | jerk (all) | latency per chunk |', '|---|---|---|---|---|---|---|---|---|---|---|']
+    for kind, b in summary['baselines'].items():
+      m = b['metrics']
+      lines.append(f'| {kind} (baseline) | {b["what"]} | - | - | closed loop | '
+                   + ' | '.join(_fmt(metric, m[split][metric]) for split, metric in self.ROW) + ' |')
     for name, arm in summary['arms'].items():
       changes = ', '.join(f'{k}={v!r}' for k, v in arm['changes'].items()) or '(the recipe)'
       training = f'{arm["status"]}, step {arm["step"] or 0} of {arm["steps"]}'
       if not arm['evals']:
         lines.append(f'| {name} | {changes} | {arm["data"]} | {training} | - | - | - | - | - | - | - |')
       for eval_name, e in arm['evals'].items():
-        m = e['metrics']
-        cells = [_fmt('success', m['seen']['success']), _fmt('progress', m['seen']['progress']),
-                 _fmt('success', m['unseen']['success']), _fmt('progress', m['unseen']['progress']),
-                 _fmt('jerk', m['all']['jerk']), _fmt('chunk_ms', m['all']['chunk_ms'])]
+        cells = [_fmt(metric, e['metrics'][split][metric]) for split, metric in self.ROW]
         lines.append(f'| {name} | {changes} | {arm["data"]} | {training} | {EVALS[eval_name][0]} | '
                      + ' | '.join(cells) + ' |')
     lines += ['', '## Figures', ''] + [f'- [{f}]({f})' for f in summary['figures']] + ['']
@@ -472,10 +515,15 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   failed = 0
-  for setting in dict.fromkeys(ARMS[a].data for a in suite.arms):
+  for setting in dict.fromkeys(['diverse', *(ARMS[a].data for a in suite.arms)]):   # the baselines' config: diverse
     if suite.build_data(setting):
       print(f'error: building the {setting} data failed', file=sys.stderr)
       return 1
+  for kind in BASELINES:
+    code = suite.run_baseline(kind)
+    if code:
+      print(f'[baseline] {kind} failed (exit {code}); the arms go on', file=sys.stderr)
+      failed = failed or code
   for name in suite.arms:
     try:
       code = suite.run_arm(name)
