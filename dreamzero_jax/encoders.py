@@ -101,6 +101,20 @@ def build_frozen_encoders(cfg: ml_collections.ConfigDict) -> FrozenEncoders:
   return encoders
 
 
+def with_vae_digest(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """cfg with init.vae_sha256 set to the digest of init.vae's weights where it names a VAE and no
+  digest: what a DiT trained on it records, so evaluating or resuming the run with a config that
+  names the path is checked against the weights actually there."""
+  if not cfg.init.vae or cfg.init.vae_sha256:
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  try:
+    cfg.init.vae_sha256 = checkpoint.weights_digest(cfg.init.vae)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'init.vae: {e}') from None
+  return cfg
+
+
 def trained_vae_params(cfg: ml_collections.ConfigDict) -> dict:
   """The VAE parameters (pure dict of numpy arrays) in cfg.init.vae, refused (ValueError naming
   init.vae) when they were trained for another vae config or hold NaN or inf."""

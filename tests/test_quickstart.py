@@ -3,13 +3,16 @@ baselines, results files, and the JSON line of the README's first command."""
 import json
 import os
 import shlex
+import shutil
 
+import numpy as np
 import pytest
 
 pytest.importorskip('metaworld')
 
 from configs import metaworld  # noqa: E402
 from dreamzero_jax import checkpoint, quickstart  # noqa: E402
+from dreamzero_jax.serving import loading  # noqa: E402
 
 TOY = ['--config.model.dim=32', '--config.model.num_layers=1', '--config.model.num_heads=2',
        '--config.model.ffn_dim=64', '--config.model.freq_dim=16', '--config.model.embodiment_hidden=16',
@@ -32,6 +35,20 @@ def test_quickstart_runs_every_stage_and_prints_the_json_line(tmp_path, capsys):
   vae_dir = os.path.join(out, 'vae', 'vae')
   saved = checkpoint.Checkpointer(os.path.join(out, 'train')).read_config(2)
   assert saved['init']['vae'] == vae_dir and saved['init']['vae_sha256'] == checkpoint.weights_digest(vae_dir)
+  # A config naming the VAE's path without its digest (as the claims suite evaluates) loads the policy;
+  # other weights under the path it names are refused.
+  cfg = loading.config_from_dict(saved)
+  cfg.init.vae_sha256 = ''
+  assert loading.load_policy(os.path.join(out, 'train'), cfg).cfg.init.vae_sha256 == saved['init']['vae_sha256']
+  other = str(tmp_path / 'other_vae')
+  shutil.copytree(vae_dir, other)
+  with np.load(os.path.join(vae_dir, checkpoint.WEIGHTS_FILE), allow_pickle=False) as z:
+    arrays = {k: z[k] for k in z.files}
+  arrays['decoder/conv_out/bias'] = arrays['decoder/conv_out/bias'] + 1.0
+  np.savez(os.path.join(other, checkpoint.WEIGHTS_FILE), **arrays)
+  cfg.init.vae = other
+  with pytest.raises(ValueError, match=r'incompatible config: init\.vae_sha256: '):
+    loading.load_policy(os.path.join(out, 'train'), cfg)
   for name in ('results.md', 'results.json', 'training_curve.png', 'success.png'):
     assert os.path.isfile(os.path.join(out, name)), name
   table = open(os.path.join(out, 'results.md')).read()

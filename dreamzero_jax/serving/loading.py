@@ -38,8 +38,8 @@ def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = 
     if step is None:
       raise ValueError(f'--checkpoint {checkpoint_dir}: holds no checkpoint')
     ckpt_config = ckpt.read_config(step)
-    if config is None:
-      config = config_from_dict(ckpt_config)
+    # A config naming init.vae without its digest is checked against the weights under that path.
+    config = config_from_dict(ckpt_config) if config is None else encoders_lib.with_vae_digest(config)
     graphdef, abstract = trainer.abstract_train_state(config)
     # Onto this one device, whatever mesh wrote it.
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -136,11 +136,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
   os.makedirs(workdir, exist_ok=True)
   frozen = encoders.build_frozen_encoders(cfg)
-  if cfg.init.vae and not cfg.init.vae_sha256:
-    # The checkpoint's config records the trained VAE's digest: evaluation and serving refuse
-    # other weights under that path, and resuming on another VAE is refused as incompatible.
-    cfg = cfg.copy_and_resolve_references()
-    cfg.init.vae_sha256 = checkpoint.weights_digest(cfg.init.vae)
+  # The checkpoint's config records the trained VAE's digest: evaluation and serving refuse
+  # other weights under that path, and resuming on another VAE is refused as incompatible.
+  cfg = encoders.with_vae_digest(cfg)
   encode = encoders.BatchEncoder(frozen, cfg)
   if data is None:
     rows = None
