@@ -256,3 +256,28 @@ def test_a_repeated_build_reuses_variations_and_replays_them(tmp_path):
   first, second, third = (low.episode(i)['action'] for i in range(3))
   np.testing.assert_allclose(first, third, atol=1e-6)
   assert np.abs(first - second).max() > 1e-3
+
+
+def test_progress_of_a_task_without_a_distance_is_its_success():
+  """box-close reports obj_to_target 0 at every step (metaworld 3.1.1): its progress must not read 1
+  while random actions achieve nothing; a task with a distance (drawer-close, driven by its expert)
+  still reads fractions before success."""
+  from metaworld.policies import ENV_POLICY_MAP
+
+  from dreamzero_jax.envs.metaworld import MetaWorldEnv
+  rng = np.random.default_rng(0)
+  env = MetaWorldEnv('box-close-v3', 1000, ('corner',), 16, 16)
+  env.reset()
+  steps = [env.step(rng.uniform(-1, 1, 4)) for _ in range(20)]
+  env.close()
+  assert [(s[2], s[3]) for s in steps] == [(False, 0.0)] * 20
+  env, expert = MetaWorldEnv('drawer-close-v3', 1000, ('corner',), 16, 16), ENV_POLICY_MAP['drawer-close-v3']()
+  env.reset()
+  progress = []
+  for _ in range(150):
+    _, _, success, p, _ = env.step(expert.get_action(env.last_obs))
+    progress.append(p)
+    if success:
+      break
+  env.close()
+  assert success and progress[-1] == 1.0 and any(0.0 < p < 1.0 for p in progress), progress

@@ -113,8 +113,13 @@ class MetaWorldEnv:
     success = bool(info.get('success', 0.0))
     distance = float(info.get('obj_to_target', np.nan))
     if self._start_distance is None:
-      self._start_distance = max(distance, 1e-6)
-    progress = 1.0 if success else float(np.clip(1.0 - distance / self._start_distance, 0.0, 1.0))
+      self._start_distance = distance
+    if success or not self._start_distance > 1e-6:
+      # Tasks whose obj_to_target is always 0 (assembly, box-close, disassemble, door-open, hammer
+      # in metaworld 3.1.1), or NaN, measure no distance: their progress is their success.
+      progress = float(success)
+    else:
+      progress = float(np.clip(1.0 - distance / self._start_distance, 0.0, 1.0))
     images, state = self._observe(obs)
     return images, state, success, progress if np.isfinite(progress) else 0.0, bool(terminated or truncated)
 
