@@ -116,9 +116,11 @@ def success_bars(data: dict, out_png: str, title: str = '') -> str:
 
 
 def interval_bars(groups: dict[str, dict[str, tuple[float, float, float]]], out_png: str, title: str = '',
-                  ylabel: str = '', reference: dict[str, dict[str, float]] | None = None) -> str:
-  """Bars of (point, low, high) per group (x) and series (colour), the interval as error bars; a
-  `reference` value ({group: {series: value}}, e.g. the paper's) is drawn as a black tick on its bar."""
+                  ylabel: str = '', reference: dict[str, dict[str, float]] | None = None,
+                  colors: dict[str, str] | None = None) -> str:
+  """Bars of (point, low, high) per group (x) and series (colour; `colors` fixes some series'), the
+  interval as error bars; a `reference` value ({group: {series: value}}, e.g. the paper's) is drawn
+  as a black tick on its bar."""
   plt = _pyplot()
   names = list(dict.fromkeys(n for series in groups.values() for n in series))
   width = 0.8 / max(len(names), 1)
@@ -128,7 +130,7 @@ def interval_bars(groups: dict[str, dict[str, tuple[float, float, float]]], out_
     x = np.array([g for g, series in enumerate(groups.values()) if name in series]) + i * width
     points = np.array([series[name] for series in groups.values() if name in series], np.float64)
     errors = np.maximum(np.stack([points[:, 0] - points[:, 1], points[:, 2] - points[:, 0]]), 0.0)
-    ax.bar(x, points[:, 0], width, yerr=errors, capsize=3, label=name)
+    ax.bar(x, points[:, 0], width, yerr=errors, capsize=3, label=name, color=(colors or {}).get(name))
     marks = [(xi, (reference or {}).get(group, {}).get(name))
              for xi, group in zip(x, [g for g, series in groups.items() if name in series])]
     for xi, value in marks:

@@ -103,6 +103,7 @@ CLAIMS = (
 # Reference policies through the same closed loop, tasks and seeds as the arms (no training):
 # where a number sits between them says what it means.
 BASELINES = {'expert': 'the scripted expert (the data\'s policy)', 'random': 'uniform random actions'}
+BASELINE_COLORS = {'expert': '0.75', 'random': '0.45'}   # greys: the arms keep the colours
 
 # The evaluations whose latency per chunk is reported beside the step-count claims.
 LATENCY = (('wam', 'steps4'), ('wam', 'steps1'), ('flash', 'steps1'))
@@ -445,7 +446,7 @@ class Suite:
     for name, (groups, reference) in by_figure.items():
       if groups:
         out.append(results.interval_bars(groups, self.path('figures', f'{name}.png'), title=FIGURES[name],
-                                         reference=reference))
+                                         reference=reference, colors=BASELINE_COLORS))
     for name in arms:
       metrics_path = self.path('arms', name, 'train', 'metrics.jsonl')
       if os.path.exists(metrics_path) and os.path.getsize(metrics_path):
@@ -462,7 +463,7 @@ class Suite:
     lines = [
         "# DreamZero's claims at small scale", '',
         f'`{" ".join(summary["command"])}`', '',
-        f'Config {s["config"]} {" ".join(s["overrides"])}; {s["episodes"]} expert episodes per seen task; '
+        f'Config {" ".join([s["config"], *s["overrides"]])}; {s["episodes"]} expert episodes per seen task; '
         f'repetitive data: {s["repetitive_variations"]} variations per task; {s["eval_episodes"]} evaluation '
         f'episodes per task of at most {s["max_steps"]} steps; VAE: {s["vae"]}; seeds {summary["seeds"]}.', '',
         f'Seen tasks (evaluated on variations the data never held): {", ".join(self.seen)}. '
@@ -479,8 +480,8 @@ class Suite:
               'unseen progress | jerk (all) | latency per chunk |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for kind, b in summary['baselines'].items():
       m = b['metrics']
-      lines.append(f'| {kind} (baseline) | {b["what"]} | - | - | closed loop | '
-                   + ' | '.join(_fmt(metric, m[split][metric]) for split, metric in self.ROW) + ' |')
+      cells = [_fmt(metric, m[split][metric]) if metric != 'chunk_ms' else '-' for split, metric in self.ROW]
+      lines.append(f'| {kind} (baseline) | {b["what"]} | - | - | closed loop | ' + ' | '.join(cells) + ' |')
     for name, arm in summary['arms'].items():
       changes = ', '.join(f'{k}={v!r}' for k, v in arm['changes'].items()) or '(the recipe)'
       training = f'{arm["status"]}, step {arm["step"] or 0} of {arm["steps"]}'
