@@ -18,35 +18,47 @@ TINY = ['--config.model.dim=32', '--config.model.num_layers=1', '--config.model.
 
 
 def test_verdict_rule():
-  high, low, overlapping = (0.6, 0.5, 0.7), (0.3, 0.2, 0.4), (0.45, 0.3, 0.55)
-  assert claims.verdict(high, low, 'greater') == 'reproduced'
-  assert claims.verdict(low, high, 'greater') == 'not reproduced'
-  assert claims.verdict(high, overlapping, 'greater') == 'inconclusive'
-  assert claims.verdict(low, high, 'less') == 'reproduced'
-  assert claims.verdict(high, low, 'less') == 'not reproduced'
-  assert claims.verdict(high, overlapping, 'equal') == 'reproduced'
-  assert claims.verdict(high, low, 'equal') == 'not reproduced'
+  """On the interval of the difference a - b: its sign where a side is claimed higher or lower;
+  within +-10 points where the claim is no difference."""
+  above, below, around = (0.2, 0.05, 0.35), (-0.2, -0.35, -0.05), (0.05, -0.1, 0.2)
+  assert claims.verdict(above, 'greater') == 'reproduced'
+  assert claims.verdict(below, 'greater') == 'not reproduced'
+  assert claims.verdict(around, 'greater') == 'inconclusive'
+  assert claims.verdict(below, 'less') == 'reproduced'
+  assert claims.verdict(above, 'less') == 'not reproduced'
+  assert claims.verdict((0.01, -0.05, 0.08), 'equal') == 'reproduced'
+  assert claims.verdict(around, 'equal') == 'inconclusive'     # holds 0, but also differences of 20 points
+  assert claims.verdict(above, 'equal') == 'not reproduced'
 
 
 def _report(progress: dict[str, list[float]], split='seen') -> dict:
   return {'tasks': {task: {'split': split, 'episodes': [
-      {'success': p == 1.0, 'progress': p, 'jerk': 0.1, 'chunk_ms': 50.0} for p in values]}
-      for task, values in progress.items()}, 'replay': {}}
+      {'seed': 1000 + i, 'success': p == 1.0, 'progress': p, 'jerk': 0.1, 'chunk_ms': 50.0}
+      for i, p in enumerate(values)]} for task, values in progress.items()}, 'replay': {}}
 
 
 def test_claim_rows_come_from_the_reports_with_intervals():
-  good = claims.eval_metrics(_report({'a': [1.0, 0.9] * 3, 'b': [0.8, 1.0] * 3}))
-  bad = claims.eval_metrics(_report({'a': [0.1, 0.0] * 3, 'b': [0.2, 0.1] * 3}))
-  assert good['seen']['episodes'] == 12 and good['unseen']['progress'] is None
-  point, low, high = good['seen']['progress']
+  good, bad = _report({'a': [1.0, 0.9] * 3, 'b': [0.8, 1.0] * 3}), _report({'a': [0.1, 0.0] * 3, 'b': [0.2, 0.1] * 3})
+  metrics = claims.eval_metrics(good)
+  assert metrics['seen']['episodes'] == 12 and metrics['unseen']['progress'] is None
+  point, low, high = metrics['seen']['progress']
   assert point == pytest.approx(0.925) and low <= point <= high
   claim = claims.CLAIMS[0]   # WAM beats the action-only policy, seen progress
   row = claims.judge(claim, {claim.a: good, claim.b: bad})
   assert row['verdict'] == 'reproduced' and row['a']['label'] == 'wam (4 steps)'
+  assert row['difference'][0] == pytest.approx(0.925 - 0.1) and row['paired_episodes'] == 12
   assert claims.judge(claim, {claim.a: bad, claim.b: good})['verdict'] == 'not reproduced'
   assert claims.judge(claim, {claim.a: good})['verdict'] == 'pending'
-  few = claims.eval_metrics(_report({'a': [1.0, 1.0]}))
-  assert claims.judge(claim, {claim.a: few, claim.b: bad})['verdict'] == 'inconclusive'   # under 10 episodes
+  few = _report({'a': [1.0, 1.0]})
+  assert claims.judge(claim, {claim.a: few, claim.b: bad})['verdict'] == 'inconclusive'   # under 10 pairs
+  # Pairing by seed is what makes a small steady difference visible: the same episodes, a little better
+  # each, are inconclusive by the sides' own intervals (they overlap) and reproduced by the difference's.
+  base = [0.2, 0.9, 0.5, 0.7, 0.3, 0.8, 0.4, 0.6, 0.1, 1.0] * 2
+  better = _report({'a': [min(p + 0.05, 1.0) for p in base]})
+  row = claims.judge(claim, {claim.a: better, claim.b: _report({'a': base})})
+  assert row['a']['value'][1] < row['b']['value'][2] and row['verdict'] == 'reproduced'
+  shuffled = _report({'a': [min(p + 0.05, 1.0) for p in base[::-1]]})   # other episodes than paired
+  assert claims.judge(claim, {claim.a: shuffled, claim.b: _report({'a': base})})['verdict'] == 'inconclusive'
 
 
 def test_claims_end_to_end_and_a_rerun_skips_finished_arms(tmp_path, monkeypatch):

@@ -35,6 +35,18 @@ def episodes_of(report: dict, split: str = 'seen', metric: str = 'success') -> d
   return {task: [float(e[metric]) for e in t['episodes'] if e.get(metric) is not None] for task, t in tasks.items()}
 
 
+def paired_differences(a: dict, b: dict, split: str, metric: str) -> dict[str, list[float]]:
+  """{task: [a's `metric` - b's, per episode]} of two eval.py reports' episodes paired by task and seed
+  (two policies evaluated with the same --seed run the same episodes); an episode without a value on
+  either side, or run by one report only, is left out."""
+  def by_seed(report):
+    return {task: {e['seed']: float(e[metric]) for e in t['episodes'] if e.get(metric) is not None}
+            for task, t in report['tasks'].items() if t['split'] == split}
+  ea, eb = by_seed(a), by_seed(b)
+  return {task: [ea[task][s] - eb[task][s] for s in sorted(ea[task].keys() & eb[task].keys())]
+          for task in sorted(ea.keys() & eb.keys())}
+
+
 def table(reports: dict[str, dict], split: str = 'seen') -> tuple[str, dict]:
   """A markdown table, one row per task and one column per policy (success rate, episodes), with a
   mean row carrying 95% bootstrap intervals; and the same numbers as a dict."""

@@ -112,12 +112,15 @@ FIGURES = {'wam_vs_vla': 'World action model vs action-only (VLA)', 'denoising_s
            'data': 'Diverse vs repetitive data', 'latency': 'Latency per chunk (closed loop)'}
 
 VERDICT_RULE = (
-    'A claim that one side is higher (or lower) is reproduced when our difference has the paper\'s sign and the two '
-    '95% intervals do not overlap, not reproduced when they do not overlap with the opposite sign, and inconclusive '
-    'at this scale when they overlap. A claim of no difference is reproduced when the intervals overlap and not '
-    'reproduced when they do not. Intervals: 95% bootstrap over episodes, resampled within each task and averaged '
-    'over tasks (evaluation/results.bootstrap_ci); with fewer than 10 episodes on a side the verdict is inconclusive '
-    '(an interval over a handful of episodes is too narrow to trust).')
+    'A claim that one side is higher (or lower) is reproduced when the 95% interval of our difference (a - b) '
+    'excludes 0 on the paper\'s side, not reproduced when it excludes 0 on the other side, and inconclusive at this '
+    'scale when it holds 0. A claim of no difference is reproduced when the interval lies within +-10 points '
+    '(equivalence), not reproduced when it excludes 0, and inconclusive otherwise. Intervals: 95% bootstrap over '
+    'episodes, resampled within each task and averaged over tasks (evaluation/results.bootstrap_ci); the difference '
+    'pairs the two sides\' episodes by task and seed (every evaluation runs the same seeded episodes) and resamples '
+    'the pairs. With fewer than 10 paired episodes the verdict is inconclusive (an interval over a handful of '
+    'episodes is too narrow to trust).')
+EQUIVALENCE_MARGIN = 0.10
 MIN_EPISODES = 10
 
 METRICS = {'success': 'success rate', 'progress': 'task progress', 'jerk': 'mean squared jerk',
@@ -152,14 +155,25 @@ def parse(argv):
   return args, [o.removeprefix('--config.') for o in overrides]
 
 
-def verdict(a: tuple[float, float, float], b: tuple[float, float, float], expect: str) -> str:
-  """VERDICT_RULE for the intervals (point, low, high) of sides a and b."""
-  higher, lower = a[1] > b[2], a[2] < b[1]
+def verdict(difference: tuple[float, float, float], expect: str) -> str:
+  """VERDICT_RULE for the interval (point, low, high) of the difference a - b."""
+  _, low, high = difference
   if expect == 'equal':
-    return 'reproduced' if not (higher or lower) else 'not reproduced'
+    if low > 0 or high < 0:
+      return 'not reproduced'
+    return 'reproduced' if -EQUIVALENCE_MARGIN <= low and high <= EQUIVALENCE_MARGIN else 'inconclusive'
   if expect == 'less':
-    higher, lower = lower, higher
-  return 'reproduced' if higher else 'not reproduced' if lower else 'inconclusive'
+    low, high = -high, -low
+  return 'reproduced' if low > 0 else 'not reproduced' if high < 0 else 'inconclusive'
+
+
+def difference(a: dict, b: dict, split: str, metric: str) -> tuple[list[float] | None, int]:
+  """([a - b over tasks, 95% low, high] or None, paired episodes) of two eval reports."""
+  per_task = {}
+  for part in (('seen', 'unseen') if split == 'all' else (split,)):
+    per_task.update(results.paired_differences(a, b, part, metric))
+  ci = results.bootstrap_ci(list(per_task.values()), seed=BOOTSTRAP_SEED)
+  return (None if np.isnan(ci[0]) else list(ci)), sum(map(len, per_task.values()))
 
 
 def eval_metrics(report: dict) -> dict:
@@ -182,24 +196,25 @@ def label(side: tuple[str, str]) -> str:
   return f'{side[0]} ({EVALS[side[1]][0]})'
 
 
-def judge(claim: Claim, metrics: dict) -> dict:
-  """A claim's row: both sides' intervals (or None while an arm is not evaluated) and the verdict."""
+def judge(claim: Claim, reports: dict) -> dict:
+  """A claim's row from the eval reports ({(arm, eval): report}): both sides' intervals (None while an arm
+  is not evaluated), the paired difference's and the verdict."""
   sides = {}
   for key, side in (('a', claim.a), ('b', claim.b)):
-    m = metrics.get(side)
+    m = eval_metrics(reports[side]) if side in reports else None
     sides[key] = dict(arm=side[0], eval=side[1], label=label(side),
                       value=m[claim.split][claim.metric] if m else None)
-  a, b = sides['a']['value'], sides['b']['value']
-  if not (metrics.get(claim.a) and metrics.get(claim.b)):
+  diff, pairs = None, 0
+  if claim.a in reports and claim.b in reports:
+    diff, pairs = difference(reports[claim.a], reports[claim.b], claim.split, claim.metric)
+  if not (claim.a in reports and claim.b in reports):
     outcome = 'pending'
-  elif a is None or b is None:
-    outcome = 'inconclusive'   # no episode gave a value (e.g. the jerk of episodes under 4 steps)
-  elif min(metrics[side][claim.split]['episodes'] for side in (claim.a, claim.b)) < MIN_EPISODES:
-    outcome = 'inconclusive'
+  elif diff is None or pairs < MIN_EPISODES:
+    outcome = 'inconclusive'   # no or few paired values (e.g. the jerk of episodes under 4 steps)
   else:
-    outcome = verdict(a, b, claim.expect)
+    outcome = verdict(diff, claim.expect)
   return dict(name=claim.name, claim=claim.text, metric=claim.metric, split=claim.split, expect=claim.expect,
-              paper=claim.paper, verdict=outcome, **sides)
+              paper=claim.paper, verdict=outcome, difference=diff, paired_episodes=pairs, **sides)
 
 
 def _fmt(metric: str, v) -> str:
@@ -210,6 +225,14 @@ def _fmt(metric: str, v) -> str:
   if metric == 'chunk_ms':
     return f'{v[0]:.0f} ms [{v[1]:.0f}, {v[2]:.0f}]'
   return f'{v[0]:.3g} [{v[1]:.3g}, {v[2]:.3g}]'
+
+
+def _fmt_difference(metric: str, v) -> str:
+  if v is None:
+    return '-'
+  if metric in ('success', 'progress'):
+    return f'{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}] points'
+  return f'{v[0]:+.3g} [{v[1]:+.3g}, {v[2]:+.3g}]'
 
 
 def _paper(claim_row: dict) -> str:
@@ -400,7 +423,12 @@ class Suite:
     arms = {name: self.arm_status(name) for name in ARMS}
     baselines = self.baseline_status()
     metrics = {(name, e): v['metrics'] for name, a in arms.items() for e, v in a['evals'].items()}
-    rows = [judge(c, metrics) for c in CLAIMS]
+    reports = {}
+    for name, a in arms.items():
+      for e, v in a['evals'].items():
+        with open(self.path(v['report'])) as fh:
+          reports[name, e] = json.load(fh)
+    rows = [judge(c, reports) for c in CLAIMS]
     os.makedirs(self.path('figures'), exist_ok=True)
     figures = self.figures(rows, metrics, arms, baselines)
     vae = {}
@@ -470,10 +498,13 @@ class Suite:
         f'Unseen tasks: {", ".join(self.unseen)}'
         + (' (the held-out ML45 test tasks).' if self.unseen_are_ml45 else '.'),
         '', f'Verdict: {VERDICT_RULE}', '',
-        '| claim | metric | ours (95% interval) | paper | verdict |', '|---|---|---|---|---|']
+        '| claim | metric | ours (95% interval) | difference a - b (95%, paired episodes) | paper | verdict |',
+        '|---|---|---|---|---|---|']
     for row in summary['claims']:
       ours = ' vs '.join(f'{row[k]["label"]} {_fmt(row["metric"], row[k]["value"])}' for k in ('a', 'b'))
-      lines.append(f'| {row["claim"]} | {METRICS[row["metric"]]}, {self.split_label(row["split"])} | {ours} | '
+      diff = _fmt_difference(row['metric'], row['difference']) + (f' ({row["paired_episodes"]})' if row['difference']
+                                                                  else '')
+      lines.append(f'| {row["claim"]} | {METRICS[row["metric"]]}, {self.split_label(row["split"])} | {ours} | {diff} | '
                    f'{_paper(row)} | {row["verdict"]} |')
     lines += ['', '## Arms', '',
               '| arm | changes | data | training | evaluation | seen success | seen progress | unseen success | '
