@@ -114,3 +114,16 @@ def test_claims_end_to_end_and_a_rerun_skips_finished_arms(tmp_path, monkeypatch
   assert json.load(open(os.path.join(out, 'claims.json')))['arms'] == arms
   changed = [a if a != '2' else '3' for a in argv]   # --episodes 3: not the data this folder holds
   assert experiments_cli.main(changed) == 2
+
+
+def test_every_arm_uses_the_one_trained_vae(tmp_path):
+  """The repetitive arm trains on its own data with the VAE trained once on the diverse data."""
+  out = tmp_path / 'claims'
+  (out / 'vae').mkdir(parents=True)
+  (out / 'vae' / 'diverse.json').write_text(json.dumps(dict(psnr_db=23.0, path=str(out / 'vae' / 'diverse' / 'vae'))))
+  argv = ['--out', str(out), '--tasks', 'plate-slide-v3', '--unseen_tasks', 'hand-insert-v3']
+  suite = claims.Suite(*claims.parse(argv), argv)
+  for arm in ('wam', 'repetitive'):
+    overrides = suite.arm_overrides(arm)
+    assert f"init.vae={str(out / 'vae' / 'diverse' / 'vae')!r}" in overrides
+    assert f"data.dir={str(out / 'data' / claims.ARMS[arm].data)!r}" in overrides

@@ -11,8 +11,8 @@ it for every arm):
                  per task repeated (wam's data gives every episode its own variation)
 
 Stages, each skipped once done, so a rerun continues where the last one stopped: the Meta-World
-data per setting (DIR/data/{diverse,repetitive}), the small VAE per setting (DIR/vae/SETTING;
-`--vae random` keeps the random frozen VAE), the baselines' evaluations (the scripted expert and
+data per setting (DIR/data/{diverse,repetitive}), the small VAE every arm uses, trained once on the
+diverse data (DIR/vae/diverse; `--vae random` keeps the random frozen VAE), the baselines' evaluations (the scripted expert and
 random actions, DIR/baselines/KIND/report.json, on the same tasks and seeds), then per arm the training (DIR/arms/ARM/train; each run
 trains at most `--budget_minutes`, a rerun resumes) and the closed-loop evaluations
 (DIR/arms/ARM/eval/EVAL/report.json: the seen tasks on variations the data never held, and unseen
@@ -23,10 +23,10 @@ there: per claim our numbers with 95% bootstrap intervals beside the paper's and
 
 Expected time with the defaults (5 seen tasks x 20 expert episodes per data setting; the base
 config's 8,000 training steps per arm; 6 evaluations of 5 episodes on each of 5 seen and 5 unseen
-tasks, 150 steps at most) on an idle 2-core CPU, from the recipe's measurements (2026-11-28):
-data ~5 min per setting; the VAE ~11 min per setting (2,000 updates at 0.33 s); training ~4.7
-steps/s (~28 min an arm; `--config.train.steps=N` changes every arm); evaluation with chunks of
-~20 ms, a few minutes an evaluation. About 4 hours in all; `--budget_minutes` splits it over
+tasks, 150 steps at most) on an idle 2-core CPU, measured in the first full run (2026-11-28):
+data ~5 min per setting; the VAE ~12 min (2,000 updates at 0.37 s); training 4.5-5.3 steps/s
+(~27 min an arm; `--config.train.steps=N` changes every arm); the baselines ~5 min; each
+evaluation ~4 min (chunks of 15-25 ms). About 3 hours in all; `--budget_minutes` splits it over
 several runs.
 """
 from __future__ import annotations
@@ -127,6 +127,9 @@ METRICS = {'success': 'success rate', 'progress': 'task progress', 'jerk': 'mean
            'chunk_ms': 'ms per chunk'}
 SPLITS = {'seen': 'seen tasks, new variations', 'unseen': 'unseen tasks', 'all': 'seen and unseen tasks'}
 
+# The frozen VAE is one for every arm, trained on this setting's frames: the paper's arms share one
+# pretrained Wan VAE, and a VAE per data setting would add a second difference to the data claim.
+VAE_SETTING = 'diverse'
 DEFAULT_TASKS = 'plate-slide-v3,plate-slide-side-v3,drawer-close-v3,window-open-v3,window-close-v3'
 DATA_SEED = 0          # the expert episodes' build seed (variations 0.., reset seeds 0..)
 EVAL_SEED = 1000       # eval.py's default: seen-task episodes in variations the data never held
@@ -308,10 +311,12 @@ class Suite:
         json.dump(dict(argv=argv), fh)
     return code
 
-  def vae_override(self, setting: str) -> list[str]:
-    """`init.vae=PATH` of the setting's trained VAE (trained here once), or nothing with --vae random."""
+  def vae_override(self) -> list[str]:
+    """`init.vae=PATH` of the trained VAE every arm uses (trained here once, on VAE_SETTING's frames), or
+    nothing with --vae random."""
     if self.args.vae == 'random':
       return []
+    setting = VAE_SETTING
     record = self.path('vae', f'{setting}.json')
     if not os.path.exists(record):
       cfg = load_config(self.args.config, [f'data.dir={self.path("data", setting)!r}', *self.overrides])
@@ -325,7 +330,7 @@ class Suite:
   def arm_overrides(self, name: str) -> list[str]:
     """The arm's training config as overrides of the base: its data and VAE, the user's, its changes."""
     arm = ARMS[name]
-    return [f'data.dir={self.path("data", arm.data)!r}', *self.vae_override(arm.data), *self.overrides,
+    return [f'data.dir={self.path("data", arm.data)!r}', *self.vae_override(), *self.overrides,
             *[f'{k}={v!r}' for k, v in arm.changes.items()]]
 
   def baseline_path(self, kind: str) -> str:
