@@ -33,6 +33,11 @@ def test_table_lists_every_task_and_policy_with_the_mean_interval(tmp_path):
   metrics.write_text('\n'.join(json.dumps(dict(step=s, loss=1 / s, video_loss=0.5 / s, action_loss=0.5 / s))
                                for s in range(1, 20)))
   curve = results.training_curve(str(metrics), str(tmp_path / 'curve.png'))
+  # A run resumed from step 10 logs steps 11.. again: the later records stand, in step order.
+  with open(metrics, 'a') as fh:
+    fh.write('\n' + '\n'.join(json.dumps(dict(step=s, loss=2.0)) for s in range(11, 14)))
+  rows = results.loss_rows(str(metrics))
+  assert [r['step'] for r in rows] == list(range(1, 20)) and [r['loss'] for r in rows[10:14]] == [2.0, 2.0, 2.0, 1 / 14]
   for path in (png, curve):
     from PIL import Image
     assert Image.open(path).size[0] > 100 and np.asarray(Image.open(path)).std() > 0

@@ -84,9 +84,20 @@ def _title(ax, text: str) -> None:
   ax.set_title(textwrap.fill(text.replace(',', ', '), 80, break_on_hyphens=False), fontsize=9)
 
 
+def loss_rows(metrics_path: str) -> list[dict]:
+  """A metrics.jsonl's records by step, the last record of each step: a resumed run appends the steps
+  after its checkpoint again (and a run stopped before its first checkpoint, all of them)."""
+  last = {}
+  for line in open(metrics_path):
+    if line.strip():
+      row = json.loads(line)
+      last[row['step']] = row
+  return [last[step] for step in sorted(last)]
+
+
 def training_curve(metrics_path: str, out_png: str, title: str = '') -> str:
   """The losses of a train.py metrics.jsonl against the step (log scale)."""
-  rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+  rows = loss_rows(metrics_path)
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for key in ('loss', 'video_loss', 'action_loss'):
