@@ -207,10 +207,9 @@ def judge(claim: Claim, reports: dict) -> dict:
     m = eval_metrics(reports[side]) if side in reports else None
     sides[key] = dict(arm=side[0], eval=side[1], label=label(side),
                       value=m[claim.split][claim.metric] if m else None)
-  diff, pairs = None, 0
-  if claim.a in reports and claim.b in reports:
-    diff, pairs = difference(reports[claim.a], reports[claim.b], claim.split, claim.metric)
-  if not (claim.a in reports and claim.b in reports):
+  both = claim.a in reports and claim.b in reports
+  diff, pairs = difference(reports[claim.a], reports[claim.b], claim.split, claim.metric) if both else (None, 0)
+  if not both:
     outcome = 'pending'
   elif diff is None or pairs < MIN_EPISODES:
     outcome = 'inconclusive'   # no or few paired values (e.g. the jerk of episodes under 4 steps)
