@@ -170,10 +170,15 @@ def verdict(difference: tuple[float, float, float], expect: str) -> str:
   return 'reproduced' if low > 0 else 'not reproduced' if high < 0 else 'inconclusive'
 
 
+def parts(split: str) -> tuple[str, ...]:
+  """The report splits a claim's split covers ('all': seen and unseen)."""
+  return ('seen', 'unseen') if split == 'all' else (split,)
+
+
 def difference(a: dict, b: dict, split: str, metric: str) -> tuple[list[float] | None, int]:
   """([a - b over tasks, 95% low, high] or None, paired episodes) of two eval reports."""
   per_task = {}
-  for part in (('seen', 'unseen') if split == 'all' else (split,)):
+  for part in parts(split):
     per_task.update(results.paired_differences(a, b, part, metric))
   ci = results.bootstrap_ci(list(per_task.values()), seed=BOOTSTRAP_SEED)
   return (None if np.isnan(ci[0]) else list(ci)), sum(map(len, per_task.values()))
@@ -186,7 +191,7 @@ def eval_metrics(report: dict) -> dict:
     out[split] = {}
     for metric in METRICS:
       per_task = {}
-      for part in (('seen', 'unseen') if split == 'all' else (split,)):
+      for part in parts(split):
         per_task.update(results.episodes_of(report, part, metric))
       ci = results.bootstrap_ci(list(per_task.values()), seed=BOOTSTRAP_SEED)
       out[split][metric] = None if np.isnan(ci[0]) else list(ci)
