@@ -204,12 +204,13 @@ def label(side: tuple[str, str]) -> str:
   return f'{side[0]} ({EVALS[side[1]][0]})'
 
 
-def judge(claim: Claim, reports: dict) -> dict:
+def judge(claim: Claim, reports: dict, metrics: dict | None = None) -> dict:
   """A claim's row from the eval reports ({(arm, eval): report}): both sides' intervals (None while an arm
-  is not evaluated), the paired difference's and the verdict."""
+  is not evaluated), the paired difference's and the verdict. `metrics` ({(arm, eval): eval_metrics of its
+  report}) saves recomputing them."""
   sides = {}
   for key, side in (('a', claim.a), ('b', claim.b)):
-    m = eval_metrics(reports[side]) if side in reports else None
+    m = ((metrics or {}).get(side) or eval_metrics(reports[side])) if side in reports else None
     sides[key] = dict(arm=side[0], eval=side[1], label=label(side),
                       value=m[claim.split][claim.metric] if m else None)
   both = claim.a in reports and claim.b in reports
@@ -397,15 +398,26 @@ class Suite:
 
   # ---- outputs -----------------------------------------------------------------------------------
 
-  def arm_status(self, name: str) -> dict:
+  def reports(self) -> dict:
+    """{(arm, eval): report} of every arm evaluation in DIR."""
+    out = {}
+    for name, arm in ARMS.items():
+      for eval_name in arm.evals:
+        path = self.report_path(name, eval_name)
+        if os.path.exists(path):
+          with open(path) as fh:
+            out[name, eval_name] = json.load(fh)
+    return out
+
+  def arm_status(self, name: str, reports: dict) -> dict:
+    """An arm's settings, training step and evaluations (`reports`: Suite.reports())."""
     arm = ARMS[name]
     evals = {}
     for eval_name in arm.evals:
-      path = self.report_path(name, eval_name)
-      if os.path.exists(path):
-        with open(path) as fh:
-          report = json.load(fh)
-        evals[eval_name] = dict(sampler=EVALS[eval_name][1], report=os.path.relpath(path, self.out),
+      if (name, eval_name) in reports:
+        report = reports[name, eval_name]
+        evals[eval_name] = dict(sampler=EVALS[eval_name][1],
+                                report=os.path.relpath(self.report_path(name, eval_name), self.out),
                                 seconds=report.get('seconds'), crashed=report.get('crashed'),
                                 metrics=eval_metrics(report))
     step = latest_step(self.path('arms', name, 'train'))
@@ -429,15 +441,11 @@ class Suite:
 
   def write_outputs(self) -> dict:
     """claims.json, claims.md and the figures, from every report in DIR (arms of earlier runs too)."""
-    arms = {name: self.arm_status(name) for name in ARMS}
+    reports = self.reports()
+    arms = {name: self.arm_status(name, reports) for name in ARMS}
     baselines = self.baseline_status()
     metrics = {(name, e): v['metrics'] for name, a in arms.items() for e, v in a['evals'].items()}
-    reports = {}
-    for name, a in arms.items():
-      for e, v in a['evals'].items():
-        with open(self.path(v['report'])) as fh:
-          reports[name, e] = json.load(fh)
-    rows = [judge(c, reports) for c in CLAIMS]
+    rows = [judge(c, reports, metrics) for c in CLAIMS]
     os.makedirs(self.path('figures'), exist_ok=True)
     figures = self.figures(rows, metrics, arms, baselines)
     vae = {}
