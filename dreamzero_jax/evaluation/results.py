@@ -88,10 +88,11 @@ def loss_rows(metrics_path: str) -> list[dict]:
   """A metrics.jsonl's records by step, the last record of each step: a resumed run appends the steps
   after its checkpoint again (and a run stopped before its first checkpoint, all of them)."""
   last = {}
-  for line in open(metrics_path):
-    if line.strip():
-      row = json.loads(line)
-      last[row['step']] = row
+  with open(metrics_path) as fh:
+    for line in fh:
+      if line.strip():
+        row = json.loads(line)
+        last[row['step']] = row
   return [last[step] for step in sorted(last)]
 
 
