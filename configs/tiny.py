@@ -1,6 +1,8 @@
 """A model that runs in CPU seconds: every code path of the 14B model at toy widths.
 
-Variants: `configs/tiny.py:t2v` drops the image branch (16 input channels, no CLIP).
+Variants: `configs/tiny.py:t2v` drops the image branch (16 input channels, no CLIP);
+`configs/tiny.py:droid` is a DROID robot: its 3 cameras on the droid canvas, state 8, action 8 with
+the 7 joints relative, 24 actions a chunk at 15 Hz, stride 3 (what tests serve as a DROID policy).
 """
 from configs import base
 from dreamzero_jax.datasets import embodiments
@@ -34,7 +36,12 @@ def get_config(arg=None):
   c.sampler.update(dict(num_steps=4, dit_step_mask='1111', negative_prompt=WAN_NEGATIVE_PROMPT))
   if arg == 't2v':
     c.model.update(dict(in_channels=16, image_dim=0))
+  elif arg == 'droid':
+    c.data.update(dict(name='droid', **embodiments.data_config('droid')))
+    c.video.update(dict(height=32, width=64, max_chunks=2, action_horizon=24))
+    # As the release serves DROID: the gripper binarised, the actions unsmoothed.
+    c.postprocess.update(dict(gripper_dims=(7,), smooth=False))
   elif arg is not None:
-    raise ValueError(f'configs/tiny.py: unknown variant {arg!r} (known: t2v)')
+    raise ValueError(f'configs/tiny.py: unknown variant {arg!r} (known: t2v, droid)')
   c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
   return c

@@ -118,7 +118,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       gripper_dims=(), gripper_threshold=0.5, gripper_low=0.0, gripper_high=1.0))
 
   # The policy server's camera images (resized into the canvas quadrants).
-  c.serve = ml_collections.ConfigDict(dict(camera_height=180, camera_width=320))
+  # roboarena_frames: camera frames a later RoboArena-style call feeds the model (the release's 4,
+  # the last ones buffered), each repeated to video.frames_per_chunk (serving/roboarena.py).
+  c.serve = ml_collections.ConfigDict(dict(camera_height=180, camera_width=320, roboarena_frames=4))
 
   # Pretrained weights: a `python -m dreamzero_jax.convert` output (Wan2.1/2.2 or DreamZero release).
   # Training in a fresh workdir starts the DiT from it, and the frozen VAE / umT5 / CLIP are its

@@ -15,7 +15,7 @@ import sys
 
 from dreamzero_jax import config as config_lib
 from dreamzero_jax.inference import aot
-from dreamzero_jax.serving import loading, server
+from dreamzero_jax.serving import loading, roboarena, server
 
 # eval.py's through_server still reads the server class from here.
 PolicyServer = server.PolicyServer
@@ -34,6 +34,9 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument('--config', help='configs/NAME.py[:ARG]; default: the checkpoint\'s own')
   parser.add_argument('--port', type=int, default=8000)
   parser.add_argument('--host', default='127.0.0.1')
+  parser.add_argument('--protocol', choices=roboarena.PROTOCOLS, default='auto',
+                      help="wire protocol: openpi-style (ours), the release's RoboArena-style one (its "
+                           "eval_utils clients), or auto: each connection's first request decides")
   parser.add_argument('--max_sessions', type=int, default=8,
                       help='sessions kept (each holds a KV cache); past it the least recently used is '
                            'evicted and its next call gets an error saying so')
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f'--port: {args.port} is not a TCP port (0-65535)')
     config = config_lib.load_config(args.config, overrides) if args.config else None
     server.run(loading.load_backend(args.checkpoint, config, args.norm_stats), args.host, args.port,
-               args.max_sessions)
+               args.max_sessions, args.protocol)
   except (ValueError, OSError) as e:  # ConfigError is a ValueError; OSError: port in use
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -90,9 +90,9 @@ def observation(frames, joint0=0.5, rng=np.random.default_rng(0)):
 
 
 @contextlib.contextmanager
-def running_server(backend, max_sessions=16):
+def running_server(backend, max_sessions=16, wire_protocol='auto'):
   """Serves `backend` on an OS-chosen loopback port from a thread; stops it on exit."""
-  policy_server = server_lib.PolicyServer(backend, max_sessions)
+  policy_server = server_lib.PolicyServer(backend, max_sessions, wire_protocol)
   ports, handles = queue.Queue(), {}
 
   async def main():

@@ -60,6 +60,9 @@ class Embodiment:
   official_state_keys: tuple[str, ...] = ()
   official_action_keys: tuple[str, ...] = ()
   official_tag: str = ''       # its EmbodimentTag in the release (a metadata.json's top-level key)
+  # Other wire protocols' names for our cameras: protocol -> {client's camera key: ours}, in the
+  # order that protocol lists them (serving/roboarena.py reads 'roboarena').
+  camera_aliases: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 _AGIBOT_KEYS = ('left_arm_joint_position', 'right_arm_joint_position', 'left_effector_position',
@@ -72,7 +75,12 @@ EMBODIMENTS = {
         canvas_layout='droid', control_hz=15, frame_stride=3, state_dim=8, action_dim=8,
         relative_action_dims=tuple(range(7)), prompt_template='droid',
         official_state_keys=('joint_position', 'gripper_position'),
-        official_action_keys=('joint_position', 'gripper_position'), official_tag='oxe_droid'),
+        official_action_keys=('joint_position', 'gripper_position'), official_tag='oxe_droid',
+        # RoboArena (the release's eval_utils clients) counts exterior cameras from 0; openpi, whose
+        # names we use, from 1: the same name is another camera in each.
+        camera_aliases={'roboarena': {'exterior_image_0_left': 'exterior_image_1_left',
+                                      'exterior_image_1_left': 'exterior_image_2_left',
+                                      'wrist_image_left': 'wrist_image_left'}}),
     # Sawyer in MuJoCo: state = hand xyz + gripper opening; actions (dx, dy, dz, grip) are used
     # as given (they are already deltas), so none is made relative.
     'metaworld': Embodiment(

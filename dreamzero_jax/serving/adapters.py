@@ -6,7 +6,8 @@ says in its metadata what a request must hold. Normalisation stays in the policy
 it: clients send raw observations and get raw actions).
 
   DROID       observation/{exterior_image_1_left, exterior_image_2_left, wrist_image_left},
-              observation/joint_position (7,), observation/gripper_position (1,)  (openpi's names)
+              observation/joint_position (7,), observation/gripper_position (1,)  (openpi's names;
+              the RoboArena protocol's camera names come from the embodiment's camera_aliases)
   Meta-World  observation/<camera> per data.cameras, observation/state (state_dim,); every other
   and more    embodiment sends its state the same way
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from dreamzero_jax.datasets import canvas
 from dreamzero_jax.inference.policy import Policy
-from dreamzero_jax.serving import protocol
+from dreamzero_jax.serving import protocol, roboarena
 
 # DROID clients send the arm's joints and the gripper apart (openpi's field names), in state order.
 DROID_STATE_FIELDS = {'observation/joint_position': 7, 'observation/gripper_position': 1}
@@ -46,6 +47,11 @@ class PolicyServerBackend:
     self._metadata = dict(observation_spec=spec, action_shape=[cfg.video.action_horizon, e.action_dim],
                           action_horizon=cfg.video.action_horizon, control_hz=cfg.data.control_hz,
                           embodiment=e.name, protocol_version=protocol.PROTOCOL_VERSION)
+    aliases = e.camera_aliases.get(roboarena.NAME, {})
+    if aliases and set(aliases.values()) == set(cfg.data.cameras):
+      self._metadata[roboarena.NAME] = dict(
+          cameras={f'observation/{theirs}': f'observation/{ours}' for theirs, ours in aliases.items()},
+          frames_per_call=cfg.serve.roboarena_frames)
 
   @property
   def metadata(self):

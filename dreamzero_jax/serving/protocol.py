@@ -87,7 +87,14 @@ def frame_counts(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
               later_call_frames_accepted=[n for n in range(2, t + 1) if t % n == 0])
 
 
-def _check_camera(key: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def as_array(key: str, value: Any) -> np.ndarray:
+  try:
+    return np.asarray(value)
+  except Exception as e:  # ragged, too deep or too large: numpy raises several types
+    raise ValueError(f'{key}: not an array ({type(e).__name__})') from e
+
+
+def check_camera(key: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if value.dtype != np.uint8:
     raise ValueError(f'{key}: dtype {value.dtype}, expected uint8')
   if value.ndim == 3:
@@ -120,7 +127,7 @@ def restarts_episode(spec: Mapping[str, Mapping[str, Any]], observation: Mapping
   return bool(cameras) and observation[cameras[0]].shape[0] == 1
 
 
-def _check_vector(key: str, value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype
+def check_vector(key: str, value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype
                   ) -> np.ndarray:
   floating = dtype.kind == 'f'
   # Robot stacks report float64 state; any float is cast, but an int or string is a client bug.
@@ -153,13 +160,10 @@ def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping
   for key, entry in spec.items():
     if key not in request:
       raise ValueError(f'{key}: missing')
-    try:
-      value = np.asarray(request[key])
-    except Exception as e:  # ragged, too deep or too large: numpy raises several types
-      raise ValueError(f'{key}: not an array ({type(e).__name__})') from e
+    value = as_array(key, request[key])
     shape = tuple(entry['shape'])
     if is_camera(entry):
-      value = _check_camera(key, value, shape)
+      value = check_camera(key, value, shape)
       if first_camera is None:
         first_camera = (key, value.shape[0])
       elif value.shape[0] != first_camera[1]:
@@ -167,5 +171,5 @@ def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping
                          '(all cameras send the same number)')
       observation[key] = _frames_to_stride(key, value, shape[0], first_call)
     else:
-      observation[key] = _check_vector(key, value, shape, np.dtype(entry['dtype']))
+      observation[key] = check_vector(key, value, shape, np.dtype(entry['dtype']))
   return observation

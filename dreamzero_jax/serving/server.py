@@ -2,9 +2,11 @@
 (serve.py) runs it.
 
 On connect the server sends the backend's metadata (plus the camera frame counts of first and later
-calls); each request is one msgpack-numpy map (the client package's codec, clients/python) of
-observations + prompt (+ session_id, + reset); each reply is
-{actions, server_timing} or {error: '<field>: <what is wrong>'}.
+calls, and the release's PolicyServerConfig keys where the backend speaks RoboArena); each request is
+one msgpack-numpy map (the client package's codec, clients/python) of observations + prompt
+(+ session_id, + reset); each reply is {actions, server_timing} or {error: '<field>: <what is wrong>'}.
+A connection whose first request is RoboArena-style (serving/roboarena.py: the release's clients)
+speaks that protocol instead, or every connection does under protocol='roboarena'.
 
 Threads: the event loop only moves bytes; requests are decoded and checked on a small decode
 pool, so a malformed one is answered at once even while the model is busy; well-formed ones
@@ -31,7 +33,7 @@ from websockets.asyncio import server as ws_server
 from websockets.exceptions import ConnectionClosed
 
 from dreamzero_client import msgpack_numpy
-from dreamzero_jax.serving import protocol
+from dreamzero_jax.serving import protocol, roboarena
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,17 @@ _DECODE_THREADS = 2
 class _Session:
   prompt: str
   state: Any
+  chunks: int = 0                               # calls answered in this episode
+  frames: roboarena.FrameBuffer | None = None   # RoboArena sessions: the frames sent so far
+
+
+@dataclasses.dataclass
+class _Connection:
+  """Per-connection state: its protocol (set by its first request) and, under RoboArena, the
+  session it last named (a new session_id on it starts over, as in the release)."""
+  session: str
+  protocol: str | None = None
+  current: str | None = None
 
 
 @dataclasses.dataclass
@@ -55,17 +68,17 @@ class Request:
   session_id: str
   prompt: str
   reset: bool
-  observation: dict[str, np.ndarray]   # canonical: cameras of 1 or T frames
+  observation: dict[str, np.ndarray]   # canonical: cameras of 1 or T frames (RoboArena: as sent)
   frames: int                          # camera frames as sent (0 without cameras)
+  connection: _Connection | None = None
+  endpoint: str = 'infer'              # RoboArena's endpoint ('infer' or 'reset')
 
 
 def _ms(seconds: float) -> float:
   return 1e3 * seconds
 
 
-def decode_request(message: Any, spec: dict[str, Any], connection_session: str) -> Request:
-  """One websocket frame -> Request, or ValueError('<field>: <what is wrong>'). Needs no session
-  state, so it runs off the model thread."""
+def unpack_request(message: Any) -> dict[str, Any]:
   if not isinstance(message, bytes):
     raise ValueError('request: expected a binary msgpack frame, got text')
   try:
@@ -74,6 +87,16 @@ def decode_request(message: Any, spec: dict[str, Any], connection_session: str) 
     raise ValueError(f'request: not msgpack ({type(e).__name__}: {e})'[:300]) from e
   if not isinstance(request, dict):
     raise ValueError(f'request: expected a msgpack map, got {type(request).__name__}')
+  return request
+
+
+def decode_request(message: Any, spec: dict[str, Any], connection_session: str) -> Request:
+  """One openpi-style websocket frame -> Request, or ValueError('<field>: <what is wrong>'). Needs
+  no session state, so it runs off the model thread."""
+  return _openpi_request(unpack_request(message), spec, connection_session)
+
+
+def _openpi_request(request: dict[str, Any], spec: dict[str, Any], connection_session: str) -> Request:
   reset = request.get('reset', False)
   if not isinstance(reset, bool):
     raise ValueError(f'reset: expected true or false, got {reset!r:.40}')
@@ -85,19 +108,47 @@ def decode_request(message: Any, spec: dict[str, Any], connection_session: str) 
   return Request(request['session_id'], request['prompt'], reset, observation, frames)
 
 
+def _roboarena_request(request: dict[str, Any], spec: dict[str, Any], cameras: dict[str, str],
+                       connection_session: str) -> Request:
+  endpoint = request.get('endpoint', 'infer')
+  if endpoint not in roboarena.ENDPOINTS:
+    raise ValueError(f'endpoint: {endpoint!r:.40} is not one of {", ".join(roboarena.ENDPOINTS)}')
+  session_id = request.get('session_id', connection_session)
+  if not isinstance(session_id, str) or not session_id:
+    raise ValueError(f'session_id: expected a non-empty string, got {session_id!r:.40}')
+  if endpoint == 'reset':
+    return Request(session_id, '', True, {}, 0, endpoint=endpoint)
+  observation = roboarena.validate_infer(spec, cameras, request)
+  frames = next(iter(observation[k] for k in cameras.values())).shape[0]
+  return Request(session_id, request['prompt'], False, observation, frames)
+
+
 class PolicyServer:
   """One backend shared by many sessions, with a least-recently-used bound on their number."""
 
-  def __init__(self, backend: protocol.PolicyBackend, max_sessions: int):
+  def __init__(self, backend: protocol.PolicyBackend, max_sessions: int, wire_protocol: str = 'auto'):
+    """wire_protocol: 'auto' (each connection's first request decides), 'openpi' or 'roboarena'."""
     if max_sessions < 1:
       raise ValueError(f'max_sessions must be >= 1, got {max_sessions}')
+    if wire_protocol not in roboarena.PROTOCOLS:
+      raise ValueError(f'protocol: {wire_protocol!r} is not one of {", ".join(roboarena.PROTOCOLS)}')
     metadata = backend.metadata
     protocol.check_metadata(metadata)
     self._backend = backend
     self._spec = metadata['observation_spec']
     self._cameras = [k for k, e in self._spec.items() if protocol.is_camera(e)]
     self._action_shape = tuple(metadata['action_shape'])
-    self._metadata_frame = msgpack_numpy.pack({**metadata, **protocol.frame_counts(self._spec)})
+    metadata = {**metadata, **protocol.frame_counts(self._spec)}
+    # The RoboArena protocol: the backend's camera names for it and frames per call, when it has them.
+    self._roboarena = metadata.get('roboarena') if wire_protocol != 'openpi' else None
+    if self._roboarena is not None:
+      roboarena.check_metadata(metadata)
+      metadata.update(roboarena.server_config(metadata))
+    elif wire_protocol == roboarena.NAME:
+      raise ValueError(f'protocol: embodiment {metadata["embodiment"]} has no RoboArena camera names '
+                       '(embodiments.py camera_aliases)')
+    self._protocol = wire_protocol
+    self._metadata_frame = msgpack_numpy.pack(metadata)
     self._max_message_bytes = _MESSAGE_SLACK * protocol.request_bytes(self._spec) + (1 << 20)
     self._max_sessions = max_sessions
     # Touched only from the model thread: the single worker is the model lock.
@@ -115,11 +166,41 @@ class PolicyServer:
         self._evicted.popitem(last=False)
       log.info('evicted least recently used session %s', evicted)
 
+  def _roboarena_session(self, request: Request) -> _Session | None:
+    """RoboArena's session rules: a reset or a new session_id on the connection starts over; a
+    later 1-frame call continues the episode (its frames are buffered, not a restart)."""
+    connection, session_id = request.connection, request.session_id
+    if request.reset or connection.current not in (None, session_id):
+      self._sessions.pop(connection.current, None)
+    connection.current = None if request.reset else session_id
+    if request.reset:
+      self._sessions.pop(session_id, None)
+      return None
+    if session_id in self._evicted and session_id not in self._sessions:
+      self._evicted.pop(session_id)   # said once; its next call starts a new episode
+      raise ValueError(f'session_id: session {session_id} was evicted (more than --max_sessions='
+                       f'{self._max_sessions} sessions were active); its episode is gone: call again '
+                       'to start a new one')
+    return self._sessions.get(session_id)
+
   def _run_request(self, request: Request, timing: dict[str, float]
-                   ) -> tuple[np.ndarray, dict[str, float]]:
-    """The session-dependent checks and the model call; runs on the model thread."""
+                   ) -> tuple[np.ndarray | None, dict[str, float]]:
+    """The session-dependent checks and the model call; runs on the model thread. A RoboArena
+    reset returns no actions."""
     start = time.perf_counter()
     session_id, observation, prompt = request.session_id, request.observation, request.prompt
+    if request.connection is not None and request.connection.protocol == roboarena.NAME:
+      session = self._roboarena_session(request)
+      if request.endpoint == 'reset':
+        return None, {}
+      if session is not None and prompt != session.prompt:
+        raise ValueError(f'prompt: changed within session {session_id}; a new instruction starts a '
+                         'new episode (a new session_id, or the reset endpoint)')
+      frames = session.frames if session else roboarena.FrameBuffer(self._roboarena['frames_per_call'])
+      observation = roboarena.model_observation(
+          observation, frames, self._cameras, session is None, self._roboarena['frames_per_call'],
+          self._spec[self._cameras[0]]['shape'][0])
+      return self._infer(session_id, session, prompt, observation, frames, timing, start)
     if request.reset:
       self._sessions.pop(session_id, None)  # frees the old KV cache before a new one is built
     session = self._sessions.get(session_id)
@@ -140,6 +221,12 @@ class PolicyServer:
       raise ValueError(f'prompt: changed within session {session_id}; a new instruction starts a '
                        'new episode (send 1 frame, or reset: true)')
     self._evicted.pop(session_id, None)
+    return self._infer(session_id, session, prompt, observation, None, timing, start)
+
+  def _infer(self, session_id: str, session: _Session | None, prompt: str,
+             observation: dict[str, np.ndarray], frames: roboarena.FrameBuffer | None,
+             timing: dict[str, float], start: float) -> tuple[np.ndarray, dict[str, float]]:
+    """The model call of a checked request, and the session kept for the next."""
     timing['validate'] += _ms(time.perf_counter() - start)
     try:
       state = session.state if session else self._backend.new_session(prompt, observation)
@@ -155,38 +242,58 @@ class PolicyServer:
       self._sessions.pop(session_id, None)
       raise RuntimeError('the model produced non-finite actions (NaN or inf); none are sent and the '
                          'session is dropped (start a new episode with 1 frame)')
-    self._sessions[session_id] = _Session(prompt, state)
+    chunk = session.chunks if session else 0
+    self._sessions[session_id] = _Session(prompt, state, chunk + 1, frames)
     self._sessions.move_to_end(session_id)
     self._evict_over_limit()
-    return actions, model_timing
+    return actions, {**model_timing, 'episode_chunk': chunk}
 
-  def _decode(self, message: bytes | str, received: float, connection_session: str
-              ) -> tuple[Request | None, bytes | None, dict[str, float]]:
-    """(request, None, timing) or (None, error reply, timing); runs on the decode pool."""
+  def _decode(self, message: bytes | str, received: float, connection: _Connection
+              ) -> tuple[Request | None, bytes | str | None, dict[str, float]]:
+    """(request, None, timing) or (None, error reply, timing); runs on the decode pool. A
+    connection's first well-formed map fixes its protocol (under 'auto')."""
     start = time.perf_counter()
     timing = {'decode': _ms(start - received)}
     try:
-      request = decode_request(message, self._spec, connection_session)
+      fields = unpack_request(message)
+      if connection.protocol is None:
+        if self._roboarena is not None and (self._protocol == roboarena.NAME or roboarena.speaks(fields)):
+          connection.protocol = roboarena.NAME
+        else:
+          connection.protocol = 'openpi'
+      if connection.protocol == roboarena.NAME:
+        request = _roboarena_request(fields, self._spec, self._roboarena['cameras'], connection.session)
+      else:
+        request = _openpi_request(fields, self._spec, connection.session)
     except Exception as e:  # every malformed input is the client's: a ValueError or not
       if not isinstance(e, ValueError):
         e = ValueError(f'request: {type(e).__name__}: {e}')
       log.info('bad request: %s', e)
-      return None, msgpack_numpy.pack({'error': str(e)}), timing
+      return None, self._error_reply(connection, str(e)), timing
+    request.connection = connection
     timing['validate'] = _ms(time.perf_counter() - start)
     return request, None, timing
 
-  def _handle(self, request: Request, received: float, decoded: float, timing: dict[str, float]) -> bytes:
+  def _error_reply(self, connection: _Connection, message: str) -> bytes | str:
+    if connection.protocol == roboarena.NAME or (connection.protocol is None and self._protocol == roboarena.NAME):
+      return message   # a text frame: the release's clients raise it
+    return msgpack_numpy.pack({'error': message})
+
+  def _handle(self, request: Request, received: float, decoded: float, timing: dict[str, float]
+              ) -> bytes | str:
     """One checked request to one reply frame; runs on the model thread."""
     timing['queue'] = _ms(time.perf_counter() - decoded)
     try:
       actions, model_timing = self._run_request(request, timing)
     except ValueError as e:
       log.info('bad request: %s', e)
-      return msgpack_numpy.pack({'error': str(e)})
+      return self._error_reply(request.connection, str(e))
     except Exception as e:  # a backend failure must not take the server down
       log.exception('inference failed')
-      return msgpack_numpy.pack({'error': f'server: {type(e).__name__}: {e}'})
+      return self._error_reply(request.connection, f'server: {type(e).__name__}: {e}')
     timing['total'] = _ms(time.perf_counter() - received)
+    if request.connection.protocol == roboarena.NAME:
+      return roboarena.RESET_REPLY if actions is None else roboarena.pack_actions(actions)
     return msgpack_numpy.pack({'actions': actions, 'server_timing': {**model_timing, **timing}})
 
   def _forget(self, session_id: str) -> None:
@@ -198,14 +305,14 @@ class PolicyServer:
 
   async def _connection(self, websocket: ws_server.ServerConnection) -> None:
     loop = asyncio.get_running_loop()
-    connection_session = f'connection-{uuid.uuid4().hex}'
+    connection = _Connection(f'connection-{uuid.uuid4().hex}')
     closed = asyncio.ensure_future(websocket.wait_closed())
     try:
       await websocket.send(self._metadata_frame)
       async for message in websocket:
         received = time.perf_counter()
         request, reply, timing = await loop.run_in_executor(
-            self._decoder, self._decode, message, received, connection_session)
+            self._decoder, self._decode, message, received, connection)
         if request is not None:
           job = self._worker.submit(self._handle, request, received, time.perf_counter(), timing)
           answer = asyncio.wrap_future(job)
@@ -219,7 +326,7 @@ class PolicyServer:
       pass  # the client left mid-request; named sessions stay for a reconnect
     finally:
       closed.cancel()
-      self._forget(connection_session)
+      self._forget(connection.session)
 
   def _process_request(self, connection: ws_server.ServerConnection, request):
     if request.path == HEALTH_PATH:
@@ -254,9 +361,10 @@ class PolicyServer:
       self._worker.shutdown(wait=True)  # lets an in-flight model call finish
 
 
-def run(backend: protocol.PolicyBackend, host: str, port: int, max_sessions: int) -> None:
+def run(backend: protocol.PolicyBackend, host: str, port: int, max_sessions: int,
+        wire_protocol: str = 'auto') -> None:
   """Serves from the main thread until SIGINT or SIGTERM."""
-  policy_server = PolicyServer(backend, max_sessions)
+  policy_server = PolicyServer(backend, max_sessions, wire_protocol)
 
   async def serve_until_signal():
     stop = asyncio.Event()
