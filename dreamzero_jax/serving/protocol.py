@@ -25,6 +25,9 @@ METADATA_KEYS = ('observation_spec', 'action_shape', 'action_horizon', 'control_
                  'embodiment', 'protocol_version')
 # Request fields that are not observations (the server fills session_id in when a client sends none).
 TEXT_FIELDS = ('session_id', 'prompt')
+# Bounds on what a request may make the server keep: ids (session_id, request_id) and the prompt.
+MAX_ID_CHARS = 256
+MAX_PROMPT_CHARS = 4096
 
 
 class PolicyBackend(Protocol):
@@ -85,6 +88,15 @@ def frame_counts(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
   t = frames[0]
   return dict(first_call_frames=1, later_call_frames=t,
               later_call_frames_accepted=[n for n in range(2, t + 1) if t % n == 0])
+
+
+def check_text(field: str, value: Any) -> None:
+  """session_id and prompt: non-empty strings within their bounds."""
+  bound = MAX_PROMPT_CHARS if field == 'prompt' else MAX_ID_CHARS
+  if not isinstance(value, str) or not value:
+    raise ValueError(f'{field}: expected a non-empty string, got {value!r:.40}')
+  if len(value) > bound:
+    raise ValueError(f'{field}: {len(value)} characters, at most {bound}')
 
 
 def as_array(key: str, value: Any) -> np.ndarray:
@@ -154,8 +166,7 @@ def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping
   for field in TEXT_FIELDS:
     if field not in request:
       raise ValueError(f'{field}: missing')
-    if not isinstance(request[field], str) or not request[field]:
-      raise ValueError(f'{field}: expected a non-empty string, got {request[field]!r:.40}')
+    check_text(field, request[field])
   observation, first_camera = {}, None
   for key, entry in spec.items():
     if key not in request:

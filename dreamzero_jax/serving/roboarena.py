@@ -70,9 +70,9 @@ def validate_infer(spec: Mapping[str, Mapping[str, Any]], cameras: Mapping[str, 
 
   Errors name the client's field. Keys outside the protocol (cartesian_position) are ignored.
   """
-  if not isinstance(request.get('prompt'), str) or not request['prompt']:
-    raise ValueError('prompt: missing' if 'prompt' not in request else
-                     f'prompt: expected a non-empty string, got {request["prompt"]!r:.40}')
+  if 'prompt' not in request:
+    raise ValueError('prompt: missing')
+  protocol.check_text('prompt', request['prompt'])
   observation, first = {}, None
   for client_key, key in cameras.items():
     if client_key not in request:

@@ -26,7 +26,7 @@ import logging
 import signal
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 from websockets.asyncio import server as ws_server
@@ -43,6 +43,8 @@ _MESSAGE_SLACK = 2
 # Evicted session ids remembered so that their next call hears why its episode is gone.
 _EVICTED_REMEMBERED = 4096
 _DECODE_THREADS = 2
+# Request fields besides the observations that either protocol reads.
+_CONTROL_FIELDS = (*protocol.TEXT_FIELDS, 'reset', 'request_id', 'endpoint')
 
 
 @dataclasses.dataclass
@@ -72,17 +74,29 @@ class Request:
   frames: int                          # camera frames as sent (0 without cameras)
   connection: _Connection | None = None
   endpoint: str = 'infer'              # RoboArena's endpoint ('infer' or 'reset')
+  request_id: str | int | None = None  # echoed in the reply
 
 
 def _ms(seconds: float) -> float:
   return 1e3 * seconds
 
 
+def _malformed_array(value: Any) -> msgpack_numpy.MalformedArray | None:
+  if isinstance(value, msgpack_numpy.MalformedArray):
+    return value
+  for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+    found = _malformed_array(item)
+    if found is not None:
+      return found
+  return None
+
+
 def unpack_request(message: Any) -> dict[str, Any]:
+  """A frame -> its map (arrays that do not decode left as MalformedArray: check_arrays names them)."""
   if not isinstance(message, bytes):
     raise ValueError('request: expected a binary msgpack frame, got text')
   try:
-    request = msgpack_numpy.unpack(message)
+    request = msgpack_numpy.unpack(message, lenient=True)
   except Exception as e:  # msgpack raises many types on garbage
     raise ValueError(f'request: not msgpack ({type(e).__name__}: {e})'[:300]) from e
   if not isinstance(request, dict):
@@ -90,10 +104,34 @@ def unpack_request(message: Any) -> dict[str, Any]:
   return request
 
 
+def check_arrays(request: dict[str, Any], used: Collection[str]) -> None:
+  """ValueError naming a field the server reads (`used`) whose array does not decode; other such
+  fields are dropped, as extras are ignored."""
+  for key, value in list(request.items()):
+    bad = _malformed_array(value)
+    if bad is not None:
+      if key in used:
+        raise ValueError(f'{key}: bad array encoding ({bad.reason})')
+      del request[key]
+
+
+def request_id(request: dict[str, Any]) -> str | int | None:
+  """The request's `request_id` (echoed in its reply), None without one; ValueError if malformed."""
+  rid = request.get('request_id')
+  if rid is None or (isinstance(rid, int) and not isinstance(rid, bool)):
+    return rid
+  if not isinstance(rid, str) or not 0 < len(rid) <= protocol.MAX_ID_CHARS:
+    raise ValueError(f'request_id: expected an int or a string of 1-{protocol.MAX_ID_CHARS} characters, '
+                     f'got {rid!r:.40}')
+  return rid
+
+
 def decode_request(message: Any, spec: dict[str, Any], connection_session: str) -> Request:
   """One openpi-style websocket frame -> Request, or ValueError('<field>: <what is wrong>'). Needs
   no session state, so it runs off the model thread."""
-  return _openpi_request(unpack_request(message), spec, connection_session)
+  request = unpack_request(message)
+  check_arrays(request, (*spec, *_CONTROL_FIELDS))
+  return _openpi_request(request, spec, connection_session)
 
 
 def _openpi_request(request: dict[str, Any], spec: dict[str, Any], connection_session: str) -> Request:
@@ -114,8 +152,7 @@ def _roboarena_request(request: dict[str, Any], spec: dict[str, Any], cameras: d
   if endpoint not in roboarena.ENDPOINTS:
     raise ValueError(f'endpoint: {endpoint!r:.40} is not one of {", ".join(roboarena.ENDPOINTS)}')
   session_id = request.get('session_id', connection_session)
-  if not isinstance(session_id, str) or not session_id:
-    raise ValueError(f'session_id: expected a non-empty string, got {session_id!r:.40}')
+  protocol.check_text('session_id', session_id)
   if endpoint == 'reset':
     return Request(session_id, '', True, {}, 0, endpoint=endpoint)
   observation = roboarena.validate_infer(spec, cameras, request)
@@ -148,6 +185,7 @@ class PolicyServer:
       raise ValueError(f'protocol: embodiment {metadata["embodiment"]} has no RoboArena camera names '
                        '(embodiments.py camera_aliases)')
     self._protocol = wire_protocol
+    self._used_fields = {*self._spec, *_CONTROL_FIELDS, *(self._roboarena or {}).get('cameras', ())}
     self._metadata_frame = msgpack_numpy.pack(metadata)
     self._max_message_bytes = _MESSAGE_SLACK * protocol.request_bytes(self._spec) + (1 << 20)
     self._max_sessions = max_sessions
@@ -254,8 +292,11 @@ class PolicyServer:
     connection's first well-formed map fixes its protocol (under 'auto')."""
     start = time.perf_counter()
     timing = {'decode': _ms(start - received)}
+    rid = None
     try:
       fields = unpack_request(message)
+      rid = request_id(fields)
+      check_arrays(fields, self._used_fields)
       if connection.protocol is None:
         if self._roboarena is not None and (self._protocol == roboarena.NAME or roboarena.speaks(fields)):
           connection.protocol = roboarena.NAME
@@ -269,15 +310,15 @@ class PolicyServer:
       if not isinstance(e, ValueError):
         e = ValueError(f'request: {type(e).__name__}: {e}')
       log.info('bad request: %s', e)
-      return None, self._error_reply(connection, str(e)), timing
-    request.connection = connection
+      return None, self._error_reply(connection, str(e), rid), timing
+    request.connection, request.request_id = connection, rid
     timing['validate'] = _ms(time.perf_counter() - start)
     return request, None, timing
 
-  def _error_reply(self, connection: _Connection, message: str) -> bytes | str:
+  def _error_reply(self, connection: _Connection, message: str, rid: str | int | None) -> bytes | str:
     if connection.protocol == roboarena.NAME or (connection.protocol is None and self._protocol == roboarena.NAME):
       return message   # a text frame: the release's clients raise it
-    return msgpack_numpy.pack({'error': message})
+    return msgpack_numpy.pack({'error': message, **({} if rid is None else {'request_id': rid})})
 
   def _handle(self, request: Request, received: float, decoded: float, timing: dict[str, float]
               ) -> bytes | str:
@@ -287,14 +328,19 @@ class PolicyServer:
       actions, model_timing = self._run_request(request, timing)
     except ValueError as e:
       log.info('bad request: %s', e)
-      return self._error_reply(request.connection, str(e))
+      return self._error_reply(request.connection, str(e), request.request_id)
     except Exception as e:  # a backend failure must not take the server down
       log.exception('inference failed')
-      return self._error_reply(request.connection, f'server: {type(e).__name__}: {e}')
+      return self._error_reply(request.connection, f'server: {type(e).__name__}: {e}', request.request_id)
     timing['total'] = _ms(time.perf_counter() - received)
     if request.connection.protocol == roboarena.NAME:
       return roboarena.RESET_REPLY if actions is None else roboarena.pack_actions(actions)
-    return msgpack_numpy.pack({'actions': actions, 'server_timing': {**model_timing, **timing}})
+    # Which request and which observation the actions answer: the session and the chunk's index.
+    reply = {'actions': actions, 'server_timing': {**model_timing, **timing}, 'session_id': request.session_id,
+             'episode_chunk': model_timing['episode_chunk']}
+    if request.request_id is not None:
+      reply['request_id'] = request.request_id
+    return msgpack_numpy.pack(reply)
 
   def _forget(self, session_id: str) -> None:
     """Drops a connection's own session when it closes (nobody else can name it)."""

@@ -3,6 +3,8 @@
 Depends on numpy, msgpack and websockets only (`pip install ./clients/python`); the server
 package dreamzero-jax ships this package as well and encodes its replies with the same codec.
 """
-from dreamzero_client.client import PolicyClient, PolicyServerError
+from dreamzero_client.client import (PolicyClient, PolicyClientError, PolicyServerError, PolicyTimeoutError,
+                                     ProtocolMismatchError, StaleActionsError)
 
-__all__ = ['PolicyClient', 'PolicyServerError']
+__all__ = ['PolicyClient', 'PolicyClientError', 'PolicyServerError', 'PolicyTimeoutError',
+           'ProtocolMismatchError', 'StaleActionsError']

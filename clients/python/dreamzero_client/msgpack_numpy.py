@@ -36,17 +36,51 @@ def _encode(obj: Any) -> Any:
   raise TypeError(f'cannot pack {type(obj).__name__} into msgpack')
 
 
+class MalformedArray:
+  """What `unpack(..., lenient=True)` leaves where an array map does not decode, so that the reader
+  can name the field holding it."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+  def __repr__(self) -> str:
+    return f'MalformedArray({self.reason!r})'
+
+
+def _describe(e: Exception) -> str:
+  if isinstance(e, KeyError):
+    return f'no {e.args[0].decode(errors="replace") if isinstance(e.args[0], bytes) else e.args[0]}'
+  return str(e)[:120]
+
+
+def _decode_array(obj: dict) -> Any:
+  if _NDARRAY in obj:
+    dtype = _check_dtype(np.dtype(obj[b'dtype']))
+    shape = obj[b'shape']
+    if not isinstance(shape, (list, tuple)):
+      raise TypeError(f'shape {shape!r:.40} is not a list')
+    # Read-only view of the message bytes: no copy for multi-megabyte images.
+    return np.ndarray(buffer=obj[b'data'], dtype=dtype, shape=tuple(shape))
+  if _NPGENERIC in obj:
+    return _check_dtype(np.dtype(obj[b'dtype'])).type(obj[b'data'])
+  return obj
+
+
+_DECODE_ERRORS = (KeyError, TypeError, ValueError, OverflowError, MemoryError)
+
+
 def _decode(obj: dict) -> Any:
   try:
-    if _NDARRAY in obj:
-      dtype = _check_dtype(np.dtype(obj[b'dtype']))
-      # Read-only view of the message bytes: no copy for multi-megabyte images.
-      return np.ndarray(buffer=obj[b'data'], dtype=dtype, shape=tuple(obj[b'shape']))
-    if _NPGENERIC in obj:
-      return _check_dtype(np.dtype(obj[b'dtype'])).type(obj[b'data'])
-  except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f'malformed msgpack-numpy array: {e}') from e
-  return obj
+    return _decode_array(obj)
+  except _DECODE_ERRORS as e:
+    raise ValueError(f'malformed msgpack-numpy array: {_describe(e)}') from e
+
+
+def _decode_lenient(obj: dict) -> Any:
+  try:
+    return _decode_array(obj)
+  except _DECODE_ERRORS as e:
+    return MalformedArray(_describe(e))
 
 
 def pack(obj: Any) -> bytes:
@@ -54,6 +88,7 @@ def pack(obj: Any) -> bytes:
   return msgpack.packb(obj, default=_encode)
 
 
-def unpack(data: bytes) -> Any:
-  """Inverse of `pack`; arrays come back read-only."""
-  return msgpack.unpackb(data, object_hook=_decode)
+def unpack(data: bytes, lenient: bool = False) -> Any:
+  """Inverse of `pack`; arrays come back read-only. A malformed array map raises ValueError, or
+  under `lenient` becomes a MalformedArray in its place."""
+  return msgpack.unpackb(data, object_hook=_decode_lenient if lenient else _decode)
