@@ -11,6 +11,14 @@ a frame count that divides nothing, NaN or float32-overflowing state, a non-bool
 requests must get finite actions of the metadata's shape; malformed ones an error naming the field.
 Prints one JSON line: crashes (client exceptions or a server that did not exit 0 on SIGTERM),
 misclassified replies, and p50/p99 latency (client-side, ms) of good and of malformed replies.
+
+  python bench/serve_soak.py --client_faults [--sessions 4] [--requests 12] [--timeout_s 1.5]
+
+Client-fault mode: each session is a dreamzero_client.PolicyClient (timeout_s) behind a proxy that
+delays a seeded fraction of the server's replies past the client's timeout (--slow) and sends another
+fraction twice (--double); the session retries each timed-out call with its next observation, as a
+robot loop does. The proxy records which request each reply answered, so a reply's actions returned
+to the caller for any other observation counts as stale (must be 0), independently of the client.
 """
 from __future__ import annotations
 
@@ -119,12 +127,106 @@ def drive(port: int, session: int, requests: int, bad: set[int], out: dict, lock
       out['crashes'].append(f'session {session}: {type(e).__name__}: {e}')
 
 
+def fault_proxy(upstream: int, slow: float, double: float, delay_s: float, seed: int, ledger: dict,
+                ready: list) -> None:
+  """Forwards connections to the server at `upstream`, delaying or doubling seeded replies; records
+  each request's joint 0 by request_id and the request_id of each reply's actions (ledger)."""
+  import asyncio
+  from websockets.asyncio import client as ws_client
+  from websockets.asyncio import server as ws_server
+  rng = np.random.default_rng(seed)
+
+  async def relay(downstream):
+    async with ws_client.connect(f'ws://127.0.0.1:{upstream}', max_size=None, compression=None) as up:
+      await downstream.send(await up.recv())
+      async for frame in downstream:
+        request = msgpack_numpy.unpack(frame)
+        ledger['joint'][request['request_id']] = float(request['observation/state'][0])
+        await up.send(frame)
+        reply_frame = await up.recv()
+        reply = msgpack_numpy.unpack(reply_frame)
+        if 'actions' in reply:
+          ledger['answers'][reply['actions'].tobytes()] = reply['request_id']
+        fault = rng.uniform()
+        if fault < slow:
+          ledger['slowed'] += 1
+          await asyncio.sleep(delay_s)
+        await downstream.send(reply_frame)
+        if slow <= fault < slow + double:
+          ledger['doubled'] += 1
+          await downstream.send(reply_frame)
+
+  async def main():
+    async with ws_server.serve(relay, '127.0.0.1', 0, max_size=None, compression=None) as proxy:
+      ready.append(proxy.sockets[0].getsockname()[1])
+      await asyncio.Future()
+
+  asyncio.run(main())
+
+
+def drive_faulty(port: int, session: int, requests: int, timeout_s: float, ledger: dict, out: dict,
+                 lock: threading.Lock) -> None:
+  """A robot loop through the proxy: a new observation (joint 0 unique) per call, retried on timeouts."""
+  import warnings
+  import dreamzero_client
+  rng = np.random.default_rng(1000 + session)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')   # the discarded late and duplicate replies
+      with dreamzero_client.PolicyClient('127.0.0.1', port, session_id=f'fault-{session}', timeout_s=timeout_s) as client:
+        spec = client.metadata['observation_spec']
+        started = False
+        for i in range(requests):
+          joint = float(session * 1000 + i)
+          frames = client.metadata['later_call_frames'] if started else 1
+          obs = {k: (rng.integers(0, 256, (frames, *e['shape'][1:]), dtype=np.uint8) if len(e['shape']) == 4
+                     else np.full(e['shape'], joint, np.float32)) for k, e in spec.items()}
+          try:
+            reply = client.infer({**obs, 'prompt': 'reach the goal'})
+          except dreamzero_client.PolicyTimeoutError:
+            with lock:
+              out['timeouts'] += 1
+            continue
+          started = True
+          answered = ledger['answers'].get(reply['actions'].tobytes())
+          with lock:
+            out['returned'] += 1
+            if answered is None or ledger['joint'].get(answered) != joint:
+              out['stale'].append(f'session {session} call {i}: actions of {answered}')
+  except Exception as e:  # a dropped connection is a crash of the run
+    with lock:
+      out['crashes'].append(f'session {session}: {type(e).__name__}: {e}')
+
+
 def _health(port: int) -> int:
   try:
     with urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=10) as reply:
       return reply.status
   except urllib.error.HTTPError as e:
     return e.code
+
+
+def _client_faults(port: int, args) -> tuple[dict, bool]:
+  ledger = {'joint': {}, 'answers': {}, 'slowed': 0, 'doubled': 0}
+  ready = []
+  threading.Thread(target=fault_proxy, args=(port, args.slow, args.double, 2 * args.timeout_s, args.seed, ledger,
+                                             ready), daemon=True).start()
+  while not ready:
+    time.sleep(0.01)
+  out = {'returned': 0, 'timeouts': 0, 'stale': [], 'crashes': []}
+  lock = threading.Lock()
+  threads = [threading.Thread(target=drive_faulty, args=(ready[0], s, args.requests, args.timeout_s, ledger, out, lock))
+             for s in range(args.sessions)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  for message in (out['crashes'] + out['stale'])[:10]:
+    print(message, file=sys.stderr)
+  report = dict(mode='client_faults', sessions=args.sessions, requests=args.requests, timeout_s=args.timeout_s,
+                slowed=ledger['slowed'], doubled=ledger['doubled'], timeouts=out['timeouts'],
+                returned=out['returned'], stale=len(out['stale']), crashes=len(out['crashes']))
+  return report, not out['stale'] and out['returned'] > 0
 
 
 def main(argv: list[str]) -> int:
@@ -138,7 +240,13 @@ def main(argv: list[str]) -> int:
   p.add_argument('--requests', type=int, default=20)
   p.add_argument('--malformed', type=float, default=0.1)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--client_faults', action='store_true', help='the client-fault mode (module docstring)')
+  p.add_argument('--timeout_s', type=float, default=1.5, help='client-fault mode: the client\'s reply timeout')
+  p.add_argument('--slow', type=float, default=0.2, help='client-fault mode: fraction of replies delayed')
+  p.add_argument('--double', type=float, default=0.2, help='client-fault mode: fraction of replies sent twice')
   args = p.parse_args(rest)
+  if args.client_faults:
+    argv = [a for a in argv if a.startswith('--config.')]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
   server = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--serve_only', str(args.sessions),
                              *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -153,6 +261,13 @@ def main(argv: list[str]) -> int:
     while _health(port) != 200:
       time.sleep(0.1)
     compile_s = time.perf_counter() - start
+    if args.client_faults:
+      report, ok = _client_faults(port, args)
+      server.send_signal(signal.SIGTERM)
+      if server.wait(120) != 0:
+        report['crashes'] += 1
+      print(json.dumps({**report, 'compile_s': round(compile_s, 1)}))
+      return 0 if ok and report['crashes'] == 0 else 1
     rng = np.random.default_rng(args.seed)
     total = args.sessions * args.requests
     bad_flat = set(rng.choice(total, int(round(args.malformed * total)), replace=False).tolist())

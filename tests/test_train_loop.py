@@ -138,6 +138,7 @@ def _restored_params(workdir, cfg):
   return state.params
 
 
+@pytest.mark.slow   # ~110 s on 2 cores: two processes compile the step; run with -m slow
 def test_two_host_loop_matches_one_device(tmp_path):
   # Two processes (2 fake devices each) joined by jax.distributed on localhost, each feeding its
   # half of every global batch, as on a TPU pod: 1 step, stop, resume to 2, then compare.
