@@ -167,32 +167,29 @@ def fault_proxy(upstream: int, slow: float, double: float, delay_s: float, seed:
 def drive_faulty(port: int, session: int, requests: int, timeout_s: float, ledger: dict, out: dict,
                  lock: threading.Lock) -> None:
   """A robot loop through the proxy: a new observation (joint 0 unique) per call, retried on timeouts."""
-  import warnings
   import dreamzero_client
   rng = np.random.default_rng(1000 + session)
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore')   # the discarded late and duplicate replies
-      with dreamzero_client.PolicyClient('127.0.0.1', port, session_id=f'fault-{session}', timeout_s=timeout_s) as client:
-        spec = client.metadata['observation_spec']
-        started = False
-        for i in range(requests):
-          joint = float(session * 1000 + i)
-          frames = client.metadata['later_call_frames'] if started else 1
-          obs = {k: (rng.integers(0, 256, (frames, *e['shape'][1:]), dtype=np.uint8) if len(e['shape']) == 4
-                     else np.full(e['shape'], joint, np.float32)) for k, e in spec.items()}
-          try:
-            reply = client.infer({**obs, 'prompt': 'reach the goal'})
-          except dreamzero_client.PolicyTimeoutError:
-            with lock:
-              out['timeouts'] += 1
-            continue
-          started = True
-          answered = ledger['answers'].get(reply['actions'].tobytes())
+    with dreamzero_client.PolicyClient('127.0.0.1', port, session_id=f'fault-{session}', timeout_s=timeout_s) as client:
+      spec = client.metadata['observation_spec']
+      started = False
+      for i in range(requests):
+        joint = float(session * 1000 + i)
+        frames = client.metadata['later_call_frames'] if started else 1
+        obs = {k: (rng.integers(0, 256, (frames, *e['shape'][1:]), dtype=np.uint8) if len(e['shape']) == 4
+                   else np.full(e['shape'], joint, np.float32)) for k, e in spec.items()}
+        try:
+          reply = client.infer({**obs, 'prompt': 'reach the goal'})
+        except dreamzero_client.PolicyTimeoutError:
           with lock:
-            out['returned'] += 1
-            if answered is None or ledger['joint'].get(answered) != joint:
-              out['stale'].append(f'session {session} call {i}: actions of {answered}')
+            out['timeouts'] += 1
+          continue
+        started = True
+        answered = ledger['answers'].get(reply['actions'].tobytes())
+        with lock:
+          out['returned'] += 1
+          if answered is None or ledger['joint'].get(answered) != joint:
+            out['stale'].append(f'session {session} call {i}: actions of {answered}')
   except Exception as e:  # a dropped connection is a crash of the run
     with lock:
       out['crashes'].append(f'session {session}: {type(e).__name__}: {e}')
@@ -207,6 +204,8 @@ def _health(port: int) -> int:
 
 
 def _client_faults(port: int, args) -> tuple[dict, bool]:
+  import warnings
+  warnings.filterwarnings('ignore', message='discarded a reply')   # the late and duplicate replies, counted here
   ledger = {'joint': {}, 'answers': {}, 'slowed': 0, 'doubled': 0}
   ready = []
   threading.Thread(target=fault_proxy, args=(port, args.slow, args.double, 2 * args.timeout_s, args.seed, ledger,
