@@ -18,7 +18,8 @@ from websockets.sync import server as ws_server
 import dreamzero_client
 from dreamzero_client import client as client_lib
 from dreamzero_client import msgpack_numpy
-from tests.test_serve import CountingBackend, observation, raw_connection, raw_infer, running_server
+from tests.test_serve import CountingBackend, observation, raw_connection, raw_infer
+from tests.test_serve import server  # noqa: F401  (the fixture: CountingBackend served on loopback)
 
 METADATA = {**CountingBackend.metadata}
 
@@ -108,13 +109,6 @@ def test_another_protocol_is_a_mismatch_not_a_hang():
     with pytest.raises(dreamzero_client.ProtocolMismatchError, match='protocol 2'):
       dreamzero_client.PolicyClient('127.0.0.1', server.socket.getsockname()[1])
     server.shutdown()
-
-
-@pytest.fixture(scope='module')
-def server():
-  backend = CountingBackend()
-  with running_server(backend) as port:
-    yield backend, port
 
 
 def test_replies_echo_the_request_id_and_say_which_observation_they_answer(server):

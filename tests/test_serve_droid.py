@@ -33,7 +33,7 @@ def droid_policy(tmp_path_factory):
       'sampler.num_steps=2', 'sampler.dit_step_mask="11"'])
   assert loop.train(cfg, str(root / 'work')) == 0
   backend = loading.load_backend(str(root / 'work'))
-  record = dict(sessions=0, seen=[], postprocessed=[])
+  record = dict(sessions=0, seen=[], postprocessed=[], stats=backend.policy.stats['action'])
   new_session, infer, postprocess = backend.new_session, backend.infer, backend.policy.postprocess
 
   def counting_new_session(prompt, observation):
@@ -82,8 +82,7 @@ RELEASE_SEQUENCE = [('reset', None, None)] + [('infer', 'sim-episode-1', v) for 
 
 
 def test_the_release_client_sequence(droid_policy):
-  backend, port, record = droid_policy
-  record['stats'] = backend.policy.stats['action']
+  _, port, record = droid_policy
   del record['seen'][:]
   before = record['sessions']
   with release_client(port) as client:
@@ -112,8 +111,7 @@ OPENPI_SEQUENCE = [(1, False), (8, False), (4, False), (1, True)]
 
 
 def test_an_openpi_client(droid_policy):
-  backend, port, record = droid_policy
-  record['stats'] = backend.policy.stats['action']
+  _, port, record = droid_policy
   client = websocket_client_policy.WebsocketClientPolicy('127.0.0.1', port)
   assert client.get_server_metadata()['embodiment'] == 'droid'
   chunks = []

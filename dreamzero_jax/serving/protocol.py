@@ -99,14 +99,14 @@ def check_text(field: str, value: Any) -> None:
     raise ValueError(f'{field}: {len(value)} characters, at most {bound}')
 
 
-def as_array(key: str, value: Any) -> np.ndarray:
+def _as_array(key: str, value: Any) -> np.ndarray:
   try:
     return np.asarray(value)
   except Exception as e:  # ragged, too deep or too large: numpy raises several types
     raise ValueError(f'{key}: not an array ({type(e).__name__})') from e
 
 
-def check_camera(key: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _check_camera(key: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if value.dtype != np.uint8:
     raise ValueError(f'{key}: dtype {value.dtype}, expected uint8')
   if value.ndim == 3:
@@ -139,7 +139,7 @@ def restarts_episode(spec: Mapping[str, Mapping[str, Any]], observation: Mapping
   return bool(cameras) and observation[cameras[0]].shape[0] == 1
 
 
-def check_vector(key: str, value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype
+def _check_vector(key: str, value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype
                   ) -> np.ndarray:
   floating = dtype.kind == 'f'
   # Robot stacks report float64 state; any float is cast, but an int or string is a client bug.
@@ -157,11 +157,14 @@ def check_vector(key: str, value: np.ndarray, shape: tuple[int, ...], dtype: np.
 
 
 def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping[str, Any],
-                         first_call: bool) -> dict[str, np.ndarray]:
-  """Checks a request against the spec; returns its observations in canonical form.
+                         first_call: bool, names: Mapping[str, str] | None = None,
+                         buffered: bool = False) -> dict[str, np.ndarray]:
+  """Checks a request against the spec; returns its observations under the spec's keys, in
+  canonical form (or, when `buffered`, cameras as sent: the caller buffers their frames).
 
-  Raises ValueError('<field>: <what is wrong>') for the first bad field. Keys outside the spec
-  are ignored, as openpi clients send extras.
+  `names`: the request's key for a spec key where they differ (another protocol's camera names).
+  Raises ValueError('<field>: <what is wrong>') for the first bad field, named as the request names
+  it. Keys outside the spec are ignored, as openpi clients send extras.
   """
   for field in TEXT_FIELDS:
     if field not in request:
@@ -169,18 +172,19 @@ def validate_observation(spec: Mapping[str, Mapping[str, Any]], request: Mapping
     check_text(field, request[field])
   observation, first_camera = {}, None
   for key, entry in spec.items():
-    if key not in request:
-      raise ValueError(f'{key}: missing')
-    value = as_array(key, request[key])
+    field = (names or {}).get(key, key)
+    if field not in request:
+      raise ValueError(f'{field}: missing')
+    value = _as_array(field, request[field])
     shape = tuple(entry['shape'])
     if is_camera(entry):
-      value = check_camera(key, value, shape)
+      value = _check_camera(field, value, shape)
       if first_camera is None:
-        first_camera = (key, value.shape[0])
+        first_camera = (field, value.shape[0])
       elif value.shape[0] != first_camera[1]:
-        raise ValueError(f'{key}: {value.shape[0]} frames, but {first_camera[0]} has {first_camera[1]} '
+        raise ValueError(f'{field}: {value.shape[0]} frames, but {first_camera[0]} has {first_camera[1]} '
                          '(all cameras send the same number)')
-      observation[key] = _frames_to_stride(key, value, shape[0], first_call)
+      observation[key] = value if buffered else _frames_to_stride(field, value, shape[0], first_call)
     else:
-      observation[key] = check_vector(key, value, shape, np.dtype(entry['dtype']))
+      observation[key] = _check_vector(field, value, shape, np.dtype(entry['dtype']))
   return observation

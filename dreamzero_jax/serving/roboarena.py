@@ -64,37 +64,6 @@ def speaks(request: Any) -> bool:
   return isinstance(request, dict) and any(k in request for k in _MARKERS)
 
 
-def validate_infer(spec: Mapping[str, Mapping[str, Any]], cameras: Mapping[str, str],
-                   request: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """A RoboArena infer request -> observations under the spec's keys, cameras as sent (n frames).
-
-  Errors name the client's field. Keys outside the protocol (cartesian_position) are ignored.
-  """
-  if 'prompt' not in request:
-    raise ValueError('prompt: missing')
-  protocol.check_text('prompt', request['prompt'])
-  observation, first = {}, None
-  for client_key, key in cameras.items():
-    if client_key not in request:
-      raise ValueError(f'{client_key}: missing')
-    value = protocol.as_array(client_key, request[client_key])
-    value = protocol.check_camera(client_key, value, tuple(spec[key]['shape']))
-    if first is None:
-      first = (client_key, value.shape[0])
-    elif value.shape[0] != first[1]:
-      raise ValueError(f'{client_key}: {value.shape[0]} frames, but {first[0]} has {first[1]} '
-                       '(all cameras send the same number)')
-    observation[key] = value
-  for key, entry in spec.items():
-    if key in observation:
-      continue
-    if key not in request:
-      raise ValueError(f'{key}: missing')
-    observation[key] = protocol.check_vector(key, protocol.as_array(key, request[key]),
-                                             tuple(entry['shape']), np.dtype(entry['dtype']))
-  return observation
-
-
 class FrameBuffer:
   """One session's frames per camera: the episode's first frame and the latest `keep`."""
 

@@ -151,13 +151,16 @@ def _roboarena_request(request: dict[str, Any], spec: dict[str, Any], cameras: d
   endpoint = request.get('endpoint', 'infer')
   if endpoint not in roboarena.ENDPOINTS:
     raise ValueError(f'endpoint: {endpoint!r:.40} is not one of {", ".join(roboarena.ENDPOINTS)}')
-  session_id = request.get('session_id', connection_session)
-  protocol.check_text('session_id', session_id)
+  request = {'session_id': connection_session, **request}
   if endpoint == 'reset':
-    return Request(session_id, '', True, {}, 0, endpoint=endpoint)
-  observation = roboarena.validate_infer(spec, cameras, request)
-  frames = next(iter(observation[k] for k in cameras.values())).shape[0]
-  return Request(session_id, request['prompt'], False, observation, frames)
+    protocol.check_text('session_id', request['session_id'])
+    return Request(request['session_id'], '', True, {}, 0, endpoint=endpoint)
+  # Cameras as sent (the model thread buffers them), named as the client names them.
+  observation = protocol.validate_observation(spec, request, first_call=False,
+                                              names={ours: theirs for theirs, ours in cameras.items()},
+                                              buffered=True)
+  frames = observation[next(iter(cameras.values()))].shape[0]
+  return Request(request['session_id'], request['prompt'], False, observation, frames)
 
 
 class PolicyServer:
