@@ -61,6 +61,7 @@ def test_claim_rows_come_from_the_reports_with_intervals():
   assert claims.judge(claim, {claim.a: shuffled, claim.b: _report({'a': base})})['verdict'] == 'inconclusive'
 
 
+@pytest.mark.slow   # ~100 s on 2 cores; run with -m slow
 def test_claims_end_to_end_and_a_rerun_skips_finished_arms(tmp_path, monkeypatch):
   out = str(tmp_path / 'claims')
   argv = ['claims', '--out', out, '--arms', 'action_only,repetitive', '--tasks', 'plate-slide-v3',
