@@ -57,7 +57,7 @@ def test_quickstart_runs_every_stage_and_prints_the_json_line(tmp_path, capsys):
   assert quickstart.main(args) == 0
 
 
-@pytest.mark.slow   # ~130 s on 2 cores; bench/gpu.sh --smoke (issue 25) runs the same recipe step; run with -m slow
+@pytest.mark.slow   # ~130 s on 2 cores; run with -m slow
 def test_the_gpu_recipe_command_runs_at_toy_size(tmp_path, capsys):
   """configs/metaworld.py's documented command (its docstring), at toy widths, one task and a few
   steps: its flags parse and its geometry (128x128 canvas, a frame every 2 steps, 16-step chunks)
