@@ -37,4 +37,5 @@ def get_config(arg=None):
   elif arg is not None:
     raise ValueError(f'configs/tiny.py: unknown variant {arg!r} (known: t2v)')
   c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
+  base.serve_as_trained(c)   # README, "Fidelity to the official release"
   return c
