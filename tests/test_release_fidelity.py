@@ -172,7 +172,8 @@ def test_per_call_vae_encode_equals_a_fresh_official_encode_of_first_plus_call_f
   from tests.test_vae import _cfg as vae_cfg, _encode_ref, _pair
   ref, ours = _pair(vae_cfg(), 'official', seed=3)
   size = 16
-  cfg = load_config('configs/tiny.py', [f'video.height={size}', f'video.width={size}', 'serve.observation_encode=per_call'])
+  cfg = load_config('configs/tiny.py', [f'video.height={size}', f'video.width={size}',
+                                        'serve.observation_encode=per_call'])
   spec = rollout.RolloutSpec.from_config(cfg)
   call = np.random.default_rng(7).uniform(-1, 1, (1, cfg.video.frames_per_chunk, size, size, 3)).astype(np.float32)
   stream = ours.model.init_encode_cache(1, size, size)   # the episode's stream: unused and passed through

@@ -1,9 +1,9 @@
-"""Host-side action post-processing: model space [-1, 1] -> robot commands.
+"""Host-side action post-processing: model space [-1, 1] -> robot commands (`robot_actions`).
 
 Order: unnormalise (q01/q99), add the anchor state back to the relative dims, optionally smooth
 (2x linear upsample, Savitzky-Golay, downsample: the paper's recipe; the release does not), optionally
-snap the gripper to two levels (the release's server does not). numpy only: this runs on the host after the chunk leaves the device.
-Actions are [..., horizon, action_dim] throughout.
+snap the gripper to two levels (the release's server does not). numpy only: this runs on the host
+after the chunk leaves the device. Actions are [..., horizon, action_dim] throughout.
 """
 from __future__ import annotations
 
