@@ -184,7 +184,7 @@ def test_per_call_vae_encode_equals_a_fresh_official_encode_of_first_plus_call_f
   assert jax.tree.structure(passed) == jax.tree.structure(stream)
 
 
-def _similar_guided_video_field(cosine, num_steps, scale):
+def _similar_guided_video_field(cosine, scale):
   """Guided video velocities at `cosine` between any two steps, while the conditional video and the
   actions change direction every step: g_k = sqrt(c) e0 + sqrt(1 - c) e_{1+k}, uncond u_k = 3 e_{20+k},
   cond = (g_k + (scale - 1) u_k) / scale (so u + scale (cond - u) = g_k), actions e_{40+k}."""
@@ -209,12 +209,17 @@ def test_dynamic_skip_decides_on_the_guided_video_velocities(compared, expected)
   cfg = _droid_sampler()
   cfg.update(dict(dynamic_skip=True, dynamic_skip_velocity=compared))
   x = {'video': jnp.zeros((1, 64)), 'action': jnp.zeros((1, 64))}
-  _, info = samplers.sample(_similar_guided_video_field(0.96, 16, cfg.cfg_scale), x, cfg, N)
+  _, info = samplers.sample(_similar_guided_video_field(0.96, cfg.cfg_scale), x, cfg, N)
   assert ''.join('1' if r else '0' for r in np.asarray(info.evaluated)) == expected
-  assert load_config('configs/ablations/dynamic_dit_cache.py').sampler.dynamic_skip_velocity == 'video'
+
+
+def test_dynamic_skip_velocity_is_checked():
+  cfg = load_config('configs/ablations/dynamic_dit_cache.py').sampler
+  assert cfg.dynamic_skip and cfg.dynamic_skip_velocity == 'video'
   cfg.dynamic_skip_velocity = 'state'
   with pytest.raises(ValueError, match='dynamic_skip_velocity'):
-    samplers.sample(_similar_guided_video_field(0.96, 16, cfg.cfg_scale), x, cfg, N)
+    samplers.sample(_similar_guided_video_field(0.96, cfg.cfg_scale), {'video': jnp.zeros((1, 64)),
+                    'action': jnp.zeros((1, 64))}, cfg, N)
 
 
 def test_release_returns_actions_unsmoothed_and_the_gripper_unthresholded():
