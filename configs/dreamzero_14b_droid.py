@@ -1,9 +1,12 @@
-"""DreamZero 14B (Wan2.1-I2V-14B backbone) on DROID: the paper's main model."""
+"""DreamZero 14B (Wan2.1-I2V-14B backbone) on DROID: the paper's main model.
+
+Served as the release serves it (the defaults): unsmoothed actions and the gripper returned as
+predicted; the release's sim client snaps it to 1 above 0.5 (`--config.postprocess.gripper_dims=7,`
+does that on the server).
+"""
 from configs import base
 
 
 def get_config(arg=None):
   del arg
-  c = base.get_base_config()
-  c.postprocess.gripper_dims = (7,)  # DROID's gripper position, binarised at 0.5
-  return c
+  return base.get_base_config()

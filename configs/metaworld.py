@@ -35,4 +35,5 @@ def get_config(arg=None):
   c.train.update(dict(steps=20_000, batch_size=16, checkpoint_every=1000, lr=1e-4, action_loss_norm='valid'))
   c.sampler.update(dict(num_steps=4, dit_step_mask='1111', cfg_scale=1.0))
   c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
+  base.serve_as_trained(c)   # README, "Fidelity to the official release"
   return c

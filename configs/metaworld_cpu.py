@@ -42,6 +42,7 @@ def get_config(arg=None):
                       action_loss_norm='valid'))   # trained from scratch: the 4 real action dims
   c.sampler.update(dict(num_steps=4, dit_step_mask='1111', cfg_scale=1.0))
   c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
+  base.serve_as_trained(c)   # README, "Fidelity to the official release"
   if arg == 'quick':
     # Minutes, not an hour: 2 chunks of context (17-frame clips: the VAE's updates cost half) and a
     # VAE trained at a higher rate for more updates: 28.5 dB held-out in 8 minutes, where 900 updates

@@ -39,9 +39,12 @@ def get_config(arg=None):
   elif arg == 'droid':
     c.data.update(dict(name='droid', **embodiments.data_config('droid')))
     c.video.update(dict(height=32, width=64, max_chunks=2, action_horizon=24))
-    # As the release serves DROID: the gripper binarised, the actions unsmoothed.
-    c.postprocess.update(dict(gripper_dims=(7,), smooth=False))
+    # Served as the release serves DROID (its sampler, per-call encode and unsmoothed actions), with
+    # the gripper binarised on the server by its DROID client's rule (> 0.5).
+    c.postprocess.gripper_dims = (7,)
   elif arg is not None:
     raise ValueError(f'configs/tiny.py: unknown variant {arg!r} (known: t2v, droid)')
   c.serve.update(dict(camera_height=c.video.height // 2, camera_width=c.video.width // 2))
+  if arg != 'droid':
+    base.serve_as_trained(c)   # README, "Fidelity to the official release"
   return c

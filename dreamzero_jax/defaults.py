@@ -106,21 +106,31 @@ def get_base_config() -> ml_collections.ConfigDict:
       lora_alpha=4.0, lora_targets='q,k,v,o,ffn',
       log_every=10))
 
+  # The release's sampler (docs/inference.md). integer_timesteps: the DiT reads int(sigma * 1000)
+  # (False: the float level). dynamic_skip_velocity: the guided velocity the dynamic rule compares
+  # ('video' as the release, or 'action'). noise_seed: every chunk starts from this seed's noise
+  # (the release's 1140); -1 = fresh noise per chunk from the episode's seed.
   c.sampler = ml_collections.ConfigDict(dict(
       kind='unipc', num_steps=16, shift=5.0, cfg_scale=5.0,
-      dit_step_mask='1110001000100111', dynamic_skip=False,
+      dit_step_mask='1110001000100111', dynamic_skip=False, dynamic_skip_velocity='video',
+      integer_timesteps=True, noise_seed=1140,
       cfg_parallel=False,        # True: the CFG branches on two devices (one each), not batched on one
       negative_prompt=DREAMZERO_NEGATIVE_PROMPT))
 
-  # Action post-processing (docs/inference.md): 2x upsample, Savitzky-Golay, downsample.
+  # Action post-processing (docs/inference.md): smooth = 2x upsample, Savitzky-Golay, downsample (off:
+  # the release returns unsmoothed actions); gripper_dims snapped to low/high, high above the threshold.
   c.postprocess = ml_collections.ConfigDict(dict(
-      smooth=True, savgol_window=7, savgol_polyorder=2,
+      smooth=False, savgol_window=7, savgol_polyorder=2,
       gripper_dims=(), gripper_threshold=0.5, gripper_low=0.0, gripper_high=1.0))
 
   # The policy server's camera images (resized into the canvas quadrants).
   # roboarena_frames: camera frames a later RoboArena-style call feeds the model (the release's 4,
   # the last ones buffered), each repeated to video.frames_per_chunk (serving/roboarena.py).
   c.serve = ml_collections.ConfigDict(dict(camera_height=180, camera_width=320, roboarena_frames=4))
+  # How the policy turns a call's observed frames into latents: 'per_call' = the release's fresh VAE
+  # encode of [the call's first frame + its frames], first latent dropped; 'streaming' = the VAE's
+  # causal cache carried across chunks, as a training clip is encoded.
+  c.serve.observation_encode = 'per_call'
 
   # Pretrained weights: a `python -m dreamzero_jax.convert` output (Wan2.1/2.2 or DreamZero release).
   # Training in a fresh workdir starts the DiT from it, and the frozen VAE / umT5 / CLIP are its

@@ -87,7 +87,7 @@ def test_relative_to_absolute_touches_only_leading_dims():
 def test_binarize_gripper():
   actions = np.array([[[0.2, 0.49], [0.3, 0.5], [0.4, 0.9]]], np.float32)
   out = postprocess.binarize_dims(actions, [1], threshold=0.5, low=0.0, high=1.0)
-  np.testing.assert_array_equal(out[0, :, 1], [0.0, 1.0, 1.0])
+  np.testing.assert_array_equal(out[0, :, 1], [0.0, 0.0, 1.0])   # strictly above, as the release's client
   np.testing.assert_array_equal(out[0, :, 0], actions[0, :, 0])
 
 

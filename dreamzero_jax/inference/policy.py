@@ -2,8 +2,8 @@
 
 The device work is inference/rollout.py's pure jitted chunk functions (start, observe, denoise);
 the Policy holds the host side: the episode's bookkeeping (which chunk is next, which real frames
-are written), the prompt embeddings, state normalisation, and the actions' un-normalisation and
-smoothing. An episode's device pytrees are explicit: the self-attention KV cache of REAL
+are written), the prompt embeddings, state normalisation, and the actions' post-processing
+(inference/postprocess.py). An episode's device pytrees are explicit: the self-attention KV cache of REAL
 observed frames, the text/image cross-attention K/V (computed once per episode), the VAE's
 streaming cache and the I2V condition. Shapes are static; the host only moves the chunk index,
 which is why every step reuses one compilation.
@@ -159,12 +159,6 @@ class Policy:
     return np.asarray(rollout.decode_video(self.networks[1], jnp.asarray(latents))[0])
 
   def postprocess(self, actions: np.ndarray, anchor_state: np.ndarray) -> np.ndarray:
-    """Normalised padded actions -> raw robot actions (unnormalise, absolute joints, smoothing)."""
-    e, p = self.embodiment, self.cfg.postprocess
-    a = normalization.unnormalize(actions[:, :e.action_dim], self.stats['action'])
-    a = postprocess.relative_to_absolute(a, anchor_state, self.relative_dims)
-    if p.smooth:
-      a = postprocess.smooth_actions(a, p.savgol_window, p.savgol_polyorder)
-    if p.gripper_dims:
-      a = postprocess.binarize_dims(a, p.gripper_dims, p.gripper_threshold, p.gripper_low, p.gripper_high)
-    return a.astype(np.float32)
+    """Normalised padded actions -> raw robot actions (postprocess.robot_actions)."""
+    return postprocess.robot_actions(actions, anchor_state, self.stats['action'], self.embodiment.action_dim,
+                                     self.relative_dims, self.cfg.postprocess)

@@ -1,15 +1,32 @@
-"""Host-side action post-processing: model space [-1, 1] -> robot commands.
+"""Host-side action post-processing: model space [-1, 1] -> robot commands (`robot_actions`).
 
-Order: unnormalise (q01/q99), add the anchor state back to the relative dims, smooth
-(2x linear upsample, Savitzky-Golay, downsample: the paper's recipe), optionally snap the
-gripper to two levels. numpy only: this runs on the host after the chunk leaves the device.
-Actions are [..., horizon, action_dim] throughout.
+Order: unnormalise (q01/q99), add the anchor state back to the relative dims, optionally smooth
+(2x linear upsample, Savitzky-Golay, downsample: the paper's recipe; the release does not), optionally
+snap the gripper to two levels (the release's server does not). numpy only: this runs on the host
+after the chunk leaves the device. Actions are [..., horizon, action_dim] throughout.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import ml_collections
 import numpy as np
+
+from dreamzero_jax.datasets import normalization
+
+
+def robot_actions(actions: np.ndarray, anchor_state: np.ndarray, action_stats: dict, action_dim: int,
+                  relative_dims: int | Sequence[int], cfg_postprocess: ml_collections.ConfigDict) -> np.ndarray:
+  """Normalised padded actions [horizon, >= action_dim] -> raw robot actions [horizon, action_dim]:
+  unnormalise, absolute relative dims, then `postprocess.smooth` and `postprocess.gripper_dims`."""
+  p = cfg_postprocess
+  a = normalization.unnormalize(actions[..., :action_dim], action_stats)
+  a = relative_to_absolute(a, anchor_state, relative_dims)
+  if p.smooth:
+    a = smooth_actions(a, p.savgol_window, p.savgol_polyorder)
+  if p.gripper_dims:
+    a = binarize_dims(a, p.gripper_dims, p.gripper_threshold, p.gripper_low, p.gripper_high)
+  return a.astype(np.float32)
 
 
 def relative_to_absolute(actions: np.ndarray, anchor_state: np.ndarray,
@@ -69,8 +86,9 @@ def smooth_actions(actions: np.ndarray, window: int, polyorder: int) -> np.ndarr
 
 def binarize_dims(actions: np.ndarray, dims: Sequence[int], threshold: float, low: float,
                   high: float) -> np.ndarray:
-  """Snaps the given dims (grippers) to `high` at or above `threshold`, else to `low`."""
+  """Snaps the given dims (grippers) to `high` above `threshold`, else to `low` (the release's
+  DROID sim client: 1 above 0.5, else 0)."""
   actions = np.array(actions, np.float32)
   dims = list(dims)
-  actions[..., dims] = np.where(actions[..., dims] >= threshold, high, low)
+  actions[..., dims] = np.where(actions[..., dims] > threshold, high, low)
   return actions

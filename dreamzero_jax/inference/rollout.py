@@ -3,6 +3,7 @@
   start    first frame + prompt embeddings -> an episode's device state (KV cache with frame 0,
            text/image cross-attention K/V, the VAE's streaming cache, the I2V condition)
   observe  the REAL frames seen while a chunk ran -> VAE-encoded and written into the KV cache
+           (serve.observation_encode: a fresh encode of [first + frames] per call, or streamed)
   denoise  the sampler over one chunk's video latents and actions, against the cache
 
 Each takes a `RolloutSpec` (static: every shape and sampler setting, hashable) and pytrees only:
@@ -33,6 +34,8 @@ from dreamzero_jax.inference import samplers
 from dreamzero_jax.models import kv_cache
 from dreamzero_jax.models import clip
 
+OBSERVATION_ENCODES = ('per_call', 'streaming')
+
 # A network split for jit: (nnx.GraphDef, nnx.State). The graphdef is a leafless pytree node, so
 # it is part of the compiled signature and the state is the arrays.
 Network = tuple[nnx.GraphDef, Any]
@@ -60,6 +63,7 @@ class RolloutSpec:
   sampler: samplers.SamplerSettings
   num_train_timesteps: int
   cfg_parallel: bool
+  observation_encode: str     # serve.observation_encode
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> 'RolloutSpec':
@@ -68,6 +72,9 @@ class RolloutSpec:
     latent_hw = (v.height // v.vae_spatial, v.width // v.vae_spatial)
     tokens_per_frame = (latent_hw[0] // m.patch_size[1]) * (latent_hw[1] // m.patch_size[2])
     with_uncond = samplers.uses_uncond(cfg.sampler)
+    if cfg.serve.observation_encode not in OBSERVATION_ENCODES:
+      raise ValueError(f'serve.observation_encode={cfg.serve.observation_encode!r}: expected one of '
+                       f'{OBSERVATION_ENCODES}')
     return cls(lf=lf, num_frames=1 + v.max_chunks * v.frames_per_chunk, latent_hw=latent_hw,
                tokens_per_frame=tokens_per_frame, capacity=(1 + v.max_chunks * lf) * tokens_per_frame,
                with_uncond=with_uncond, batch=2 if with_uncond else 1, i2v=encoders_lib.uses_i2v_condition(cfg),
@@ -75,7 +82,8 @@ class RolloutSpec:
                state_dim=m.state_dim, num_layers=m.num_layers, num_heads=m.num_heads,
                head_dim=m.dim // m.num_heads, cache_dtype=jnp.dtype(kv_cache.cache_dtype(m)).name,
                sampler=samplers.SamplerSettings.from_config(cfg.sampler),
-               num_train_timesteps=cfg.train.num_train_timesteps, cfg_parallel=bool(cfg.sampler.cfg_parallel))
+               num_train_timesteps=cfg.train.num_train_timesteps, cfg_parallel=bool(cfg.sampler.cfg_parallel),
+               observation_encode=str(cfg.serve.observation_encode))
 
 
 def device_mesh(spec: RolloutSpec) -> Mesh:
@@ -136,8 +144,16 @@ def _start(spec: RolloutSpec, dit: Network, vae: Network, image: Network | None,
 
 
 def _encode_observed(spec: RolloutSpec, vae: Network, vae_cache, frames):
-  """Observed frames [1, frames_per_chunk, H, W, 3] -> (latents [1, lf, h, w, C], VAE cache)."""
-  return nnx.merge(*vae).encode_stream(vae_cache, frames)
+  """Observed frames [1, frames_per_chunk, H, W, 3] -> (latents [1, lf, h, w, C], VAE cache).
+
+  'per_call' (the release): [the call's first frame + its frames] encoded with a fresh cache, the
+  first frame's latent dropped; the streaming cache passes through untouched. 'streaming': the
+  frames continue the episode's causal VAE stream.
+  """
+  vae = nnx.merge(*vae)
+  if spec.observation_encode == 'per_call':
+    return vae.encode(jnp.concatenate([frames[:, :1], frames], axis=1))[:, 1:], vae_cache
+  return vae.encode_stream(vae_cache, frames)
 
 
 def _write_observed(spec: RolloutSpec, dit: Network, cache, cross_kv, i2v_cond, latents, chunk):
@@ -153,13 +169,21 @@ def _observe(spec: RolloutSpec, dit: Network, vae: Network, cache, cross_kv, vae
   return _write_observed(spec, dit, cache, cross_kv, i2v_cond, latents, chunk), vae_cache
 
 
+def chunk_noise(spec: RolloutSpec, rng) -> dict:
+  """A chunk's starting {'video', 'action'} noise: from sampler.noise_seed, the same every chunk
+  (the release; JAX's draws, not torch's), or with noise_seed = -1 from `rng`."""
+  if spec.sampler.noise_seed >= 0:
+    rng = jax.random.key(spec.sampler.noise_seed)
+  h, w = spec.latent_hw
+  x_rng, a_rng = jax.random.split(rng)
+  return {'video': jax.random.normal(x_rng, (1, spec.lf, h, w, spec.latent_channels)),
+          'action': jax.random.normal(a_rng, (1, spec.action_horizon, spec.action_dim))}
+
+
 def _denoise(spec: RolloutSpec, dit: Network, cache, cross_kv, i2v_cond, state_vec, embodiment_id, chunk, rng):
   """Samples chunk `chunk`: (video latents [1, lf, h, w, C], normalised actions [1, Ha, A], DiT calls)."""
   model = nnx.merge(*dit)
-  h, w = spec.latent_hw
-  x_rng, a_rng = jax.random.split(rng)
-  x0 = {'video': jax.random.normal(x_rng, (1, spec.lf, h, w, spec.latent_channels)),
-        'action': jax.random.normal(a_rng, (1, spec.action_horizon, spec.action_dim))}
+  x0 = chunk_noise(spec, rng)
   chunk_i2v_cond = _chunk_i2v_cond(spec, i2v_cond, chunk)
   emb = jnp.full((spec.batch,), embodiment_id, jnp.int32)
   state_b = jnp.broadcast_to(state_vec, (spec.batch, 1, spec.state_dim))

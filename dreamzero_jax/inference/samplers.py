@@ -19,6 +19,8 @@ import numpy as np
 from dreamzero_jax import flow
 
 SAMPLER_KINDS = ('euler', 'unipc')
+# Which guided velocity the dynamic skip rule compares: the release's video, or the actions.
+DYNAMIC_SKIP_VELOCITIES = ('video', 'action')
 UNIPC_ORDER = 2  # the official solver_order; the bh2 coefficients below are written for it
 # Official dynamic DiT skipping: (cosine threshold, steps skipped), checked in this order.
 DYNAMIC_SKIP_RULE = ((0.95, 4), (0.93, 2))
@@ -112,6 +114,7 @@ class Sampler:
   kind: str
   sigmas: np.ndarray  # [num_steps + 1], from ~1 down to a final 0
   num_train_timesteps: int
+  timesteps: np.ndarray  # [num_steps]: the DiT's timestep input at each step
   corrector: np.ndarray | None = None  # UniPC tables, see _unipc_tables
   predictor: np.ndarray | None = None
 
@@ -130,9 +133,8 @@ class Sampler:
     return jnp.asarray(self.sigmas, jnp.float32)[state.step]
 
   def timestep(self, state) -> jax.Array:
-    """The DiT's timestep input at the current step: sigma * N (the official code truncates it
-  to an integer, a difference below 1 in 1000)."""
-    return flow.sigma_to_timestep(self.sigma(state), self.num_train_timesteps)
+    """The DiT's timestep input at the current step (see sampler_from_sigmas)."""
+    return jnp.asarray(self.timesteps, jnp.float32)[state.step]
 
   def step(self, state, velocity: Pytree):
     """Advances one step given the velocity at (state.x, timestep(state))."""
@@ -149,15 +151,24 @@ class Sampler:
     return UniPCState(i + 1, x_next, corrected, x0, state.x0_prev)
 
 
-def sampler_from_sigmas(kind: str, sigmas: np.ndarray, num_train_timesteps: int) -> Sampler:
-  """A solver over an explicit decreasing schedule ending at 0 (e.g. another library's)."""
+def sampler_from_sigmas(kind: str, sigmas: np.ndarray, num_train_timesteps: int,
+                        integer_timesteps: bool = False) -> Sampler:
+  """A solver over an explicit decreasing schedule ending at 0 (e.g. another library's).
+
+  The DiT reads sigma * N at each step, truncated to an integer with `integer_timesteps` (the
+  release's flow UniPC scheduler: `(sigmas * N).to(int64)` from the float64 schedule, 999, 986, ...)
+  or as the float (999.8, 986.6, ...: the level the noise is actually at).
+  """
   if kind not in SAMPLER_KINDS:
     raise ValueError(f'sampler.kind={kind!r}: expected one of {SAMPLER_KINDS}')
   sigmas = np.asarray(sigmas, np.float64)
+  timesteps = flow.sigma_to_timestep(sigmas[:-1], num_train_timesteps)
+  if integer_timesteps:
+    timesteps = np.trunc(timesteps)
   if kind == 'euler':
-    return Sampler('euler', sigmas, num_train_timesteps)
+    return Sampler('euler', sigmas, num_train_timesteps, timesteps)
   corrector, predictor = _unipc_tables(sigmas)
-  return Sampler('unipc', sigmas, num_train_timesteps, corrector, predictor)
+  return Sampler('unipc', sigmas, num_train_timesteps, timesteps, corrector, predictor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,17 +181,23 @@ class SamplerSettings:
   cfg_scale: float
   dit_step_mask: str
   dynamic_skip: bool
+  dynamic_skip_velocity: str
+  integer_timesteps: bool
+  noise_seed: int
 
   @classmethod
   def from_config(cls, cfg_sampler: ml_collections.ConfigDict) -> 'SamplerSettings':
     return cls(str(cfg_sampler.kind), int(cfg_sampler.num_steps), float(cfg_sampler.shift),
-               float(cfg_sampler.cfg_scale), str(cfg_sampler.dit_step_mask), bool(cfg_sampler.dynamic_skip))
+               float(cfg_sampler.cfg_scale), str(cfg_sampler.dit_step_mask), bool(cfg_sampler.dynamic_skip),
+               str(cfg_sampler.dynamic_skip_velocity), bool(cfg_sampler.integer_timesteps),
+               int(cfg_sampler.noise_seed))
 
 
 def make_sampler(cfg_sampler: ml_collections.ConfigDict, num_train_timesteps: int) -> Sampler:
-  """The `sampler.kind` solver over `sampler.num_steps` levels shifted by `sampler.shift`."""
+  """The `sampler.kind` solver over `sampler.num_steps` levels shifted by `sampler.shift`, feeding
+  the DiT integer timesteps with `sampler.integer_timesteps`."""
   sigmas = flow.sampling_sigmas(cfg_sampler.num_steps, cfg_sampler.shift, num_train_timesteps)
-  return sampler_from_sigmas(cfg_sampler.kind, sigmas, num_train_timesteps)
+  return sampler_from_sigmas(cfg_sampler.kind, sigmas, num_train_timesteps, cfg_sampler.integer_timesteps)
 
 
 def dit_step_mask(cfg_sampler: ml_collections.ConfigDict) -> np.ndarray:
@@ -217,10 +234,10 @@ class SampleInfo(NamedTuple):
 
 
 class _DynamicSkip(NamedTuple):
-  countdown: jax.Array    # steps of the current skip run still to pass (1 = run next)
+  countdown: jax.Array      # steps of the current skip run still to pass (1 = run next)
   evaluations: jax.Array
-  action_last: jax.Array  # conditional action velocity of the last DiT call
-  action_prev: jax.Array  # ... and of the call before it
+  velocity_last: jax.Array  # the compared velocity (sampler.dynamic_skip_velocity) of the last DiT call
+  velocity_prev: jax.Array  # ... and of the call before it
 
 
 def _mean_cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -233,12 +250,12 @@ def _mean_cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 
 def _dynamic_decision(skip: _DynamicSkip, rule: Sequence[tuple[float, int]]):
-  """Official rule: after two DiT calls, similar consecutive action velocities start a skip run.
+  """The release's rule: after two DiT calls, similar consecutive velocities start a skip run.
 
   A run of k skips covers the deciding step and the k - 1 after it; the DiT runs again on the
   step after the run and the rule is then re-checked on the two newest calls.
   """
-  similarity = _mean_cosine(skip.action_last, skip.action_prev)
+  similarity = _mean_cosine(skip.velocity_last, skip.velocity_prev)
   start = jnp.int32(0)
   for threshold, steps in reversed(rule):  # the first matching entry wins
     start = jnp.where(similarity > threshold, steps, start)
@@ -260,13 +277,16 @@ def sample(velocity_fn: Callable, x_init: Pytree, cfg_sampler: ml_collections.Co
   `with_uncond` (a Python bool, fixed per call site: batch both branches in one forward) and
   None otherwise. `timestep` is a float32 scalar shared by video and actions.
   Skipped steps reuse the last guided velocity: the fixed `sampler.dit_step_mask`, or with
-  `sampler.dynamic_skip` the official cosine rule on the action velocities instead. (The
-  official code evaluates every step when num_steps <= 4 whatever the mask; here the config
-  decides.) Returns the final {'video', 'action'} and which steps ran the DiT.
+  `sampler.dynamic_skip` the release's cosine rule (`dynamic_rule`) on consecutive calls' guided
+  velocities of `sampler.dynamic_skip_velocity` ('video': the release's; 'action') instead.
+  Returns the final {'video', 'action'} and which steps ran the DiT.
   """
   sampler = make_sampler(cfg_sampler, num_train_timesteps)
   with_uncond = uses_uncond(cfg_sampler)
   mask = None if cfg_sampler.dynamic_skip else jnp.asarray(dit_step_mask(cfg_sampler))
+  compared = cfg_sampler.dynamic_skip_velocity
+  if compared not in DYNAMIC_SKIP_VELOCITIES:
+    raise ValueError(f'sampler.dynamic_skip_velocity={compared!r}: expected one of {DYNAMIC_SKIP_VELOCITIES}')
 
   def evaluate(x, timestep):
     cond, uncond_video = velocity_fn(x, timestep, with_uncond)
@@ -286,15 +306,14 @@ def sample(velocity_fn: Callable, x_init: Pytree, cfg_sampler: ml_collections.Co
     if mask is None:
       skip = skip._replace(
           evaluations=skip.evaluations + run.astype(jnp.int32),
-          action_last=jnp.where(run, velocity['action'], skip.action_last),
-          action_prev=jnp.where(run, skip.action_last, skip.action_prev))
+          velocity_last=jnp.where(run, velocity[compared], skip.velocity_last),
+          velocity_prev=jnp.where(run, skip.velocity_last, skip.velocity_prev))
     return sampler.step(state, velocity), velocity, skip, evaluated.at[i].set(run)
 
   zeros = jax.tree.map(jnp.zeros_like, x_init)
   skip = ()
   if mask is None:
-    action_zeros = zeros['action']
-    skip = _DynamicSkip(jnp.int32(0), jnp.int32(0), action_zeros, action_zeros)
+    skip = _DynamicSkip(jnp.int32(0), jnp.int32(0), zeros[compared], zeros[compared])
   carry = (sampler.init(x_init), zeros, skip, jnp.zeros(sampler.num_steps, bool))
   state, _, _, evaluated = jax.lax.fori_loop(0, sampler.num_steps, body, carry)
   return state.x, SampleInfo(evaluated, jnp.sum(evaluated.astype(jnp.int32)))
