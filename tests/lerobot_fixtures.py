@@ -1,7 +1,7 @@
 """Tiny LeRobot datasets written by the tests: v2.1 (with GEAR meta/modality.json) and v3.0 (several
 episodes per parquet and mp4 file), of a made-up bimanual robot: two cameras, a 10-dim state and
 action (per arm: 4 joints + a gripper), a task per episode part. Frame t of episode e of camera c is
-one flat colour (COLOURS[c], 20 + 16 t, 40 + 60 e), so a test can tell every frame apart."""
+one flat colour (COLOURS[c], 20 + 14 t, 40 + 60 e), so a test can tell every frame apart."""
 import json
 import os
 
@@ -13,7 +13,7 @@ CAMERAS = ('head', 'wrist')
 COLOURS = {'head': 200, 'wrist': 60}
 HW = (32, 48)
 FPS = 10
-LENGTHS = (12, 14, 12)
+LENGTHS = (14, 16, 14)
 TASKS = ('lift the cup', 'put the cup down')
 # GEAR sub-keys of the 10-dim vectors (the release's modality.json shape).
 KEYS = {'left_arm': (0, 4), 'left_gripper': (4, 5), 'right_arm': (5, 9), 'right_gripper': (9, 10)}
@@ -21,7 +21,7 @@ RELATIVE_KEYS = ('left_arm', 'right_arm')
 
 
 def colour(cam, e, t):
-  return (COLOURS[cam], 20 + 16 * t, 40 + 60 * e)
+  return (COLOURS[cam], 20 + 14 * t, 40 + 60 * e)
 
 
 def state(e, t):
@@ -33,7 +33,7 @@ def action(e, t):
 
 
 def task_index(t):
-  return 0 if t < 6 else 1
+  return 0 if t < 4 else 1
 
 
 def write_video(path, frames):

@@ -212,8 +212,9 @@ def get(name: str) -> Embodiment:
   taken = next((b for b in EMBODIMENTS.values() if b.id == e.id or b.name == e.name), None)
   if taken is not None:
     free = max(b.id for b in EMBODIMENTS.values()) + 1
-    raise DataError(f'{name}: {"id" if taken.id == e.id else "name"}: {e.id if taken.id == e.id else e.name!r} '
-                    f'is the built-in {taken.name!r}\'s (a new robot takes its own row: id >= {free})')
+    field, value = ('id', e.id) if taken.id == e.id else ('name', repr(e.name))
+    raise DataError(f'{name}: {field}: {value} is taken by the built-in embodiment {taken.name} (a new robot '
+                    f'takes its own name and row: id >= {free})')
   return e
 
 
