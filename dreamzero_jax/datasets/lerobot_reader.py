@@ -106,8 +106,10 @@ class LeRobotEpisodes:
         col = entry.get('original_key', column)
         width = int(np.prod(self._feature(col, f'{role}.{k}')['shape']))
         if not 0 <= entry['start'] < entry['end'] <= width:
-          raise DataError(f'meta/modality.json: {role}.{k}: range [{entry["start"]}, {entry["end"]}) runs past '
-                          f'features.{col}, {width} wide')
+          field = (f'embodiment file: lerobot.{role}_ranges.{k}' if k in lerobot.get(f'{role}_ranges', {})
+                   else f'meta/modality.json: {role}.{k}')
+          raise DataError(f'{field}: range [{entry["start"]}, {entry["end"]}) runs past features.{col}, '
+                          f'{width} wide')
         pieces.append((col, int(entry['start']), int(entry['end'])))
       total = sum(b - a for _, a, b in pieces)
       if total != dim:
