@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -144,25 +145,56 @@ def test_a_pickled_payload_is_refused_without_running(mw_dir, tmp_path):
     ('header', r'lowdim\.npz: not a readable lowdim\.npz'),
     ('nan', r'episode push-v3/0: action contains NaN or inf'),
     ('rows', r'state has 81 rows, the offsets end at 82'),
+    ('npy_header', r'lowdim\.npz: action is not a \.npy array \(its header is damaged\)'),
+    ('float64', r'episode push-v3/0: state holds 1e\+39 at step 2, beyond float32 range'),
+    ('language', r'episode reach-v3/0: language index 999 at step 4 is past its 1 instruction\(s\)'),
+    ('language_negative', r'episode push-v3/0: language index -1 at step 0 is not an instruction'),
 ])
 def test_damaged_lowdim_is_refused_at_open(mw_dir, tmp_path, damage, message):
   root, version = _copy(mw_dir, tmp_path)
+  _damage_lowdim(version, damage)
+  with pytest.raises(episodes.DataError, match=message) as err:
+    episodes.open_dataset(root, 'metaworld')
+  assert '\n' not in str(err.value)
+
+
+def test_inspect_refuses_a_damaged_npy_header_in_one_line(mw_dir, tmp_path):
+  root, version = _copy(mw_dir, tmp_path)
+  _damage_lowdim(version, 'npy_header')
+  r = run_cli('inspect', '--config', 'configs/tiny.py', f'--config.data.dir={root}', *[f'--config.{o}' for o in TINY])
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      f'error: {os.path.join(version, episodes.LOWDIM_FILE)}: action is not a .npy array (its header is '
+      'damaged): rebuild the dataset'], r.stderr
+
+
+def _damage_lowdim(version, damage):
   path = os.path.join(version, episodes.LOWDIM_FILE)
   if damage == 'header':
     with open(path, 'r+b') as f:
       f.write(bytes(64))
+  elif damage == 'npy_header':   # a valid zip whose action.npy starts with zeros instead of its header
+    with zipfile.ZipFile(path) as z:
+      members = {n: z.read(n) for n in z.namelist()}
+    members['action.npy'] = bytes(128) + members['action.npy'][128:]
+    with zipfile.ZipFile(path, 'w') as z:
+      for n, data in members.items():
+        z.writestr(n, data)
   else:
     def change(arrays):
       if damage == 'shift':
         arrays['offsets'][1] += 1
       elif damage == 'nan':
         arrays['action'][50, 2] = np.nan
+      elif damage == 'float64':   # finite in float64, inf once the pipeline reads it as float32
+        arrays['state'] = arrays['state'].astype(np.float64)
+        arrays['state'][41 + 2, 0] = 1e39
+      elif damage == 'language':
+        arrays['language'][4, 0] = 999
+      elif damage == 'language_negative':
+        arrays['language'][41, 0] = -1
       else:
         arrays['state'] = arrays['state'][:-1]
     _rewrite_lowdim(version, change)
-  with pytest.raises(episodes.DataError, match=message) as err:
-    episodes.open_dataset(root, 'metaworld')
-  assert '\n' not in str(err.value)
 
 
 def test_statistics_refuse_non_finite_values_naming_episode_and_field(mw_dir):

@@ -3,6 +3,8 @@
   build metaworld --out DIR [--tasks a,b] [--episodes N] [--image_size S] [--seed S] [--variations V]
   build droid --src RLDS_DIR --out DIR
   build agibot --src LEROBOT_DIR --out DIR
+  build lerobot --src LEROBOT_DIR --out DIR (--embodiment NAME | --embodiment_file E.json)
+  embodiment --from_lerobot LEROBOT_DIR [--name N] [--out E.json]   a draft embodiment file to check
   build rlds --src RLDS_DIR --spec SPEC.json --out DIR
   stats --config C [--config.x=...]          recomputes norm_stats.json next to the dataset
   stats --config C --from_official FILE [--out PATH]   the release's statistics in our format
@@ -22,7 +24,7 @@ import numpy as np
 from absl import flags
 
 from dreamzero_jax import config as config_lib
-from dreamzero_jax.datasets import embodiments, episodes, normalization, pipeline
+from dreamzero_jax.datasets import embodiments, episodes, lerobot_embodiment, normalization, pipeline
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,11 +51,33 @@ def _build(args) -> None:
     builder = module.Droid(src=args.src, on_corrupt=args.on_corrupt, **common)
   elif args.dataset == 'agibot':
     builder = module.Agibot(src=args.src, **common)
+  elif args.dataset == 'lerobot':
+    if bool(args.embodiment) == bool(args.embodiment_file):
+      raise episodes.DataError('--embodiment / --embodiment_file: give exactly one (a built-in name or a file)')
+    builder = module.Lerobot(src=args.src, embodiment=args.embodiment or args.embodiment_file, **common)
   else:
     if not args.spec:
       raise episodes.DataError('--spec: required for build rlds')
     builder = module.Rlds(src=args.src, spec_path=args.spec, on_corrupt=args.on_corrupt, **common)
-  print(json.dumps({'built': episodes.build(builder)}))
+  version = episodes.build(builder)
+  # The embodiment travels with its dataset: a mixture member made for a robot this package does not
+  # ship is read by the file it was built with.
+  embodiments.save_file(embodiments.get(builder.dataset_spec().embodiment if args.dataset != 'lerobot'
+                                        else args.embodiment or args.embodiment_file),
+                        os.path.join(version, embodiments.DATASET_FILE))
+  print(json.dumps({'built': version}))
+
+
+def _embodiment(args) -> None:
+  draft = lerobot_embodiment.draft(args.from_lerobot, args.name)
+  text = json.dumps(draft, indent=2) + '\n'
+  if args.out:
+    if os.path.exists(args.out):
+      raise episodes.DataError(f'--out: {args.out} already exists (a draft never overwrites)')
+    with open(args.out, 'w') as f:
+      f.write(text)
+  else:
+    sys.stdout.write(text)
 
 
 def _stats(cfg, from_official: str = '', out: str = '') -> None:
@@ -108,10 +132,16 @@ def main(argv: Sequence[str]) -> int:
   parser = argparse.ArgumentParser(prog='python -m dreamzero_jax.datasets')
   sub = parser.add_subparsers(dest='command', required=True)
   b = sub.add_parser('build')
-  b.add_argument('dataset', choices=('metaworld', 'droid', 'agibot', 'rlds'))
+  b.add_argument('dataset', choices=('metaworld', 'droid', 'agibot', 'lerobot', 'rlds'))
   b.add_argument('--out', required=True)
   b.add_argument('--src', default='')
   b.add_argument('--spec', default='')
+  b.add_argument('--embodiment', default='', help='lerobot: a built-in embodiment name')
+  b.add_argument('--embodiment_file', default='', help='lerobot: an embodiment file (docs/embodiments.md)')
+  em = sub.add_parser('embodiment')
+  em.add_argument('--from_lerobot', required=True, help='a LeRobot directory (meta/info.json, modality.json)')
+  em.add_argument('--name', default='', help='the embodiment name (default: embodiment.json\'s tag, or the folder)')
+  em.add_argument('--out', default='', help='where to write the draft (default: stdout)')
   b.add_argument('--tasks', default='reach-v3,push-v3')
   b.add_argument('--episodes', type=int, default=4, help='episodes per task')
   b.add_argument('--image_size', type=int, default=128)
@@ -134,10 +164,10 @@ def main(argv: Sequence[str]) -> int:
       p.add_argument('--eval', action='store_true', help='evaluation order, no augmentation')
   args = parser.parse_args(rest)
   try:
-    if args.command == 'build':
+    if args.command in ('build', 'embodiment'):
       if overrides:
-        raise config_lib.ConfigError('build takes no --config overrides')
-      _build(args)
+        raise config_lib.ConfigError(f'{args.command} takes no --config overrides')
+      (_build if args.command == 'build' else _embodiment)(args)
       return 0
     cfg = config_lib.load_config(args.config, overrides)
     if args.command == 'stats':

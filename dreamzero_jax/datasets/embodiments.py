@@ -1,12 +1,20 @@
 """The robots we know: each embodiment's id (its row in the model's per-embodiment tables), the
 data layout its datasets use by default, and the prompt template its instructions are read in.
 
+Every embodiment is a file of data (docs/embodiments.md): the built-in ones live in embodiment_files/,
+and a new robot's file is named by its path wherever a name is taken (data.embodiment, --embodiment_file).
 Ids are fixed forever so that adding an embodiment never renumbers a trained table.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import json
+import os
+import re
+from typing import Any, Sequence
+
+from dreamzero_jax.datasets.canvas import LAYOUTS
+from dreamzero_jax.datasets.errors import DataError
 
 # The official release's prompt templates (groot/vla/model/dreamzero/transform/dreamzero_cotrain.py,
 # `collate`): the model was trained and is served reading the instruction, lower-cased, inside a
@@ -42,9 +50,14 @@ PROMPT_TEMPLATES = {
 }
 
 
+DATASET_FILE = 'embodiment.json'   # a built dataset's copy of its embodiment, beside lowdim.npz
+EMBODIMENT_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embodiment_files')
+
+
 @dataclasses.dataclass(frozen=True)
 class Embodiment:
-  """Defaults for one robot; a config's `data.*` fields override them for its primary dataset."""
+  """Defaults for one robot; a config's `data.*` fields override them for its primary dataset.
+  Each is an embodiment file (JSON, docs/embodiments.md): the built-in ones in embodiment_files/."""
   name: str
   id: int
   cameras: tuple[str, ...]
@@ -55,48 +68,122 @@ class Embodiment:
   action_dim: int
   relative_action_dims: tuple[int, ...]  # action dims taken relative to the same state dim at the anchor
   prompt_template: str         # a PROMPT_TEMPLATES name, or a template holding {instruction}
-  # The release's state/action keys (LeRobot GEAR modality.json names, in model order): where its
-  # statistics and wider LeRobot columns are read from. () = our vectors have no official layout.
-  official_state_keys: tuple[str, ...] = ()
-  official_action_keys: tuple[str, ...] = ()
+  # State/action keys (LeRobot GEAR modality.json names, in model order): where statistics and wider
+  # LeRobot columns are read from. () = our vectors have no named layout.
+  state_keys: tuple[str, ...] = ()
+  action_keys: tuple[str, ...] = ()
   official_tag: str = ''       # its EmbodimentTag in the release (a metadata.json's top-level key)
-  # Other wire protocols' names for our cameras: protocol -> {client's camera key: ours}, in the
-  # order that protocol lists them (serving/roboarena.py reads 'roboarena').
+  # protocol -> {camera name a client of that protocol sends: our camera name}
   camera_aliases: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+  # Where a LeRobot dataset holds it (LEROBOT_FIELDS; each optional): state_column / action_column
+  # (default observation.state / action), video_keys {camera: feature}, state_ranges / action_ranges
+  # {key: {original_key, start, end}} as in a GEAR modality.json (default: the dataset's own).
+  lerobot: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def official_state_keys(self) -> tuple[str, ...]:
+    return self.state_keys
+
+  @property
+  def official_action_keys(self) -> tuple[str, ...]:
+    return self.action_keys
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
-_AGIBOT_KEYS = ('left_arm_joint_position', 'right_arm_joint_position', 'left_effector_position',
-                'right_effector_position', 'head_position', 'waist_position')
+LEROBOT_FIELDS = ('state_column', 'action_column', 'video_keys', 'state_ranges', 'action_ranges')
+_REQUIRED = ('name', 'id', 'cameras', 'canvas_layout', 'control_hz', 'frame_stride', 'state_dim',
+             'action_dim', 'relative_action_dims', 'prompt_template')
 
-EMBODIMENTS = {
-    'droid': Embodiment(
-        name='droid', id=0,
-        cameras=('wrist_image_left', 'exterior_image_1_left', 'exterior_image_2_left'),
-        canvas_layout='droid', control_hz=15, frame_stride=3, state_dim=8, action_dim=8,
-        relative_action_dims=tuple(range(7)), prompt_template='droid',
-        official_state_keys=('joint_position', 'gripper_position'),
-        official_action_keys=('joint_position', 'gripper_position'), official_tag='oxe_droid',
-        # RoboArena (the release's eval_utils clients) counts exterior cameras from 0; openpi, whose
-        # names we use, from 1: the same name is another camera in each.
-        camera_aliases={'roboarena': {'exterior_image_0_left': 'exterior_image_1_left',
-                                      'exterior_image_1_left': 'exterior_image_2_left',
-                                      'wrist_image_left': 'wrist_image_left'}}),
-    # Sawyer in MuJoCo: state = hand xyz + gripper opening; actions (dx, dy, dz, grip) are used
-    # as given (they are already deltas), so none is made relative.
-    'metaworld': Embodiment(
-        name='metaworld', id=1, cameras=('corner', 'corner2', 'behindGripper'),
-        canvas_layout='grid', control_hz=80, frame_stride=1, state_dim=4, action_dim=4,
-        relative_action_dims=(), prompt_template='metaworld'),
-    # AgiBot G1 as the release trains it (scripts/data/convert_agibot.py, agibot_relative.yaml): state
-    # = both 7-dof arms, both effectors, head (2), waist (2) = 20; action = the same 20 + base velocity
-    # (2) = 22. The 20 position dims are relative to the anchor state, the velocity absolute.
-    'agibot': Embodiment(
-        name='agibot', id=2, cameras=('top_head', 'hand_left', 'hand_right'), canvas_layout='grid',
-        control_hz=30, frame_stride=3, state_dim=20, action_dim=22,
-        relative_action_dims=tuple(range(20)), prompt_template='agibot',
-        official_state_keys=_AGIBOT_KEYS, official_action_keys=_AGIBOT_KEYS + ('robot_velocity',),
-        official_tag='agibot'),
-}
+
+def from_json(d: dict[str, Any], where: str) -> Embodiment:
+  """An Embodiment from an embodiment file's content, checked: DataError naming the field."""
+  def fail(field, msg):
+    raise DataError(f'{where}: {field}: {msg}')
+  if not isinstance(d, dict):
+    fail('(top level)', 'expected a JSON object')
+  fields = {f.name for f in dataclasses.fields(Embodiment)}
+  for key in d:
+    if key not in fields:
+      fail(key, f'unknown field (known: {", ".join(sorted(fields))})')
+  for key in _REQUIRED:
+    if key not in d:
+      fail(key, 'missing')
+  if not isinstance(d['name'], str) or not re.fullmatch(r'[A-Za-z0-9_-]+', d['name']):
+    fail('name', f'{d["name"]!r} must be letters, digits, _ or -')
+  for key in ('id', 'control_hz', 'frame_stride', 'state_dim', 'action_dim'):
+    if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < (0 if key == 'id' else 1):
+      fail(key, f'{d[key]!r} must be a {"non-negative" if key == "id" else "positive"} integer')
+  cameras = d['cameras']
+  if not isinstance(cameras, list) or not cameras or not all(isinstance(c, str) and c for c in cameras) \
+      or len(set(cameras)) != len(cameras):
+    fail('cameras', f'{cameras!r} must be a non-empty list of distinct names')
+  if d['canvas_layout'] not in LAYOUTS:
+    fail('canvas_layout', f'{d["canvas_layout"]!r} (known: {", ".join(LAYOUTS)})')
+  if len(cameras) > 3 or (d['canvas_layout'] == 'droid' and len(cameras) != 3):
+    fail('cameras', f'{len(cameras)} cameras do not fit the {d["canvas_layout"]} canvas '
+                    '(grid: 1 to 3, droid: 3)')
+  try:
+    relative_dims(d['relative_action_dims'], d['action_dim'], d['state_dim'])
+    template(d['prompt_template'])
+  except (ValueError, TypeError) as e:
+    fail('relative_action_dims' if 'relative' in str(e) else 'prompt_template', str(e).split(': ', 1)[-1])
+  for key in ('state_keys', 'action_keys'):
+    if not isinstance(d.get(key, []), list) or not all(isinstance(k, str) for k in d.get(key, [])):
+      fail(key, 'must be a list of modality.json key names')
+  aliases = d.get('camera_aliases', {})
+  if not isinstance(aliases, dict) or not all(isinstance(m, dict) for m in aliases.values()):
+    fail('camera_aliases', 'must map a protocol name to {client camera name: our camera name}')
+  for protocol, mapping in aliases.items():
+    for ours in mapping.values():
+      if ours not in cameras:
+        fail(f'camera_aliases.{protocol}', f'{ours!r} is not one of cameras ({", ".join(cameras)})')
+  lerobot = d.get('lerobot', {})
+  if not isinstance(lerobot, dict):
+    fail('lerobot', 'must be an object')
+  for key in lerobot:
+    if key not in LEROBOT_FIELDS:
+      fail(f'lerobot.{key}', f'unknown field (known: {", ".join(LEROBOT_FIELDS)})')
+  for cam in lerobot.get('video_keys', {}):
+    if cam not in cameras:
+      fail(f'lerobot.video_keys.{cam}', f'not one of cameras ({", ".join(cameras)})')
+  for role in ('state', 'action'):
+    for key, entry in lerobot.get(f'{role}_ranges', {}).items():
+      if not isinstance(entry, dict) or not all(isinstance(entry.get(k), int) for k in ('start', 'end')) \
+          or not 0 <= entry['start'] < entry['end']:
+        fail(f'lerobot.{role}_ranges.{key}', f'{entry!r} needs integer 0 <= start < end')
+  return Embodiment(
+      **{k: v for k, v in d.items() if k not in ('cameras', 'relative_action_dims', 'state_keys', 'action_keys')},
+      cameras=tuple(cameras), relative_action_dims=tuple(d['relative_action_dims']),
+      state_keys=tuple(d.get('state_keys', ())), action_keys=tuple(d.get('action_keys', ())))
+
+
+def load_file(path: str) -> Embodiment:
+  """Reads and checks one embodiment file."""
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except OSError as e:
+    raise DataError(f'{path}: cannot read the embodiment file ({e.strerror})') from None
+  except json.JSONDecodeError as e:
+    raise DataError(f'{path}: not JSON ({e.msg} at line {e.lineno})') from None
+  return from_json(d, path)
+
+
+def save_file(embodiment: Embodiment, path: str) -> None:
+  with open(path, 'w') as f:
+    json.dump(embodiment.to_json(), f, indent=2)
+    f.write('\n')
+
+
+def _builtin() -> dict[str, Embodiment]:
+  out = {}
+  for name in sorted(os.listdir(EMBODIMENT_FILES)):
+    if name.endswith('.json'):
+      e = load_file(os.path.join(EMBODIMENT_FILES, name))
+      out[e.name] = e
+  return dict(sorted(out.items(), key=lambda item: item[1].id))
 
 
 # The Embodiment fields a config's data section carries under the same names.
@@ -106,15 +193,29 @@ DATA_FIELDS = ('cameras', 'canvas_layout', 'control_hz', 'frame_stride', 'action
 
 def data_config(name: str) -> dict:
   """data.embodiment and its layout (DATA_FIELDS) as config fields: configs start their data section
-  from it, so each fact lives here once; a config may still set any of them differently."""
+  from it, so each fact lives here once; a config may still set any of them differently. An
+  embodiment file stays named by its absolute path (what training, convert and serving read)."""
   e = get(name)
-  return dict(embodiment=e.name, **{field: getattr(e, field) for field in DATA_FIELDS})
+  return dict(embodiment=os.path.abspath(name) if name.endswith('.json') else e.name,
+              **{field: getattr(e, field) for field in DATA_FIELDS})
 
 
 def get(name: str) -> Embodiment:
-  if name not in EMBODIMENTS:
-    raise ValueError(f'data.embodiment: unknown embodiment {name!r} (known: {", ".join(EMBODIMENTS)})')
-  return EMBODIMENTS[name]
+  """A built-in embodiment by name, or the embodiment file at the path `name` (ending in .json): a
+  new robot needs no edit of the package. A file may not take a built-in's name or id (its row)."""
+  if name in EMBODIMENTS:
+    return EMBODIMENTS[name]
+  if not name.endswith('.json'):
+    raise ValueError(f'data.embodiment: unknown embodiment {name!r} (known: {", ".join(EMBODIMENTS)}; '
+                     'or the path of an embodiment file, NAME.json)')
+  e = load_file(name)
+  taken = next((b for b in EMBODIMENTS.values() if b.id == e.id or b.name == e.name), None)
+  if taken is not None:
+    free = max(b.id for b in EMBODIMENTS.values()) + 1
+    field, value = ('id', e.id) if taken.id == e.id else ('name', repr(e.name))
+    raise DataError(f'{name}: {field}: {value} is taken by the built-in embodiment {taken.name} (a new robot '
+                    f'takes its own name and row: id >= {free})')
+  return e
 
 
 def by_id(embodiment_id: int) -> Embodiment:
@@ -151,9 +252,12 @@ def prompt(instruction: str, template_text: str) -> str:
 
 
 def prompt_templates(data_cfg) -> dict[int, str]:
-  """Embodiment id -> template text: the registry's, with data.prompt_template ('' = the registry's)
-  overriding the config's own embodiment."""
+  """Embodiment id -> template text: the built-ins', and the config's own embodiment's (a file's too)
+  with data.prompt_template ('' = the embodiment's) overriding it."""
   out = {e.id: template(e.prompt_template) for e in EMBODIMENTS.values()}
-  if data_cfg.prompt_template:
-    out[get(data_cfg.embodiment).id] = template(data_cfg.prompt_template)
+  own = get(data_cfg.embodiment)
+  out[own.id] = template(data_cfg.prompt_template or own.prompt_template)
   return out
+
+
+EMBODIMENTS = _builtin()   # the built-in embodiments by name, in id order

@@ -15,7 +15,8 @@ Record fields (T steps, C cameras, A alternative phrasings per instruction):
 Next to the records, `lowdim.npz` holds every episode's state/action/language concatenated, so
 that sample indexing and norm statistics never read an image. It is read without pickle (episode
 ids are a plain bytes array): a dataset from someone else runs no code. At open it is checked
-against the episode lengths the builder recorded in the TFDS metadata (`episode_lengths`).
+against the episode lengths and instruction counts the builder recorded in the TFDS metadata
+(`episode_lengths`, `episode_instructions`; datasets built before the second are checked without it).
 """
 from __future__ import annotations
 
@@ -155,9 +156,10 @@ class EpisodeBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
 
   def _generate_examples(self):
     spec = self.dataset_spec()
-    self._lowdim = []
+    self._lowdim, self._instruction_counts = [], []
     for i, ep in enumerate(self.episodes()):
       check_episode(ep, spec)
+      self._instruction_counts.append(len(ep['instructions']))
       self._lowdim.append({k: ep[k] for k in ('episode_id', 'state', 'action', 'language',
                                               'has_action', 'success')})
       yield i, ep   # integer keys: without shuffling, TFDS writes records in key order
@@ -165,6 +167,7 @@ class EpisodeBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
       raise DataError('no episodes were produced')
     # Written with dataset_info.json after generation: the index lowdim.npz is checked against.
     self.info.metadata['episode_lengths'] = [len(e['state']) for e in self._lowdim]
+    self.info.metadata['episode_instructions'] = self._instruction_counts
 
 
 def build(builder: EpisodeBuilder) -> str:
@@ -214,7 +217,7 @@ def open_dataset(data_dir: str, name: str) -> StoredDataset:
   lowdim_path = os.path.join(path, LOWDIM_FILE)
   if not os.path.isfile(lowdim_path):
     raise DataError(f'data.dir: {lowdim_path} is missing: rebuild the dataset')
-  lowdim = load_lowdim(lowdim_path, meta.get('episode_lengths'))
+  lowdim = load_lowdim(lowdim_path, meta.get('episode_lengths'), meta.get('episode_instructions'))
   source = builder.as_data_source(split=SPLIT)
   if len(source) != len(lowdim):
     raise DataError(f'data.dir: {path} has {len(source)} records but {LOWDIM_FILE} lists {len(lowdim)}')

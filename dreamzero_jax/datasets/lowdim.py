@@ -58,9 +58,16 @@ def _first_nonfinite(values: np.ndarray, offsets: np.ndarray) -> int | None:
   return None if not len(rows) else int(np.searchsorted(offsets, rows[0], side='right') - 1)
 
 
-def check_lowdim(lowdim: 'LowDim', where: str, episode_lengths=None) -> None:
+def _where_row(episode_id: np.ndarray, offsets: np.ndarray, row: int) -> tuple[int, str, int]:
+  """(episode index, 'episode <id>', step within it) of concatenated row `row`."""
+  i = int(np.searchsorted(offsets, row, side='right') - 1)
+  return i, f'episode {episode_id[i].decode(errors="replace")}', int(row - offsets[i])
+
+
+def check_lowdim(lowdim: 'LowDim', where: str, episode_lengths=None, instruction_counts=None) -> None:
   """Raises DataError naming the field (and episode) where `lowdim` is inconsistent: offsets that
-  are not the episode boundaries, arrays of other lengths, non-finite state or action."""
+  are not the episode boundaries, arrays of other lengths, non-finite state or action, language
+  indices past the episode's instructions (`instruction_counts`, recorded at build) or below -1."""
   n, offsets = len(lowdim.episode_id), lowdim.offsets
   if offsets.ndim != 1 or len(offsets) != n + 1 or n == 0:
     raise DataError(f'{where}: offsets has {len(offsets)} entries for {n} episodes')
@@ -87,10 +94,29 @@ def check_lowdim(lowdim: 'LowDim', where: str, episode_lengths=None) -> None:
     if bad is not None:
       raise DataError(f'{where}: episode {lowdim.episode_id[bad].decode(errors="replace")}: {name} '
                       'contains NaN or inf')
+  language = lowdim.language
+  # Each step's first phrasing must exist; -1 marks a missing alternative only.
+  low = np.flatnonzero((language[:, 0] < 0) | (language < -1).any(axis=1))
+  if len(low):
+    _, episode, step = _where_row(lowdim.episode_id, offsets, low[0])
+    raise DataError(f'{where}: {episode}: language index {language[low[0]].min()} at step {step} '
+                    'is not an instruction')
+  if instruction_counts is not None:
+    counts = np.asarray(instruction_counts)
+    if counts.shape != (n,):
+      raise DataError(f'{where}: the dataset index records instructions for {counts.size} episodes, '
+                      f'{LOWDIM_FILE} holds {n}: rebuild the dataset')
+    limit = np.repeat(counts, lengths)[:, None]
+    high = np.flatnonzero((language >= limit).any(axis=1))
+    if len(high):
+      i, episode, step = _where_row(lowdim.episode_id, offsets, high[0])
+      raise DataError(f'{where}: {episode}: language index {language[high[0]].max()} at step {step} '
+                      f'is past its {counts[i]} instruction(s)')
 
 
-def load_lowdim(path: str, episode_lengths=None) -> 'LowDim':
-  """Reads and checks lowdim.npz; never unpickles (an object array is refused, not loaded)."""
+def load_lowdim(path: str, episode_lengths=None, instruction_counts=None) -> 'LowDim':
+  """Reads and checks lowdim.npz (against the episode lengths and instruction counts recorded at
+  build, when given); never unpickles (an object array is refused, not loaded)."""
   try:
     with np.load(path, allow_pickle=False) as z:
       missing = [k for k in LOWDIM_FIELDS if k not in z.files]
@@ -105,6 +131,8 @@ def load_lowdim(path: str, episode_lengths=None) -> 'LowDim':
             raise DataError(f'{path}: {key} holds pickled Python objects, which are never loaded '
                             '(rebuild the dataset with this version)') from None
           raise
+        if not isinstance(arrays[key], np.ndarray):   # NpzFile hands back a member without a .npy header as bytes
+          raise DataError(f'{path}: {key} is not a .npy array (its header is damaged): rebuild the dataset')
         if arrays[key].dtype.kind != kind:
           raise DataError(f'{path}: {key} has dtype {arrays[key].dtype}, expected kind {kind!r}')
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
@@ -113,5 +141,23 @@ def load_lowdim(path: str, episode_lengths=None) -> 'LowDim':
     raise DataError(f'{path}: not a readable {LOWDIM_FILE} ({type(e).__name__}: '
                     f'{str(e).splitlines()[0] if str(e) else ""}): rebuild the dataset') from None
   lowdim = LowDim(**arrays)
-  check_lowdim(lowdim, path, episode_lengths)
-  return lowdim
+  check_lowdim(lowdim, path, episode_lengths, instruction_counts)
+  return dataclasses.replace(lowdim, state=_as_float32(lowdim, 'state', path),
+                             action=_as_float32(lowdim, 'action', path))
+
+
+def _as_float32(lowdim: LowDim, name: str, path: str) -> np.ndarray:
+  """lowdim's state or action in float32, the precision the pipeline reads them in: a finite value
+  that float32 cannot hold (a float64 1e39) is refused naming its episode, not turned into inf."""
+  values = getattr(lowdim, name)
+  if values.dtype == np.float32:
+    return values
+  with np.errstate(over='ignore'):
+    narrowed = values.astype(np.float32)
+  overflow = np.flatnonzero((~np.isfinite(narrowed)).any(axis=1))   # check_lowdim: the source is finite
+  if len(overflow):
+    row = values[overflow[0]]
+    _, episode, step = _where_row(lowdim.episode_id, lowdim.offsets, overflow[0])
+    raise DataError(f'{path}: {episode}: {name} holds {np.abs(row).max():g} at step {step}, beyond '
+                    'float32 range')
+  return narrowed

@@ -186,6 +186,12 @@ def mixture(config) -> list[tuple[str, float]]:
   return out
 
 
+def dataset_embodiment(dataset: episodes.StoredDataset) -> embodiments.Embodiment:
+  """The embodiment a dataset was built with: its copy of the file, or (older builds) the built-in."""
+  path = os.path.join(dataset.path, embodiments.DATASET_FILE)
+  return embodiments.load_file(path) if os.path.isfile(path) else embodiments.get(dataset.spec.embodiment)
+
+
 def open_member(config: ml_collections.ConfigDict, name: str, weight: float, train: bool,
                 with_stats: bool = True) -> Member:
   """Opens dataset `name` under data.dir and checks it against the config; with_stats=False skips
@@ -194,11 +200,10 @@ def open_member(config: ml_collections.ConfigDict, name: str, weight: float, tra
     raise DataError('data.dir: not set (pass --config.data.dir=DIR)')
   dataset = episodes.open_dataset(config.data.dir, name)
   ds_spec = dataset.spec
-  emb = embodiments.get(ds_spec.embodiment)
   primary = name == config.data.name
-  if primary and config.data.embodiment != ds_spec.embodiment:
-    raise DataError(f'data.embodiment: config says {config.data.embodiment!r}, '
-                    f'{dataset.path} holds {ds_spec.embodiment!r}')
+  emb = embodiments.get(config.data.embodiment) if primary else dataset_embodiment(dataset)
+  if emb.name != ds_spec.embodiment:
+    raise DataError(f'data.embodiment: config says {emb.name!r}, {dataset.path} holds {ds_spec.embodiment!r}')
   d = config.data if primary else dataclasses.asdict(emb)
   cameras = tuple(d['cameras'])
   for cam in cameras:
