@@ -304,3 +304,19 @@ def test_check_cli_exits_1_on_a_mismatch(monkeypatch, capsys):
   assert check.main(['--interpret']) == 1
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert records[0]['dtype'] == 'float32' and not records[0]['ok']  # 1e-3 off fails fp32's 1e-5
+
+
+def test_gpu_benchmark_smoke_run_in_the_interpreter(capsys):
+  from bench import kernels_gpu
+  assert kernels_gpu.main([]) == 2  # no GPU here: it says so instead of timing the XLA fallback
+  assert kernels_gpu.main(['--interpret', '--repeats', '1']) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and 'interpret' in line]
+  assert len(rows) == 6  # 2 modulation + 1 qk + 3 fp8 GEMM shapes
+
+
+def test_dit_forward_benchmark_smoke_run(capsys):
+  from bench import kernels_gpu
+  assert kernels_gpu.main(['--dit', '--interpret', '--repeats', '1']) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| jax DiT forward')]
+  assert len(rows) == 4 and all(row.rstrip(' |').endswith('x') for row in rows)  # over the torch peer's time  # {float32 (tiny's dtype), e4m3} weights x B in {1, 2}
+  assert sum('fp8_matmul:interpret' in row and 'float8_e4m3fn cache' in row for row in rows) == 2

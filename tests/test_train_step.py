@@ -1,4 +1,8 @@
 """The train step: loss falls, LoRA trains only its factors, EMA tracks, sharded equals unsharded."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +12,7 @@ from flax import nnx
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.training import objective, trainer
+from tests.helpers import ROOT
 
 
 def fixed_batch(cfg, batch_size=2, seed=0, full=False):
@@ -124,3 +129,15 @@ def test_tiny_model_overfits_one_fixed_batch():
     first = first or (float(metrics['video_loss']), float(metrics['action_loss']))
   last = (float(metrics['video_loss']), float(metrics['action_loss']))
   assert last[0] < first[0] / 10 and last[1] < first[1] / 10, (first, last)
+
+
+def test_metaworld_config_trains_at_its_own_batch_size():
+  """configs/metaworld.py at its batch of 16 (one layer: the crash was per dot, not per depth). XLA's
+  CPU YNNPACK dots died with SIGSEGV here; a fresh process, so a crash fails the test, not the run."""
+  cfg = load_config('configs/metaworld.py')
+  assert cfg.train.batch_size == 16
+  out = subprocess.run([sys.executable, 'bench/train_step.py', '--config', 'configs/metaworld.py', '--layers', '1',
+                        '--batch', str(cfg.train.batch_size), '--runs', '1'], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'loss=' in out.stdout
