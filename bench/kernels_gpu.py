@@ -3,7 +3,7 @@ with --dit, one 14B DiT forward in bf16 and fp8 beside the PyTorch peer instead.
 
   python bench/kernels_gpu.py [--repeats 20]      # on a GPU: prints a markdown table
   python bench/kernels_gpu.py --interpret         # anywhere: the interpreter at tiny shapes (smoke run)
-  cp ../shared/peers/torch_dit_forward.py bench/_peers/ && python bench/kernels_gpu.py --dit
+  python bench/kernels_gpu.py --dit               # on a GPU: the 14B DiT forward table with the peer
   python bench/kernels_gpu.py --dit --interpret   # the DiT table's smoke run: configs/tiny.py on the CPU
 
 --dit: the model's own cached forward (DreamZeroDiT.denoise, jitted, random weights, params in
@@ -11,8 +11,9 @@ bf16) at the DROID inference shape: 1,785 new tokens (2 latent frames + 24 actio
 against a full KV cache of 7,920 tokens, text/image K/V precomputed, B=1 and B=2 (CFG batched);
 model.quantization 'none' (bf16 weights and cache) and 'fp8' (e4m3 blocks and cache), kernels
 'pallas' (falling back to XLA where one cannot run: the table's impl column); then
-bench/_peers/torch_dit_forward.py (a copy of ../shared/peers, git-ignored) in the same process
-tree on the same GPU: eager and torch.compile.
+bench/torch_dit_peer.py at the same shape in a child process on the same device: eager and
+torch.compile (eager only on the CPU). The `vs torch` column is each JAX row's time over the
+fastest peer row of the same batch.
 
 Shapes: DROID inference, 1,785 new tokens per example, B=1 and B=2 (CFG batched), width 5120, 40
 heads of 128, FFN 13824, 3 timestep groups. Columns (median ms after a warmup, block_until_ready):
@@ -44,7 +45,7 @@ from dreamzero_jax.kernels import fp8, modulation, qk_norm_rope, registry  # noq
 from dreamzero_jax.kernels.check import timed_ms  # noqa: E402
 from dreamzero_jax.models import dit, kv_cache, masks  # noqa: E402
 
-PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_peers', 'torch_dit_forward.py')
+PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torch_dit_peer.py')
 
 FULL = dict(tokens=1785, batches=(1, 2), dim=5120, heads=40, head_dim=128, ffn=13824, groups=3)
 TINY = dict(tokens=13, batches=(2,), dim=96, heads=4, head_dim=16, ffn=64, groups=3)
@@ -144,31 +145,45 @@ def dit_rows(config: str, impl: str, batches, repeats: int, rng):
       shape = f'B={b}, {geo.lf * geo.tokens_per_frame + v.action_horizon + 1} new tokens, {geo.capacity} cached'
       weights = next(x.dtype for x in jax.tree.leaves(nnx.state(model.blocks.ffn1)) if x.ndim == 3)
       rows.append((f'jax DiT forward, {weights.name} weights + {dtype.name} cache',
-                   shape, impls, dict(ms=timed_ms(forward, state, *args, repeats=repeats))))
+                   shape, impls, dict(ms=timed_ms(forward, state, *args, repeats=repeats), batch=b)))
     del model, state
   return rows
 
 
-def peer_rows() -> list:
-  """The PyTorch peer's lines (eager, torch.compile), run on this machine now; or why not."""
-  if not os.path.isfile(PEER):
-    return [('torch peer', '', 'not run', dict(note=f'copy ../shared/peers/torch_dit_forward.py to {PEER}'))]
-  if jax.default_backend() != 'gpu':
-    return [('torch peer', '', 'not run', dict(note='needs a CUDA GPU'))]
-  out = subprocess.run([sys.executable, PEER], capture_output=True, text=True, timeout=1800)
+def peer_rows(config: str, repeats: int) -> list:
+  """The PyTorch peer's rows (eager, torch.compile) at config's shape, run now on this device."""
+  cfg = load_config(config)
+  m, v = cfg.model, cfg.video
+  geo = RolloutSpec.from_config(cfg)
+  new_tokens = geo.lf * geo.tokens_per_frame + v.action_horizon + 1
+  on_gpu = jax.default_backend() == 'gpu'
+  cmd = [sys.executable, PEER, '--layers', str(m.num_layers), '--dim', str(m.dim), '--heads', str(m.num_heads),
+         '--ffn', str(m.ffn_dim), '--new_tokens', str(new_tokens), '--cached', str(geo.capacity),
+         '--text', str(m.text_len), '--image', str(m.image_tokens if m.image_dim else 0),
+         '--repeats', str(max(3, repeats // 2))] + ([] if on_gpu else ['--device', 'cpu', '--no_compile'])
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
   rows = []
   for line in out.stdout.splitlines():
     if (match := re.match(r'(torch[\w. ]*) B=(\d+) q=(\d+) kv=(\d+): ([\d.]+) ms', line)):
       name, b, q, kv, ms = match.groups()
-      rows.append((name, f'B={b}, {q} new tokens, {kv} cached', 'torch', dict(ms=float(ms))))
+      rows.append((name, f'B={b}, {q} new tokens, {kv} cached', 'torch', dict(ms=float(ms), batch=int(b))))
+    elif ' failed: ' in line:
+      rows.append((line.split(' B=')[0], '', 'failed', dict(note=line.split(' failed: ', 1)[1][:160])))
   return rows or [('torch peer', '', 'failed', dict(note=(out.stdout + out.stderr)[-200:].replace('\n', ' ')))]
 
 
 def print_dit_table(rows) -> None:
-  print('| forward | shape | kernels | ms |')
-  print('|---|---|---|---|')
+  """The table, with each JAX row's time over the fastest peer row of its batch."""
+  fastest = {}
+  for name, _, used, ms in rows:
+    if used == 'torch' and 'ms' in ms:
+      fastest[ms['batch']] = min(ms['ms'], fastest.get(ms['batch'], float('inf')))
+  print('| forward | shape | kernels | ms | vs torch |')
+  print('|---|---|---|---|---|')
   for name, shape, used, ms in rows:
-    print(f'| {name} | {shape} | {used} | {format(ms["ms"], ".1f") if "ms" in ms else ms["note"]} |')
+    ratio = (f'{ms["ms"] / fastest[ms["batch"]]:.2f}x' if used != 'torch' and 'ms' in ms
+             and ms.get('batch') in fastest else '')
+    print(f'| {name} | {shape} | {used} | {format(ms["ms"], ".1f") if "ms" in ms else ms["note"]} | {ratio} |')
 
 
 def main(argv=None) -> int:
@@ -187,8 +202,8 @@ def main(argv=None) -> int:
   device = jax.devices()[0]
   if args.dit:
     config = 'configs/tiny.py' if args.interpret else 'configs/dreamzero_14b_droid.py'
-    rows = dit_rows(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config), impl,
-                    (1, 2), args.repeats, rng) + peer_rows()
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config)
+    rows = dit_rows(path, impl, (1, 2), args.repeats, rng) + peer_rows(path, args.repeats)
     print(f'{datetime.date.today()} | {device.platform} {getattr(device, "device_kind", "")} | jax {jax.__version__}'
           f' | {config}')
     print_dit_table(rows)

@@ -84,8 +84,8 @@ POSITIVE_FIELDS = (
     'vae_train.steps', 'vae_train.batch_size', 'vae_train.checkpoint_every', 'vae_train.log_every')
 # Counts for which 0 means "none" or "off".
 NON_NEGATIVE_FIELDS = ('train.lora_rank', 'data.num_workers', 'data.relative_action_dims',
-                       'model.image_dim', 'model.attention_block_q', 'vae_train.eval_every',
-                       'vae_train.image_batch', 'vae_train.clip_frames')
+                       'model.image_dim', 'model.attention_block_q', 'model.inference_attention_block_q',
+                       'vae_train.eval_every', 'vae_train.image_batch', 'vae_train.clip_frames')
 
 
 def _lookup(config: ml_collections.ConfigDict, key: str):

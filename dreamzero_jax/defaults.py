@@ -34,6 +34,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       scan_layers=True, remat_policy='nothing_saveable',
       attention='auto',          # splash on TPU, cuDNN on GPU, else XLA; or name one (attention.py)
       attention_block_q=1024,    # XLA path: queries in blocks of this many (bounds score memory); 0 = all
+      # The same for the cached inference forwards (cache write, denoise): B=2 (CFG) against the whole
+      # cache, so 256 keeps the 14B serving step's scores at 0.74 GiB a block (README "Serving memory").
+      inference_attention_block_q=256,
       # Pallas kernels (fused LayerNorm + modulation, q/k RMSNorm + RoPE, fp8 GEMM): 'auto' = Pallas on a
       # GPU with fallback to XLA, XLA elsewhere; or 'pallas', 'interpret', 'xla' (kernels/registry.py).
       kernels='auto',

@@ -318,5 +318,5 @@ def test_dit_forward_benchmark_smoke_run(capsys):
   from bench import kernels_gpu
   assert kernels_gpu.main(['--dit', '--interpret', '--repeats', '1']) == 0
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| jax DiT forward')]
-  assert len(rows) == 4  # {float32 (tiny's dtype), e4m3} weights x B in {1, 2}
+  assert len(rows) == 4 and all(row.rstrip(' |').endswith('x') for row in rows)  # over the torch peer's time  # {float32 (tiny's dtype), e4m3} weights x B in {1, 2}
   assert sum('fp8_matmul:interpret' in row and 'float8_e4m3fn cache' in row for row in rows) == 2

@@ -66,6 +66,7 @@ class DiTConfig:
   remat_policy: str
   attention: str
   attention_block_q: int
+  inference_attention_block_q: int
   kernels: str
   attention_mask: str
   inference_state_attention: str
@@ -108,8 +109,8 @@ class SelfAttention(nnx.Module):
   def heads(self, x):
     return x.reshape(*x.shape[:-1], self.cfg.num_heads, self.cfg.head_dim)
 
-  def __call__(self, x, angles, mask, past_kv):
-    """Returns (output, (k, v) of these tokens after norm and RoPE)."""
+  def __call__(self, x, angles, mask, past_kv, block_q):
+    """Returns (output, (k, v) of these tokens after norm and RoPE); block_q: attention.attend's."""
     norm_rope = lambda y, norm: qk_norm_rope.qk_norm_rope(self.heads(y), norm.scale[...], angles, eps=norm.eps,
                                                           impl=self.cfg.kernels)
     q, k = norm_rope(self.q(x), self.norm_q), norm_rope(self.k(x), self.norm_k)
@@ -118,7 +119,7 @@ class SelfAttention(nnx.Module):
     if past_kv is not None:
       keys = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
       values = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
-    out = attention.attend(q, keys, values, mask, impl=self.cfg.attention, block_q=self.cfg.attention_block_q)
+    out = attention.attend(q, keys, values, mask, impl=self.cfg.attention, block_q=block_q)
     out = checkpoint_name(out, 'self_attn_out')
     return self.o(out.reshape(*x.shape[:-1], -1)), (k, v)
 
@@ -184,15 +185,17 @@ class Block(nnx.Module):
     self.ffn2 = Dense(cfg.ffn_dim, d, ('mlp', 'embed'), rngs=rngs)
     self.modulation = param(rngs, normal(1.0 / math.sqrt(d)), (6, d), (None, 'embed'))
 
-  def __call__(self, x, e0, group, angles, cross_kv: CrossKV, mask, past_kv=None):
+  def __call__(self, x, e0, group, angles, cross_kv: CrossKV, mask, past_kv=None, block_q=None):
     """x [B, L, D] fp32 residual stream; e0 [B, G, 6, D] fp32 per-group table, group [L] or [B, L]
-    each token's row of it. Returns (x, (k, v))."""
+    each token's row of it; block_q the self-attention's query block (None: model.attention_block_q).
+    Returns (x, (k, v))."""
     dt, impl = self.cfg.dtype, self.cfg.kernels
     mod = self.modulation[...].astype(jnp.float32) + e0
     shift1, scale1, gate1, shift2, scale2, gate2 = [mod[:, :, i] for i in range(6)]
     modulate = lambda x, shift, scale: modulation.layer_norm_modulate(x, shift, scale, group, eps=self.cfg.eps,
                                                                        out_dtype=dt, impl=impl)
-    y, kv = self.self_attn(modulate(x, shift1, scale1), angles, mask, past_kv)
+    block_q = self.cfg.attention_block_q if block_q is None else block_q
+    y, kv = self.self_attn(modulate(x, shift1, scale1), angles, mask, past_kv, block_q)
     x = modulation.gated_residual(x, y, gate1, group)
     h = (self.norm3(x) if self.norm3 is not None else x).astype(dt)
     x = x + self.cross_attn(h, cross_kv).astype(jnp.float32)
@@ -324,12 +327,15 @@ class DreamZeroDiT(nnx.Module):
     return jax.lax.map(one, state)
 
   def backbone(self, x, t: TimeGroups | jax.Array, angles, mask, *, cross_kv: CrossKV, past_kv=None,
-               return_kv: bool = False):
+               kv_dtype=None, block_q=None):
     """Runs the blocks. x [B, L, D] fp32, angles [L, Dh/2], mask [Lq, Lk] or None; t the tokens'
     timestep groups (TimeGroups), or per-token timesteps [B, L] (each token its own group).
 
     past_kv: (k, v) each [layers, B, Lc, H, Dh] of cached tokens that precede x in the keys.
-    Returns (hidden [B, L, D], e [B, G, D] per group, (k, v) of x stacked over layers or None).
+    kv_dtype: return x's own (k, v), stacked over layers and stored in this dtype layer by layer (the
+    KV cache's: an fp8 cache never holds the 40 layers' K/V in bf16); None: return none. block_q:
+    the self-attention's query block on the XLA path (None: model.attention_block_q).
+    Returns (hidden [B, L, D], e [B, G, D] per group, (k, v) of x [layers, B, L, H, Dh] or None).
     """
     groups = t if isinstance(t, TimeGroups) else per_token_groups(t)
     e, e0 = self.time_embed(groups.t)
@@ -338,8 +344,8 @@ class DreamZeroDiT(nnx.Module):
 
     def body(x, xs):
       layer_state, ckv, pkv = xs
-      x, kv = nnx.merge(graphdef, layer_state)(x, e0, groups.group, angles, ckv, mask, pkv)
-      return x, (kv if return_kv else None)
+      x, kv = nnx.merge(graphdef, layer_state)(x, e0, groups.group, angles, ckv, mask, pkv, block_q)
+      return x, (None if kv_dtype is None else jax.tree.map(lambda a: kv_cache.stored(a, kv_dtype), kv))
 
     policy = self.cfg.remat_policy
     if policy != 'none':
@@ -352,7 +358,7 @@ class DreamZeroDiT(nnx.Module):
       for i in range(self.cfg.num_layers):
         x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
         outs.append(kv)
-      kvs = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_kv else None
+      kvs = None if kv_dtype is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
     return x, e, kvs
 
   def video_head(self, hidden, e, group):
@@ -449,7 +455,7 @@ class DreamZeroDiT(nnx.Module):
     mask = masks.attention_mask(layout, masks.TokenLayout.concat(cache.layout, layout), self.cfg.attention_mask)
     clean = TimeGroups(jnp.zeros((x.shape[0], 1)), np.zeros(x.shape[1], np.int32))
     _, _, (k, v) = self.backbone(x, clean, angles, mask, cross_kv=cross_kv, past_kv=(cache.k, cache.v),
-                                 return_kv=True)
+                                 kv_dtype=cache.k.dtype, block_q=self.cfg.inference_attention_block_q)
     return kv_cache.append(cache, k, v, layout)
 
   def denoise(self, noisy, video_t, actions, action_t, state, embodiment_id, chunk, cache, cross_kv,
@@ -478,7 +484,8 @@ class DreamZeroDiT(nnx.Module):
     queries = masks.inference_layout(0, lf, grid[1] * grid[2], ha, state.shape[1]).shifted(chunk)
     mask = masks.attention_mask(queries, masks.TokenLayout.concat(cache.layout, queries), self.cfg.attention_mask,
                                 self.cfg.inference_state_attention)
-    hidden, e, _ = self.backbone(x, groups, angles, mask, cross_kv=cross_kv, past_kv=(cache.k, cache.v))
+    hidden, e, _ = self.backbone(x, groups, angles, mask, cross_kv=cross_kv, past_kv=(cache.k, cache.v),
+                                 block_q=self.cfg.inference_attention_block_q)
     video_v = self.unpatchify(self.video_head(hidden[:, :n], e, groups.group[:n]), grid)
     return video_v, self.action_head(hidden[:, n:n + ha], embodiment_id)
 

@@ -45,9 +45,11 @@ def cache_dtype(model_cfg) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def _stored(x: jax.Array, dtype) -> jax.Array:
+def stored(x: jax.Array, dtype) -> jax.Array:
   """x in the cache's dtype; fp8 is saturated first (e4m3fn has no infinity: overflow is NaN).
   Stored without a scale: keys are RMS-normalised, so their entries sit well inside e4m3's range."""
+  if x.dtype == jnp.dtype(dtype):
+    return x
   if jnp.dtype(dtype).itemsize == 1:
     bound = float(jnp.finfo(dtype).max)
     x = jnp.clip(x.astype(jnp.float32), -bound, bound)
@@ -70,8 +72,8 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, layout: masks.TokenLayout
   start = cache.length
   idx = (0, 0, start, 0, 0)
   return KVCache(
-      jax.lax.dynamic_update_slice(cache.k, _stored(k, cache.k.dtype), idx),
-      jax.lax.dynamic_update_slice(cache.v, _stored(v, cache.v.dtype), idx),
+      jax.lax.dynamic_update_slice(cache.k, stored(k, cache.k.dtype), idx),
+      jax.lax.dynamic_update_slice(cache.v, stored(v, cache.v.dtype), idx),
       jax.lax.dynamic_update_slice(cache.group, jnp.asarray(layout.group, jnp.int8), (start,)),
       jax.lax.dynamic_update_slice(cache.chunk, jnp.asarray(layout.chunk, jnp.int32), (start,)),
       start + k.shape[2])

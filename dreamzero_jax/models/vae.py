@@ -447,28 +447,37 @@ class WanVAE(nnx.Module):
     t = frames.shape[1]
     if t % FRAMES_PER_LATENT not in (0, 1):
       raise ValueError(f'{t} frames: a chunk is 1 + 4k frames (clip start) or 4k (continuation)')
-    start = t % FRAMES_PER_LATENT == 1
-    x, cache = self._encode_chunk(frames, None if start else cache)
+    if t % FRAMES_PER_LATENT == 1:  # a clip's start: its first frame alone, then 4-frame chunks
+      first, cache = self._encode_chunk(frames[:, :1], None)
+      if t == 1:
+        return self._mu(first), cache
+      rest, cache = self._encode_chunks(cache, frames[:, 1:])
+      return self._mu(jnp.concatenate([first, rest], axis=1)), cache
+    x, cache = self._encode_chunks(cache, frames)
     return self._mu(x), cache
 
-  def encode(self, video: jax.Array) -> jax.Array:
-    """Whole clip [B, 1 + 4k, H, W, 3] -> latents [B, 1 + k, h, w, z], as Wan: 1 frame, then 4s."""
-    self._check_frames(video)
-    b, t, h, w, c = video.shape
-    if t % FRAMES_PER_LATENT != 1:
-      raise ValueError(f'a clip has 1 + 4k frames, got {t}')
-    first, cache = self._encode_chunk(video[:, :1], None)
-    if t == 1:
-      return self._mu(first)
-    chunks = video[:, 1:].reshape(b, -1, FRAMES_PER_LATENT, h, w, c).swapaxes(0, 1)
+  def _encode_chunks(self, cache: Cache, frames: jax.Array) -> tuple[jax.Array, Cache]:
+    """Frames [B, 4k, H, W, 3] continuing a clip, 4 at a time (memory bounded by one chunk's
+    activations: 8 DROID frames at once held 2 GiB of fp32 convolution inputs more) -> (encoder
+    output [B, k, h, w, .], cache)."""
+    b, t, h, w, c = frames.shape
+    if t == FRAMES_PER_LATENT:
+      return self._encode_chunk(frames, cache)
+    chunks = frames.reshape(b, -1, FRAMES_PER_LATENT, h, w, c).swapaxes(0, 1)
 
     def step(cache, chunk):
       out, cache = self._encode_chunk(chunk, cache)
       return cache, out
 
-    _, rest = jax.lax.scan(step, cache, chunks)  # memory bounded by one 4-frame chunk
-    rest = rest.swapaxes(0, 1).reshape(b, -1, *rest.shape[3:])
-    return self._mu(jnp.concatenate([first, rest], axis=1))
+    cache, out = jax.lax.scan(step, cache, chunks)
+    return out.swapaxes(0, 1).reshape(b, -1, *out.shape[3:]), cache
+
+  def encode(self, video: jax.Array) -> jax.Array:
+    """Whole clip [B, 1 + 4k, H, W, 3] -> latents [B, 1 + k, h, w, z], as Wan: 1 frame, then 4s."""
+    self._check_frames(video)
+    if video.shape[1] % FRAMES_PER_LATENT != 1:
+      raise ValueError(f'a clip has 1 + 4k frames, got {video.shape[1]}')
+    return self.encode_stream(None, video)[0]
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """Latents [B, F, h, w, z] -> video [B, 1 + 4 (F - 1), H, W, 3] in [-1, 1], frame by frame."""
