@@ -70,6 +70,7 @@ def test_sequence_length_of_droid_14b():
   assert np.dtype(batch.embodiment_id.dtype) == np.int32
 
 
+@pytest.mark.slow  # 29 s; the TPU compile path is also run by the sharded-memory test
 @needs_libtpu
 def test_compile_for_tpu_uses_splash_attention_on_a_cpu_host():
   # The registry takes the platform from the mesh's devices (TPU here), not the CPU backend:

@@ -314,6 +314,7 @@ def test_gpu_benchmark_smoke_run_in_the_interpreter(capsys):
   assert len(rows) == 6  # 2 modulation + 1 qk + 3 fp8 GEMM shapes
 
 
+@pytest.mark.slow  # 25 s; bench/dit_forward.py's own smoke run (the kernels are tested above)
 def test_dit_forward_benchmark_smoke_run(capsys):
   from bench import kernels_gpu
   assert kernels_gpu.main(['--dit', '--interpret', '--repeats', '1']) == 0

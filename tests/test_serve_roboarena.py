@@ -8,8 +8,10 @@ call's index) so the frames the model saw say which calls they came from.
 import contextlib
 import copy
 
+import msgpack
 import numpy as np
 import pytest
+from dreamzero_client import msgpack_numpy
 from openpi_client import msgpack_numpy as openpi_msgpack
 from websockets.sync import client as ws_client
 
@@ -209,3 +211,16 @@ def test_under_openpi_only_the_release_names_are_not_ours():
       assert 'image_resolution' not in client.metadata
       reply = openpi_msgpack.unpackb(client._call(release_request(0, 's'), 'infer'))
   assert reply == {'error': 'observation/exterior_image_2_left: missing'}
+
+
+def test_a_first_request_with_a_malformed_array_is_answered_in_its_own_protocol(served):
+  """Auto detection reads the map before any check: the release's client gets its text frame."""
+  _, port = served
+  request = release_request(0, 'm')
+  request['observation/joint_position'] = {b'__ndarray__': True, b'data': bytes(28), b'dtype': '|O',
+                                           b'shape': [7]}
+  with release_client(port) as client:
+    client.ws.send(msgpack.packb({**request, 'endpoint': 'infer'}, default=msgpack_numpy._encode))  # pylint: disable=protected-access
+    reply = client.ws.recv(TIMEOUT_S)
+    assert isinstance(reply, str) and reply.startswith('observation/joint_position: bad array encoding ('), reply
+    assert client.infer(release_request(0, 'm'))[0, 0] == 0   # still usable

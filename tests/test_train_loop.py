@@ -70,6 +70,7 @@ def test_batch_with_wrong_shape_is_refused_naming_the_field(tmp_path):
     loop.train(cfg, str(tmp_path), data=ListIterator(batches))
 
 
+@pytest.mark.slow  # 40 s; resuming is also checked by the step 2 -> 4 test
 def test_time_budget_checkpoints_and_stops_then_resumes(tmp_path, capsys):
   # A zero-minute budget: the first step crosses it, is checkpointed (off the every-2 schedule),
   # and the run ends; the next run resumes from it.

@@ -131,6 +131,7 @@ def test_tiny_model_overfits_one_fixed_batch():
   assert last[0] < first[0] / 10 and last[1] < first[1] / 10, (first, last)
 
 
+@pytest.mark.slow  # 26 s; the train step itself is tested at tiny sizes above
 def test_metaworld_config_trains_at_its_own_batch_size():
   """configs/metaworld.py at its batch of 16 (one layer: the crash was per dot, not per depth). XLA's
   CPU YNNPACK dots died with SIGSEGV here; a fresh process, so a crash fails the test, not the run."""

@@ -207,6 +207,10 @@ class PolicyServer:
         self._evicted.popitem(last=False)
       log.info('evicted least recently used session %s', evicted)
 
+  def _evicted_error(self, session_id: str, how: str) -> ValueError:
+    return ValueError(f'session_id: session {session_id} was evicted (more than --max_sessions='
+                      f'{self._max_sessions} sessions were active); its episode is gone: {how}')
+
   def _roboarena_session(self, request: Request) -> _Session | None:
     """RoboArena's session rules: a reset or a new session_id on the connection starts over; a
     later 1-frame call continues the episode (its frames are buffered, not a restart)."""
@@ -219,9 +223,7 @@ class PolicyServer:
       return None
     if session_id in self._evicted and session_id not in self._sessions:
       self._evicted.pop(session_id)   # said once; its next call starts a new episode
-      raise ValueError(f'session_id: session {session_id} was evicted (more than --max_sessions='
-                       f'{self._max_sessions} sessions were active); its episode is gone: call again '
-                       'to start a new one')
+      raise self._evicted_error(session_id, 'call again to start a new one')
     return self._sessions.get(session_id)
 
   def _run_request(self, request: Request, timing: dict[str, float]
@@ -253,9 +255,7 @@ class PolicyServer:
     if session is None and request.frames > 1:
       later = self._spec[self._cameras[0]]['shape'][0]
       if session_id in self._evicted:
-        raise ValueError(f'session_id: session {session_id} was evicted (more than --max_sessions='
-                         f'{self._max_sessions} sessions were active); its episode is gone: start a new one '
-                         'with 1 frame per camera')
+        raise self._evicted_error(session_id, 'start a new one with 1 frame per camera')
       raise ValueError(f'{self._cameras[0]}: {request.frames} frames, expected 1 (a session sends 1 frame on '
                        f'its first call or with reset, then {later})')
     if session is not None and prompt != session.prompt:
@@ -292,19 +292,19 @@ class PolicyServer:
   def _decode(self, message: bytes | str, received: float, connection: _Connection
               ) -> tuple[Request | None, bytes | str | None, dict[str, float]]:
     """(request, None, timing) or (None, error reply, timing); runs on the decode pool. A
-    connection's first well-formed map fixes its protocol (under 'auto')."""
+    connection's first map fixes its protocol (under 'auto')."""
     start = time.perf_counter()
     timing = {'decode': _ms(start - received)}
     rid = None
     try:
       fields = unpack_request(message)
-      rid = request_id(fields)
-      check_arrays(fields, self._used_fields)
-      if connection.protocol is None:
+      if connection.protocol is None:   # before any check, so its errors come in the client's protocol
         if self._roboarena is not None and (self._protocol == roboarena.NAME or roboarena.speaks(fields)):
           connection.protocol = roboarena.NAME
         else:
           connection.protocol = 'openpi'
+      rid = request_id(fields)
+      check_arrays(fields, self._used_fields)
       if connection.protocol == roboarena.NAME:
         request = _roboarena_request(fields, self._spec, self._roboarena['cameras'], connection.session)
       else:
