@@ -80,14 +80,6 @@ class Embodiment:
   # {key: {original_key, start, end}} as in a GEAR modality.json (default: the dataset's own).
   lerobot: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-  @property
-  def official_state_keys(self) -> tuple[str, ...]:
-    return self.state_keys
-
-  @property
-  def official_action_keys(self) -> tuple[str, ...]:
-    return self.action_keys
-
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 

@@ -178,7 +178,7 @@ def from_official(path: str, embodiment, horizon: int, relative_action_dims: Seq
   State and action are the embodiment's official keys in order; the release's relative keys must be
   exactly the config's relative dims. The release records no horizon: the config's is written."""
   e = embodiment
-  if not e.official_state_keys:
+  if not e.state_keys:
     raise DataError(f'data.embodiment: {e.name} has no official statistics layout')
   data = _read_json(path, 'the official statistics')
   if isinstance(data, dict) and e.official_tag in data and 'statistics' in data[e.official_tag]:
@@ -186,15 +186,15 @@ def from_official(path: str, embodiment, horizon: int, relative_action_dims: Seq
     state, action = stats.get('state', {}), stats.get('action', {})
     relative_keys = None   # metadata.json merges relative statistics in without saying which
   elif os.path.basename(path) in ('relative_stats_dreamzero.json', 'stats.json', 'modality.json'):
-    state, action, relative_keys = _gear_meta(path, e.official_state_keys, e.official_action_keys)
+    state, action, relative_keys = _gear_meta(path, e.state_keys, e.action_keys)
   else:
     raise DataError(f'--from_official: {path} is neither a GEAR meta/relative_stats_dreamzero.json nor a '
                     f'metadata.json with statistics for {e.official_tag!r}')
-  out = dict(state=_join(state, e.official_state_keys, 'state', path),
-             action=_join(action, e.official_action_keys, 'action', path))
+  out = dict(state=_join(state, e.state_keys, 'state', path),
+             action=_join(action, e.action_keys, 'action', path))
   if relative_keys is not None:
     dims, start = [], 0
-    for key in e.official_action_keys:
+    for key in e.action_keys:
       width = len(action[key]['q01'])
       if key in relative_keys:
         dims += range(start, start + width)

@@ -186,7 +186,7 @@ class PolicyServer:
       metadata.update(roboarena.server_config(metadata))
     elif wire_protocol == roboarena.NAME:
       raise ValueError(f'protocol: embodiment {metadata["embodiment"]} has no RoboArena camera names '
-                       '(embodiments.py camera_aliases)')
+                       '(camera_aliases in its embodiment file)')
     self._protocol = wire_protocol
     self._used_fields = {*self._spec, *_CONTROL_FIELDS, *(self._roboarena or {}).get('cameras', ())}
     self._metadata_frame = msgpack_numpy.pack(metadata)
