@@ -127,9 +127,12 @@ def _chunk_i2v_cond(spec: RolloutSpec, i2v_cond, chunk):
 
 
 def _start(spec: RolloutSpec, dit: Network, vae: Network, image: Network | None, frame, text, image_frame):
-  """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache, y)."""
+  """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache (None under
+  'per_call'), y)."""
   model, vae = nnx.merge(*dit), nnx.merge(*vae)
   latent, vae_cache = vae.encode_stream(vae.init_encode_cache(1, *frame.shape[2:4]), frame)
+  if spec.observation_encode == 'per_call':
+    vae_cache = None   # every call encodes with a fresh cache: the stream's is never read
   i2v_cond = vae.i2v_condition(frame[:, 0], spec.num_frames) if spec.i2v else None
   image_tokens = None
   if image is not None:
@@ -147,7 +150,7 @@ def _encode_observed(spec: RolloutSpec, vae: Network, vae_cache, frames):
   """Observed frames [1, frames_per_chunk, H, W, 3] -> (latents [1, lf, h, w, C], VAE cache).
 
   'per_call' (the release): [the call's first frame + its frames] encoded with a fresh cache, the
-  first frame's latent dropped; the streaming cache passes through untouched. 'streaming': the
+  first frame's latent dropped (vae_cache is None); 'streaming': the
   frames continue the episode's causal VAE stream.
   """
   vae = nnx.merge(*vae)
