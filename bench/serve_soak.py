@@ -134,9 +134,16 @@ def fault_proxy(upstream: int, slow: float, double: float, delay_s: float, seed:
   import asyncio
   from websockets.asyncio import client as ws_client
   from websockets.asyncio import server as ws_server
+  from websockets.exceptions import ConnectionClosed
   rng = np.random.default_rng(seed)
 
   async def relay(downstream):
+    try:
+      await forward(downstream)
+    except ConnectionClosed:  # the client closed after a timeout (its documented recovery): expected
+      pass
+
+  async def forward(downstream):
     async with ws_client.connect(f'ws://127.0.0.1:{upstream}', max_size=None, compression=None) as up:
       await downstream.send(await up.recv())
       async for frame in downstream:
