@@ -161,6 +161,19 @@ class Checkpointer:
     frozen = out['state']['frozen'] if abstract_state.frozen is not None else None
     return out['params'], frozen, out['norm_stats']
 
+  def restore_model_params(self, step: int, abstract_params, config: ml_collections.ConfigDict):
+    """The `params` item (EMA parameters when kept) of a checkpoint of the same model, to start
+    another run from (init.pretrained): only the model section must match, not the training."""
+    diffs = config_differences(self.read_config(step), config, fields=('model',), ignore=EXECUTION_FIELDS)
+    if diffs:
+      raise IncompatibleCheckpointError(f'init.pretrained: {self.workdir} (step {step}) holds another model: '
+                                        + '; '.join(diffs))
+    if not self._has_item(step, 'params'):
+      raise IncompatibleCheckpointError(f'init.pretrained: {self.workdir} (step {step}) has no params item')
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_restore_targets(abstract_params))))
+    return out['params']
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -143,7 +143,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # the frozen VAE's weights, random or converted, wherever it runs; '' = keep them.
   # init.vae_sha256: the digest of init.vae's parameters the DiT was trained with (training records
   # it; loading other weights under that path, or resuming on them, is refused); '' = unchecked.
-  c.init = ml_collections.ConfigDict(dict(converted='', vae='', vae_sha256=''))
+  # init.pretrained: a train.py workdir of the same model (e.g. a video-only pretraining run) whose
+  # newest parameters (EMA when kept) a fresh run starts the DiT from, with a fresh optimiser;
+  # '' = init.converted or random.
+  c.init = ml_collections.ConfigDict(dict(converted='', vae='', vae_sha256='', pretrained=''))
 
   # Training the VAE on the dataset's canvases (dreamzero_jax/training/vae.py, docs/small_scale.md)
   # for configs with no pretrained one, in clips as long as the DiT's. Loss: pixel MSE + l1_weight x

@@ -146,6 +146,11 @@ def initial_dit_params(cfg: ml_collections.ConfigDict) -> dict:
   return params
 
 
+def initial_dit_shapes(cfg: ml_collections.ConfigDict) -> dict:
+  """The DiT's parameters (pure dict) at random initialisation; under jax.eval_shape, their shapes."""
+  return nnx.state(build_dit(cfg.model, rngs=nnx.Rngs(0))).to_pure_dict()
+
+
 def initial_dit(cfg: ml_collections.ConfigDict):
   """The DiT module of initial_dit_params on the default device."""
   return with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))

@@ -239,7 +239,7 @@ def test_skipping_unreadable_records_gives_up_with_a_clear_error(mw_dir, tmp_pat
 def test_rollouts_are_reproducible():
   sys.path.insert(0, REPO)
   from data.metaworld import metaworld_dataset_builder as mw  # pylint: disable=g-import-not-at-top
-  a, b = (mw._run_episode(('reach-v3', 3, 7, 16, 6, 0, 'png', 0)) for _ in range(2))  # pylint: disable=protected-access
+  a, b = (mw._run_episode(('reach-v3', 3, 7, 16, 6, 0, 'png', 0, False)) for _ in range(2))  # pylint: disable=protected-access
   np.testing.assert_array_equal(a['state'], b['state'])
   np.testing.assert_array_equal(a['action'], b['action'])
   assert a['images']['corner'] == b['images']['corner']

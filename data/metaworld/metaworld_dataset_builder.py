@@ -1,5 +1,10 @@
 """Meta-World episodes generated on the spot by the scripted expert policies (no downloads).
 
+Tasks named in `video_only_tasks` ('all': every task) are recorded as video-only demonstrations:
+the expert acts as usual, but its actions are not stored (zeros, has_action False), so nothing
+trained on the dataset sees an action of those tasks (the states stay: a robot's own readings);
+`video_only_episodes` (default: episodes_per_task) of each.
+
 Episode e of a task uses the task variation e mod 50 (e mod `variations` when given: fewer
 variations, repeated) and reset seed `seed + e`: a rebuild with the same arguments gives the same
 states, actions and (on the same renderer) the same images.
@@ -19,9 +24,9 @@ from dreamzero_jax.datasets import embodiments, episodes
 from dreamzero_jax.envs.metaworld import MetaWorldEnv, instruction, training_variation
 
 
-def _run_episode(args: tuple[str, int, int, int, int, int, str, int]) -> dict[str, Any]:
+def _run_episode(args: tuple[str, int, int, int, int, int, str, int, bool]) -> dict[str, Any]:
   """One expert rollout with every camera rendered at each step (runs in a worker process)."""
-  task, index, seed, size, max_steps, tail, image_format, variations = args
+  task, index, seed, size, max_steps, tail, image_format, variations, video_only = args
   # The [sim] extra, imported in the worker processes.
   from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
   cameras = embodiments.get('metaworld').cameras
@@ -49,9 +54,10 @@ def _run_episode(args: tuple[str, int, int, int, int, int, str, int]) -> dict[st
   sim.close()
   actions.append(np.zeros(4, np.float32))  # no action follows the last observation
   t = len(states)
+  action = np.zeros((t, 4), np.float32) if video_only else np.stack(actions)
   return dict(episode_id=f'{task}/{index}'.encode(), images=images, state=np.stack(states),
-              action=np.stack(actions), language=np.zeros((t, 1), np.int32),
-              instructions=[instruction(task)], has_action=True, success=success)
+              action=action, language=np.zeros((t, 1), np.int32),
+              instructions=[instruction(task)], has_action=not video_only, success=success)
 
 
 class Metaworld(episodes.EpisodeBuilder):
@@ -59,8 +65,14 @@ class Metaworld(episodes.EpisodeBuilder):
 
   def __init__(self, *, tasks: Sequence[str] = ('reach-v3',), episodes_per_task: int = 4,
                image_size: int = 128, seed: int = 0, max_steps: int = 500, tail: int = 16,
-               image_format: str = 'jpeg', workers: int = 0, variations: int = 0, **kwargs):
+               image_format: str = 'jpeg', workers: int = 0, variations: int = 0,
+               video_only_tasks: Sequence[str] | str = (), video_only_episodes: int = 0, **kwargs):
     self._tasks, self._episodes_per_task = tuple(tasks), episodes_per_task
+    self._video_only = set(self._tasks if video_only_tasks == 'all' else video_only_tasks)
+    self._video_only_episodes = video_only_episodes or episodes_per_task
+    unknown = sorted(self._video_only - set(self._tasks))
+    if unknown:
+      raise episodes.DataError(f'--video_only_tasks: {", ".join(unknown)} not among --tasks')
     self._variations = variations   # 0: every episode its own variation
     self._image_size, self._seed, self._max_steps, self._tail = image_size, seed, max_steps, tail
     self._image_format, self._workers = image_format, workers or os.cpu_count() or 1
@@ -73,7 +85,9 @@ class Metaworld(episodes.EpisodeBuilder):
         image_shapes={c: (self._image_size, self._image_size) for c in e.cameras},
         control_hz=e.control_hz, state_dim=e.state_dim, action_dim=e.action_dim,
         num_alternatives=1, source=f'metaworld tasks={",".join(self._tasks)} seed={self._seed}'
-                                   + (f' variations={self._variations}' if self._variations else ''))
+                                   + (f' variations={self._variations}' if self._variations else '')
+                                   + (f' video_only={",".join(t for t in self._tasks if t in self._video_only)}'
+                                      if self._video_only else ''))
 
   def episodes(self) -> Iterator[dict[str, Any]]:
     from metaworld.policies import ENV_POLICY_MAP  # pylint: disable=g-import-not-at-top
@@ -81,7 +95,8 @@ class Metaworld(episodes.EpisodeBuilder):
       if task not in ENV_POLICY_MAP:
         raise episodes.DataError(f'--tasks: no scripted policy for {task!r}')
     jobs = [(task, i, self._seed, self._image_size, self._max_steps, self._tail, self._image_format,
-             self._variations) for task in self._tasks for i in range(self._episodes_per_task)]
+             self._variations, task in self._video_only) for task in self._tasks
+            for i in range(self._video_only_episodes if task in self._video_only else self._episodes_per_task)]
     # Fresh processes: each owns its EGL context, and rollouts are independent.
     with multiprocessing.get_context('spawn').Pool(min(self._workers, len(jobs))) as pool:
       yield from pool.imap(_run_episode, jobs)

@@ -1,6 +1,8 @@
 """`python -m dreamzero_jax.datasets build|stats|inspect ...` (README, "Commands").
 
   build metaworld --out DIR [--tasks a,b] [--episodes N] [--image_size S] [--seed S] [--variations V]
+                  [--video_only_tasks a,b|all] [--video_only_episodes N]   those tasks' episodes
+                  stored without actions (video-only demonstrations), N of each
   build droid --src RLDS_DIR --out DIR
   build agibot --src LEROBOT_DIR --out DIR
   build lerobot --src LEROBOT_DIR --out DIR (--embodiment NAME | --embodiment_file E.json)
@@ -46,7 +48,10 @@ def _build(args) -> None:
   if args.dataset == 'metaworld':
     builder = module.Metaworld(tasks=args.tasks.split(','), episodes_per_task=args.episodes,
                                image_size=args.image_size, seed=args.seed, max_steps=args.max_steps,
-                               workers=args.workers, variations=args.variations, **common)
+                               workers=args.workers, variations=args.variations,
+                               video_only_tasks=('all' if args.video_only_tasks == 'all' else
+                                                 [t for t in args.video_only_tasks.split(',') if t]),
+                               video_only_episodes=args.video_only_episodes, **common)
   elif args.dataset == 'droid':
     builder = module.Droid(src=args.src, on_corrupt=args.on_corrupt, **common)
   elif args.dataset == 'agibot':
@@ -150,6 +155,10 @@ def main(argv: Sequence[str]) -> int:
   b.add_argument('--variations', type=int, default=0,
                  help='metaworld: variations per task, episode i running variation i mod V (repeated data); '
                       '0 = every episode its own')
+  b.add_argument('--video_only_tasks', default='',
+                 help='metaworld: tasks recorded without their actions (video-only demonstrations); "all"')
+  b.add_argument('--video_only_episodes', type=int, default=0,
+                 help='metaworld: episodes per video-only task (default: --episodes)')
   b.add_argument('--workers', type=int, default=0, help='rollout processes; 0 = one per core')
   b.add_argument('--on_corrupt', choices=('fail', 'skip'), default='fail')
   for name in ('stats', 'inspect'):

@@ -35,16 +35,53 @@ def episodes_of(report: dict, split: str = 'seen', metric: str = 'success') -> d
   return {task: [float(e[metric]) for e in t['episodes'] if e.get(metric) is not None] for task, t in tasks.items()}
 
 
-def paired_differences(a: dict, b: dict, split: str, metric: str) -> dict[str, list[float]]:
-  """{task: [a's `metric` - b's, per episode]} of two eval.py reports' episodes paired by task and seed
-  (two policies evaluated with the same --seed run the same episodes); an episode without a value on
-  either side, or run by one report only, is left out."""
-  def by_seed(report):
-    return {task: {e['seed']: float(e[metric]) for e in t['episodes'] if e.get(metric) is not None}
-            for task, t in report['tasks'].items() if t['split'] == split}
-  ea, eb = by_seed(a), by_seed(b)
-  return {task: [ea[task][s] - eb[task][s] for s in sorted(ea[task].keys() & eb[task].keys())]
-          for task in sorted(ea.keys() & eb.keys())}
+def by_episode(report: dict, split: str, metric: str) -> dict[str, dict[int, float]]:
+  """{task: {episode seed: `metric`}} of one split of an eval.py report (episodes without a value
+  left out)."""
+  return {task: {e['seed']: float(e[metric]) for e in t['episodes'] if e.get(metric) is not None}
+          for task, t in report['tasks'].items() if t['split'] == split}
+
+
+def _runs_by_task(runs: Sequence[dict[str, dict[int, float]]], seeds: dict[str, list]) -> dict[str, np.ndarray]:
+  return {task: np.array([[run[task][s] for s in ep_seeds] for run in runs], np.float64)
+          for task, ep_seeds in seeds.items()}
+
+
+def hierarchical_ci(a: Sequence[dict[str, dict[int, float]]], b: Sequence[dict[str, dict[int, float]]] = (),
+                    samples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[tuple[float, float, float], int]:
+  """((point, low, high), episodes per run) of the mean over tasks of side `a`, or of a - b with `b`.
+
+  Each side is one or more training runs (seeds), each run {task: {episode seed: value}} of the same
+  evaluation. The point is the mean over tasks of the mean over runs and episodes. The interval is a
+  two-level bootstrap: each draw resamples each side's runs (with replacement, one draw for every task:
+  a run is one model) and, within each task, the episodes (the same episode seeds for both sides, so
+  the difference stays paired), then averages as the point does. With one run per side this is the
+  episode bootstrap of bootstrap_ci (of the paired differences, with b). Only episodes every run of both sides
+  has count; a task without any is left out.
+  """
+  runs = [*a, *b]
+  tasks = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+  seeds = {t: sorted(set.intersection(*(set(r[t]) for r in runs))) for t in tasks}
+  seeds = {t: s for t, s in seeds.items() if s}
+  if not seeds:
+    return (float('nan'), float('nan'), float('nan')), 0
+  ma, mb = _runs_by_task(a, seeds), _runs_by_task(b, seeds) if b else None
+  rng = np.random.default_rng(seed)
+  ra = rng.integers(0, len(a), (samples, len(a)))
+  rb = rng.integers(0, len(b), (samples, len(b))) if b else None
+  point, draws = [], []
+  for task, values in ma.items():
+    n = values.shape[1]
+    e = rng.integers(0, n, (samples, n))
+    side = values[ra[:, :, None], e[:, None, :]].mean(axis=(1, 2))
+    p = values.mean()
+    if b:
+      side = side - mb[task][rb[:, :, None], e[:, None, :]].mean(axis=(1, 2))
+      p = p - mb[task].mean()
+    point.append(p)
+    draws.append(side)
+  low, high = np.quantile(np.mean(draws, axis=0), [(1 - level) / 2, 1 - (1 - level) / 2])
+  return (float(np.mean(point)), float(low), float(high)), sum(len(s) for s in seeds.values())
 
 
 def table(reports: dict[str, dict], split: str = 'seen') -> tuple[str, dict]:

@@ -1,33 +1,31 @@
 """The paper's claims reproduced at small scale: `python -m dreamzero_jax.experiments claims --out DIR`.
 
-Arms (every arm trains the same model for the same steps on the same data unless the claim is
-about them; the base config is configs/metaworld_cpu.py, and `--config` / `--config.a.b=v` change
-it for every arm):
-  wam            the recipe; evaluated at 4 denoising steps and, same checkpoint, at 1 step
-  action_only    train.video_loss_weight=0.0: no video objective, the VLA stand-in
-  flash          train.timestep_schedule='flash' (DreamZero-Flash), evaluated at 1 step
-  bidirectional  model.attention_mask='bidirectional'
-  repetitive     the recipe on repetitive data: as many episodes, `--repetitive_variations` variations
-                 per task repeated (wam's data gives every episode its own variation)
+What is compared (experiments/arms.py; docs/claims.md): every arm trains the same model for the same
+steps on the same data unless its claim is about them (base config configs/metaworld_cpu.py; `--config`
+/ `--config.a.b=v` change it for every arm). From scratch: wam (evaluated at 4 and, same checkpoint,
+1 denoising step), action_only (no video loss: the VLA stand-in), flash, bidirectional, repetitive,
+and wam_wide / action_only_wide (twice the width). From the video-pretrained DiT: wam_pretrained,
+action_only_pretrained, wam_pretrained_videodemos (video-only episodes of the unseen tasks in its
+data) and wam_pretrained_flash. The arms of the WAM-vs-action-only and video-only rows train with
+`--seeds` seeds.
 
 Stages, each skipped once done, so a rerun continues where the last one stopped: the Meta-World
-data per setting (DIR/data/{diverse,repetitive}), the small VAE every arm uses, trained once on the
-diverse data (DIR/vae/diverse; `--vae random` keeps the random frozen VAE), the baselines' evaluations (the scripted expert and
-random actions, DIR/baselines/KIND/report.json, on the same tasks and seeds), then per arm the training (DIR/arms/ARM/train; each run
+data per setting (DIR/data/SETTING), the small VAE every arm uses, trained once on the diverse data
+(DIR/vae/diverse; `--vae random` keeps the random frozen VAE), the baselines' evaluations (the
+scripted expert and random actions, DIR/baselines/KIND/report.json, on the same tasks and seeds), the
+video-only pretraining (DIR/pretrain/train: the action loss off, on video-only expert episodes of
+the ML45 train tasks), then per arm and seed the training (DIR/arms/ARM[-seedK]/train; each run
 trains at most `--budget_minutes`, a rerun resumes) and the closed-loop evaluations
-(DIR/arms/ARM/eval/EVAL/report.json: the seen tasks on variations the data never held, and unseen
-tasks, by default the held-out ML45 test tasks). An arm whose reports all exist is finished and
-skipped. Every run rewrites DIR/claims.json, DIR/claims.md and DIR/figures/*.png from the reports
-there: per claim our numbers with 95% bootstrap intervals beside the paper's and a verdict
-(VERDICT_RULE; docs/claims.md).
+(.../eval/EVAL/report.json: the seen tasks on variations the data never held, and unseen tasks, by
+default the held-out ML45 test tasks). An arm whose reports all exist is finished and skipped. Every
+run rewrites DIR/claims.json, DIR/claims.md and DIR/figures/*.png from the reports there: per claim
+our numbers with 95% intervals over seeds and episodes beside the paper's and a verdict (VERDICT_RULE).
 
-Expected time with the defaults (5 seen tasks x 20 expert episodes per data setting; the base
-config's 8,000 training steps per arm; 6 evaluations of 5 episodes on each of 5 seen and 5 unseen
-tasks, 150 steps at most) on an idle 2-core CPU, measured in the first full run (2026-11-28):
-data ~5 min per setting; the VAE ~12 min (2,000 updates at 0.37 s); training 4.5-5.3 steps/s
-(~27 min an arm; `--config.train.steps=N` changes every arm); the baselines ~5 min; each
-evaluation ~4 min (chunks of 15-25 ms). About 3 hours in all; `--budget_minutes` splits it over
-several runs.
+Time (an idle 2-core CPU, measured in the runs of 2026-11-28/29): data ~3 s an expert episode; the
+VAE ~12 min (2,000 updates at 0.37 s); training ~5 steps/s at width 128 (the base config's 8,000
+steps: ~27 min an arm), about a third of that at width 256 (an estimate); the baselines ~5 min; an
+evaluation ~4 min per 50 episodes. Each run prints its estimate of what is left; `--budget_minutes`
+splits the work over several runs.
 """
 from __future__ import annotations
 
@@ -36,7 +34,6 @@ import json
 import os
 import shutil
 import sys
-from typing import NamedTuple
 
 import numpy as np
 
@@ -44,96 +41,25 @@ from dreamzero_jax import checkpoint
 from dreamzero_jax import evaluate as eval_cli
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.datasets import __main__ as datasets_cli
+from dreamzero_jax.datasets import episodes as episodes_lib
 from dreamzero_jax.evaluation import metaworld_env, results
+from dreamzero_jax.experiments.arms import (ARMS, BASELINE_COLORS, BASELINES, BOOTSTRAP_SEED, CLAIMS, EVALS,
+                                            FIGURES, LATENCY, METRICS, SPLITS, VERDICT_RULE, eval_metrics, judge,
+                                            label)
 from dreamzero_jax.training import loop
 from dreamzero_jax.training import vae as vae_training
-
-
-
-class Arm(NamedTuple):
-  changes: dict              # the config fields it changes, {dotted key: value}
-  data: str                  # its data setting (a key of data_settings)
-  evals: tuple[str, ...]     # how its checkpoint is evaluated (keys of EVALS)
-  what: str
-
-
-# The samplers a checkpoint is evaluated with (no retraining between them).
-EVALS = {'steps4': ('4 steps', {'sampler.num_steps': 4, 'sampler.dit_step_mask': '1111'}),
-         'steps1': ('1 step', {'sampler.num_steps': 1, 'sampler.dit_step_mask': '1'})}
-
-ARMS = {
-    'wam': Arm({}, 'diverse', ('steps4', 'steps1'), 'the recipe (video and action objectives)'),
-    'action_only': Arm({'train.video_loss_weight': 0.0}, 'diverse', ('steps4',), 'no video loss: the VLA stand-in'),
-    'flash': Arm({'train.timestep_schedule': 'flash'}, 'diverse', ('steps1',), 'DreamZero-Flash timesteps'),
-    'bidirectional': Arm({'model.attention_mask': 'bidirectional'}, 'diverse', ('steps4',),
-                         'bidirectional attention over the clip'),
-    'repetitive': Arm({}, 'repetitive', ('steps4',), 'the recipe on repetitive data'),
-}
-
-
-class Claim(NamedTuple):
-  name: str
-  text: str
-  a: tuple[str, str]         # (arm, eval): the side the paper names first
-  b: tuple[str, str]
-  metric: str                # an episode field of the reports: progress, success, jerk
-  split: str                 # 'seen', 'unseen' or 'all' (both)
-  expect: str                # a against b in the paper: 'greater', 'less' or 'equal'
-  paper: tuple[float, float] | str
-  figure: str
-
-
-CLAIMS = (
-    Claim('wam_vs_vla_seen', 'A world action model beats an action-only policy (VLA) of the same size',
-          ('wam', 'steps4'), ('action_only', 'steps4'), 'progress', 'seen', 'greater', (0.622, 0.274), 'wam_vs_vla'),
-    Claim('wam_vs_vla_unseen', 'A world action model generalises better to unseen tasks than an action-only policy',
-          ('wam', 'steps4'), ('action_only', 'steps4'), 'progress', 'unseen', 'greater', (0.395, 0.163), 'wam_vs_vla'),
-    Claim('steps_4_vs_1', 'One denoising step instead of four (same checkpoint) loses performance',
-          ('wam', 'steps4'), ('wam', 'steps1'), 'progress', 'seen', 'greater', (0.83, 0.52), 'denoising_steps'),
-    Claim('flash_vs_1_step', 'Flash training recovers one-step performance',
-          ('flash', 'steps1'), ('wam', 'steps1'), 'progress', 'seen', 'greater', (0.74, 0.52), 'denoising_steps'),
-    Claim('ar_vs_bidirectional', 'Autoregressive and bidirectional attention perform alike',
-          ('wam', 'steps4'), ('bidirectional', 'steps4'), 'progress', 'seen', 'equal', (0.50, 0.50), 'attention'),
-    Claim('ar_smoother', 'Autoregressive actions are smoother (lower mean squared jerk)',
-          ('wam', 'steps4'), ('bidirectional', 'steps4'), 'jerk', 'all', 'less', 'AR smoother (no number given)',
-          'attention_jerk'),
-    Claim('diverse_vs_repetitive', 'Diverse data beats repetitive data at equal episode count',
-          ('wam', 'steps4'), ('repetitive', 'steps4'), 'progress', 'seen', 'greater', (0.50, 0.33), 'data'),
-)
-# Reference policies through the same closed loop, tasks and seeds as the arms (no training):
-# where a number sits between them says what it means.
-BASELINES = {'expert': 'the scripted expert (the data\'s policy)', 'random': 'uniform random actions'}
-BASELINE_COLORS = {'expert': '0.75', 'random': '0.45'}   # greys: the arms keep the colours
-
-# The evaluations whose latency per chunk is reported beside the step-count claims.
-LATENCY = (('wam', 'steps4'), ('wam', 'steps1'), ('flash', 'steps1'))
-FIGURES = {'wam_vs_vla': 'World action model vs action-only (VLA)', 'denoising_steps': 'Denoising steps and Flash',
-           'attention': 'Autoregressive vs bidirectional', 'attention_jerk': 'Action smoothness (lower is smoother)',
-           'data': 'Diverse vs repetitive data', 'latency': 'Latency per chunk (closed loop)'}
-
-VERDICT_RULE = (
-    'A claim that one side is higher (or lower) is reproduced when the 95% interval of our difference (a - b) '
-    'excludes 0 on the paper\'s side, not reproduced when it excludes 0 on the other side, and inconclusive at this '
-    'scale when it holds 0. A claim of no difference is reproduced when the interval lies within +-10 points '
-    '(equivalence), not reproduced when it excludes 0, and inconclusive otherwise. Intervals: 95% bootstrap over '
-    'episodes, resampled within each task and averaged over tasks (evaluation/results.bootstrap_ci); the difference '
-    'pairs the two sides\' episodes by task and seed (every evaluation runs the same seeded episodes) and resamples '
-    'the pairs. With fewer than 10 paired episodes the verdict is inconclusive (an interval over a handful of '
-    'episodes is too narrow to trust).')
-EQUIVALENCE_MARGIN = 0.10
-MIN_EPISODES = 10
-
-METRICS = {'success': 'success rate', 'progress': 'task progress', 'jerk': 'mean squared jerk',
-           'chunk_ms': 'ms per chunk'}
-SPLITS = {'seen': 'seen tasks, new variations', 'unseen': 'unseen tasks', 'all': 'seen and unseen tasks'}
 
 # The frozen VAE is one for every arm, trained on this setting's frames: the paper's arms share one
 # pretrained Wan VAE, and a VAE per data setting would add a second difference to the data claim.
 VAE_SETTING = 'diverse'
+# The suite's own defaults, before the user's overrides: the VAE trained at the rate that carries the
+# scene (bench/RESULTS.md, the claims follow-up: 25.8 dB held-out against 23.0 at the config's 2e-3).
+SUITE_OVERRIDES = ('vae_train.lr=0.004',)
 DEFAULT_TASKS = 'plate-slide-v3,plate-slide-side-v3,drawer-close-v3,window-open-v3,window-close-v3'
 DATA_SEED = 0          # the expert episodes' build seed (variations 0.., reset seeds 0..)
 EVAL_SEED = 1000       # eval.py's default: seen-task episodes in variations the data never held
-BOOTSTRAP_SEED = 0
+# Seconds per unit on an idle 2-core CPU (the module docstring), for the estimate printed at start.
+SECONDS = dict(episode=3.0, vae_update=0.37, step=0.2, wide_step=0.6, eval_episode=4.8)
 
 
 def parse(argv):
@@ -148,81 +74,28 @@ def parse(argv):
   p.add_argument('--episodes', type=int, default=20, help='expert episodes per task in each data setting')
   p.add_argument('--repetitive_variations', type=int, default=2,
                  help='variations per task in the repetitive data (repeated over its episodes)')
+  p.add_argument('--pretrain_tasks', default='ml45_train',
+                 help='the video-only pretraining\'s tasks; "ml45_train" = the 45 ML45 train tasks')
+  p.add_argument('--pretrain_episodes', type=int, default=10, help='video-only expert episodes per pretraining task')
+  p.add_argument('--pretrain_steps', type=int, default=0, help='pretraining steps; 0 = the config\'s train.steps')
+  p.add_argument('--videodemo_episodes', type=int, default=10,
+                 help='video-only episodes per unseen task in the videodemos data (beside the seen tasks\' own)')
+  p.add_argument('--seeds', type=int, default=2, help='training seeds of the arms that take several (arms.py)')
   p.add_argument('--eval_episodes', type=int, default=5, help='evaluation episodes per task')
   p.add_argument('--max_steps', type=int, default=150, help='environment steps per episode (data and evaluation)')
   p.add_argument('--budget_minutes', type=float, help='training minutes per arm and run (a rerun continues)')
   p.add_argument('--vae', choices=('trained', 'random'), default='trained',
-                 help='train the small VAE per data setting (training/vae.py), or keep the random frozen one')
+                 help='train the small VAE once on the diverse data (training/vae.py), or keep the random frozen one')
   p.add_argument('--workers', type=int, default=0, help='data-build processes; 0 = one per core')
   args = p.parse_args(rest)
-  return args, [o.removeprefix('--config.') for o in overrides]
+  if args.seeds < 1:
+    p.error('--seeds: at least 1')
+  return args, [*SUITE_OVERRIDES, *(o.removeprefix('--config.') for o in overrides)]
 
 
-def verdict(difference: tuple[float, float, float], expect: str) -> str:
-  """VERDICT_RULE for the interval (point, low, high) of the difference a - b."""
-  _, low, high = difference
-  if expect == 'equal':
-    if low > 0 or high < 0:
-      return 'not reproduced'
-    return 'reproduced' if -EQUIVALENCE_MARGIN <= low and high <= EQUIVALENCE_MARGIN else 'inconclusive'
-  if expect == 'less':
-    low, high = -high, -low
-  return 'reproduced' if low > 0 else 'not reproduced' if high < 0 else 'inconclusive'
-
-
-def parts(split: str) -> tuple[str, ...]:
-  """The report splits a claim's split covers ('all': seen and unseen)."""
-  return ('seen', 'unseen') if split == 'all' else (split,)
-
-
-def difference(a: dict, b: dict, split: str, metric: str) -> tuple[list[float] | None, int]:
-  """([a - b over tasks, 95% low, high] or None, paired episodes) of two eval reports."""
-  per_task = {}
-  for part in parts(split):
-    per_task.update(results.paired_differences(a, b, part, metric))
-  ci = results.bootstrap_ci(list(per_task.values()), seed=BOOTSTRAP_SEED)
-  return (None if np.isnan(ci[0]) else list(ci)), sum(map(len, per_task.values()))
-
-
-def eval_metrics(report: dict) -> dict:
-  """{split: {metric: [mean over tasks, 95% low, high] or None, 'episodes': n}} of an eval report."""
-  out = {}
-  for split in SPLITS:
-    out[split] = {}
-    for metric in METRICS:
-      per_task = {}
-      for part in parts(split):
-        per_task.update(results.episodes_of(report, part, metric))
-      ci = results.bootstrap_ci(list(per_task.values()), seed=BOOTSTRAP_SEED)
-      out[split][metric] = None if np.isnan(ci[0]) else list(ci)
-      if metric == 'success':
-        out[split]['episodes'] = sum(map(len, per_task.values()))
-  return out
-
-
-def label(side: tuple[str, str]) -> str:
-  return f'{side[0]} ({EVALS[side[1]][0]})'
-
-
-def judge(claim: Claim, reports: dict, metrics: dict | None = None) -> dict:
-  """A claim's row from the eval reports ({(arm, eval): report}): both sides' intervals (None while an arm
-  is not evaluated), the paired difference's and the verdict. `metrics` ({(arm, eval): eval_metrics of its
-  report}) saves recomputing them."""
-  sides = {}
-  for key, side in (('a', claim.a), ('b', claim.b)):
-    m = ((metrics or {}).get(side) or eval_metrics(reports[side])) if side in reports else None
-    sides[key] = dict(arm=side[0], eval=side[1], label=label(side),
-                      value=m[claim.split][claim.metric] if m else None)
-  both = claim.a in reports and claim.b in reports
-  diff, pairs = difference(reports[claim.a], reports[claim.b], claim.split, claim.metric) if both else (None, 0)
-  if not both:
-    outcome = 'pending'
-  elif diff is None or pairs < MIN_EPISODES:
-    outcome = 'inconclusive'   # no or few paired values (e.g. the jerk of episodes under 4 steps)
-  else:
-    outcome = verdict(diff, claim.expect)
-  return dict(name=claim.name, claim=claim.text, metric=claim.metric, split=claim.split, expect=claim.expect,
-              paper=claim.paper, verdict=outcome, difference=diff, paired_episodes=pairs, **sides)
+def run_name(arm: str, seed: int) -> str:
+  """The folder of an arm's training seed `seed` (0: the arm's own name, as single-seed suites had)."""
+  return arm if seed == 0 else f'{arm}-seed{seed}'
 
 
 def _fmt(metric: str, v) -> str:
@@ -260,19 +133,35 @@ class Suite:
     train_tasks, test_tasks = metaworld_env.ml45_split()
     self.seen = [t for t in args.tasks.split(',') if t]
     self.unseen = test_tasks if args.unseen_tasks == 'ml45' else [t for t in args.unseen_tasks.split(',') if t]
+    self.pretrain_tasks = (train_tasks if args.pretrain_tasks == 'ml45_train' else
+                           [t for t in args.pretrain_tasks.split(',') if t])
     known = metaworld_env.all_tasks()
-    for flag, tasks in (('--tasks', self.seen), ('--unseen_tasks', self.unseen)):
+    for flag, tasks in (('--tasks', self.seen), ('--unseen_tasks', self.unseen), ('--pretrain_tasks',
+                                                                                   self.pretrain_tasks)):
       bad = [t for t in tasks if t not in known]
       if bad:
         raise ConfigError(f'{flag}: unknown Meta-World task {", ".join(bad)} (e.g. {", ".join(train_tasks[:3])})')
+    leaked = sorted(set(self.unseen) & set(self.pretrain_tasks))
+    if leaked:
+      raise ConfigError(f'--pretrain_tasks: {", ".join(leaked)} are unseen tasks (their videos belong to the '
+                        'videodemos arm only)')
     self.base = load_config(args.config, overrides)   # refuses a bad override before any work
     self.unseen_are_ml45 = sorted(self.unseen) == sorted(test_tasks)
-    self.data_variations = {'diverse': 0, 'repetitive': args.repetitive_variations}
-    # What the results depend on: a rerun into the same DIR must repeat it.
+    # Per data setting: (tasks, episodes per task, variations per task (0: all distinct), video-only tasks,
+    # episodes per video-only task).
+    self.data_settings = {
+        'diverse': (self.seen, args.episodes, 0, (), 0),
+        'repetitive': (self.seen, args.episodes, args.repetitive_variations, (), 0),
+        'pretrain': (self.pretrain_tasks, args.pretrain_episodes, 0, tuple(self.pretrain_tasks), 0),
+        'videodemos': (self.seen + self.unseen, args.episodes, 0, tuple(self.unseen), args.videodemo_episodes)}
+    self.pretrain_steps = args.pretrain_steps or self.base.train.steps
+    # What the results depend on: a rerun into the same DIR must repeat it (--seeds may grow).
     self.settings = dict(config=args.config, overrides=overrides, tasks=','.join(self.seen),
                          unseen_tasks=','.join(self.unseen), episodes=args.episodes,
                          repetitive_variations=args.repetitive_variations, eval_episodes=args.eval_episodes,
-                         max_steps=args.max_steps, vae=args.vae)
+                         max_steps=args.max_steps, vae=args.vae, pretrain_tasks=','.join(self.pretrain_tasks),
+                         pretrain_episodes=args.pretrain_episodes, pretrain_steps=self.pretrain_steps,
+                         videodemo_episodes=args.videodemo_episodes)
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.out, *parts)
@@ -280,6 +169,20 @@ class Suite:
   def split_label(self, split: str) -> str:
     held_out = split == 'unseen' and self.unseen_are_ml45
     return SPLITS[split] + (' (the held-out ML45 test tasks)' if held_out else '')
+
+  def seeds_of(self, name: str) -> int:
+    return self.args.seeds if ARMS[name].seeds else 1
+
+  def runs(self, names=None) -> list[tuple[str, int]]:
+    """(arm, seed) of the arms' runs, every arm's first seed before any second."""
+    names = list(ARMS) if names is None else names
+    return [(n, k) for k in range(self.args.seeds) for n in names if k < self.seeds_of(n)]
+
+  def needed_data(self) -> list[str]:
+    needed = ['diverse', *(ARMS[a].data for a in self.arms)]   # the baselines' config: diverse
+    if any(ARMS[a].pretrained for a in self.arms):
+      needed.append('pretrain')
+    return list(dict.fromkeys(needed))
 
   def check_settings(self) -> None:
     """Records the flags the results depend on; refuses a rerun into DIR with others."""
@@ -305,16 +208,33 @@ class Suite:
       return 0
     if os.path.isdir(data_dir):
       shutil.rmtree(data_dir)
-    argv = ['build', 'metaworld', '--out', data_dir, '--tasks', ','.join(self.seen), '--episodes', str(args.episodes),
+    tasks, episodes, variations, video_only, video_episodes = self.data_settings[setting]
+    argv = ['build', 'metaworld', '--out', data_dir, '--tasks', ','.join(tasks), '--episodes', str(episodes),
             '--image_size', str(self.base.serve.camera_height), '--max_steps', str(args.max_steps),
-            '--seed', str(DATA_SEED), '--variations', str(self.data_variations[setting]),
-            '--workers', str(args.workers)]
-    print(f'[data] {setting}: {len(self.seen)} tasks x {args.episodes} episodes in {data_dir}', flush=True)
+            '--seed', str(DATA_SEED), '--variations', str(variations), '--workers', str(args.workers)]
+    if video_only:
+      argv += ['--video_only_tasks', ','.join(video_only), '--video_only_episodes', str(video_episodes)]
+    print(f'[data] {setting}: {len(tasks)} tasks ({len(video_only)} video-only) in {data_dir}', flush=True)
     code = datasets_cli.main(argv)
     if code == 0:
       with open(marker, 'w') as fh:
         json.dump(dict(argv=argv), fh)
     return code
+
+  def data_summary(self, setting: str) -> dict:
+    """A data setting's folder and, once built, its episodes and minutes of video-only demonstrations."""
+    tasks, episodes, variations, video_only, _ = self.data_settings[setting]
+    out = dict(dir=os.path.relpath(self.path('data', setting), self.out), tasks=len(tasks),
+               episodes_per_task=episodes, variations_per_task=variations or 'all distinct',
+               video_only_tasks=list(video_only))
+    if os.path.exists(self.path('data', setting, 'built.json')):
+      stored = episodes_lib.open_dataset(self.path('data', setting), 'metaworld')
+      lengths = np.diff(stored.lowdim.offsets)
+      video = ~stored.lowdim.has_action
+      out.update(episodes=int(len(lengths)), video_only_episodes=int(video.sum()),
+                 video_only_frames=int(lengths[video].sum()),
+                 video_only_minutes=round(float(lengths[video].sum()) / stored.spec.control_hz / 60, 3))
+    return out
 
   def vae_override(self) -> list[str]:
     """`init.vae=PATH` of the trained VAE every arm uses (trained here once, on VAE_SETTING's frames), or
@@ -332,11 +252,25 @@ class Suite:
     with open(record) as fh:
       return [f'init.vae={json.load(fh)["path"]!r}']
 
-  def arm_overrides(self, name: str) -> list[str]:
-    """The arm's training config as overrides of the base: its data and VAE, the user's, its changes."""
+  def pretrain_dir(self) -> str:
+    return self.path('pretrain', 'train')
+
+  def pretrain_overrides(self) -> list[str]:
+    """The video-only pretraining: the base model and recipe on the pretraining data, action loss off."""
+    return [f'data.dir={self.path("data", "pretrain")!r}', *self.vae_override(), *self.overrides,
+            'train.action_loss_weight=0.0', f'train.steps={self.pretrain_steps}']
+
+  def arm_overrides(self, name: str, seed: int = 0) -> list[str]:
+    """The run's training config as overrides of the base: its data and VAE, the pretrained DiT it
+    starts from, the user's overrides, the arm's changes and its training seed."""
     arm = ARMS[name]
-    return [f'data.dir={self.path("data", arm.data)!r}', *self.vae_override(), *self.overrides,
-            *[f'{k}={v!r}' for k, v in arm.changes.items()]]
+    out = [f'data.dir={self.path("data", arm.data)!r}', *self.vae_override(), *self.overrides,
+           *[f'{k}={v!r}' for k, v in arm.changes.items()]]
+    if arm.pretrained:
+      out.append(f'init.pretrained={self.pretrain_dir()!r}')
+    if seed:   # the initialisation and training noise, and the data order
+      out += [f'seed={self.base.seed + seed}', f'data.seed={self.base.data.seed + seed}']
+    return out
 
   def baseline_path(self, kind: str) -> str:
     return self.path('baselines', kind, 'report.json')
@@ -359,36 +293,44 @@ class Suite:
     return eval_cli.main(['--checkpoint', out, '--policy', kind, *self.eval_argv(out),
                           *[f'--config.{o}' for o in overrides]])
 
-  def report_path(self, name: str, eval_name: str) -> str:
-    return self.path('arms', name, 'eval', eval_name, 'report.json')
-
-  def finished(self, name: str) -> bool:
-    return all(os.path.exists(self.report_path(name, e)) for e in ARMS[name].evals)
-
-  def run_arm(self, name: str) -> int:
-    """Trains the arm (resuming; at most --budget_minutes this run), then runs its missing evaluations."""
-    if self.finished(name):
-      print(f'[{name}] finished (its reports exist); skipped', flush=True)
-      return 0
-    overrides = self.arm_overrides(name)
-    cfg = load_config(self.args.config, overrides)
-    train_dir = self.path('arms', name, 'train')
+  def train(self, what: str, cfg, train_dir: str) -> tuple[int, bool]:
+    """(exit code, trained to the end) of a training stage, resumed, at most --budget_minutes this run."""
     step = latest_step(train_dir)
-    if step is None or step < cfg.train.steps:
-      print(f'[{name}] training {ARMS[name].what} in {train_dir} (from step {step or 0} of {cfg.train.steps})',
-            flush=True)
-      code = loop.train(cfg, train_dir, max_minutes=self.args.budget_minutes)
-      if code:
-        return code
-      step = latest_step(train_dir)
-      if step is None or step < cfg.train.steps:
-        print(f'[{name}] step {step} of {cfg.train.steps} after --budget_minutes; rerun to continue', flush=True)
-        return 0
+    if step is not None and step >= cfg.train.steps:
+      return 0, True
+    print(f'[{what}] training in {train_dir} (from step {step or 0} of {cfg.train.steps})', flush=True)
+    code = loop.train(cfg, train_dir, max_minutes=self.args.budget_minutes)
+    step = latest_step(train_dir)
+    done = step is not None and step >= cfg.train.steps
+    if not code and not done:
+      print(f'[{what}] step {step} of {cfg.train.steps} after --budget_minutes; rerun to continue', flush=True)
+    return code, done
+
+  def pretrain(self) -> tuple[int, bool]:
+    return self.train('pretrain', load_config(self.args.config, self.pretrain_overrides()), self.pretrain_dir())
+
+  def report_path(self, name: str, eval_name: str, seed: int = 0) -> str:
+    return self.path('arms', run_name(name, seed), 'eval', eval_name, 'report.json')
+
+  def finished(self, name: str, seed: int = 0) -> bool:
+    return all(os.path.exists(self.report_path(name, e, seed)) for e in ARMS[name].evals)
+
+  def run_arm(self, name: str, seed: int = 0) -> int:
+    """Trains the run (resuming; at most --budget_minutes this run), then runs its missing evaluations."""
+    run = run_name(name, seed)
+    if self.finished(name, seed):
+      print(f'[{run}] finished (its reports exist); skipped', flush=True)
+      return 0
+    overrides = self.arm_overrides(name, seed)
+    train_dir = self.path('arms', run, 'train')
+    code, done = self.train(f'{run}: {ARMS[name].what}', load_config(self.args.config, overrides), train_dir)
+    if code or not done:
+      return code
     for eval_name in ARMS[name].evals:
-      report = self.report_path(name, eval_name)
+      report = self.report_path(name, eval_name, seed)
       if os.path.exists(report):
         continue
-      print(f'[{name}] evaluating at {EVALS[eval_name][0]} in {os.path.dirname(report)}', flush=True)
+      print(f'[{run}] evaluating at {EVALS[eval_name][0]} in {os.path.dirname(report)}', flush=True)
       sampler = [f'{k}={v!r}' for k, v in EVALS[eval_name][1].items()]
       code = eval_cli.main(['--checkpoint', train_dir, *self.eval_argv(os.path.dirname(report)),
                             *[f'--config.{o}' for o in overrides + sampler]])
@@ -396,38 +338,62 @@ class Suite:
         return code
     return 0
 
+  def estimate_minutes(self) -> dict[str, float]:
+    """Minutes left per stage of this run's work on an idle 2-core CPU (SECONDS)."""
+    s, args = SECONDS, self.args
+    eval_s = (len(self.seen) + len(self.unseen)) * args.eval_episodes * s['eval_episode']
+    out = dict(data=0.0, vae=0.0, baselines=0.0, pretraining=0.0, arms=0.0)
+    for setting in self.needed_data():
+      if not os.path.exists(self.path('data', setting, 'built.json')):
+        tasks, episodes, _, video_only, video_episodes = self.data_settings[setting]
+        count = sum(video_episodes or episodes if t in video_only else episodes for t in tasks)
+        out['data'] += count * s['episode']
+    if args.vae == 'trained' and not os.path.exists(self.path('vae', f'{VAE_SETTING}.json')):
+      out['vae'] = self.base.vae_train.steps * s['vae_update']
+    out['baselines'] = sum(eval_s for kind in BASELINES if not os.path.exists(self.baseline_path(kind)))
+    if 'pretrain' in self.needed_data():
+      out['pretraining'] = (self.pretrain_steps - (latest_step(self.pretrain_dir()) or 0)) * s['step']
+    for name, seed in self.runs(self.arms):
+      if not self.finished(name, seed):
+        rate = s['wide_step'] if 'model.dim' in ARMS[name].changes else s['step']
+        done = latest_step(self.path('arms', run_name(name, seed), 'train')) or 0
+        out['arms'] += max(self.base.train.steps - done, 0) * rate + len(ARMS[name].evals) * eval_s
+    return {k: round(v / 60, 1) for k, v in out.items()}
+
   # ---- outputs -----------------------------------------------------------------------------------
 
   def reports(self) -> dict:
-    """{(arm, eval): report} of every arm evaluation in DIR."""
+    """{(arm, eval): [report of each training seed evaluated so far]} of every arm evaluation in DIR."""
     out = {}
     for name, arm in ARMS.items():
       for eval_name in arm.evals:
-        path = self.report_path(name, eval_name)
-        if os.path.exists(path):
-          with open(path) as fh:
-            out[name, eval_name] = json.load(fh)
+        for seed in range(self.seeds_of(name)):
+          path = self.report_path(name, eval_name, seed)
+          if os.path.exists(path):
+            with open(path) as fh:
+              out.setdefault((name, eval_name), []).append(json.load(fh))
     return out
 
-  def arm_status(self, name: str, reports: dict) -> dict:
-    """An arm's settings, training step and evaluations (`reports`: Suite.reports())."""
+  def run_status(self, name: str, seed: int) -> dict:
+    """A run's arm, seed, settings, training step and evaluations."""
     arm = ARMS[name]
     evals = {}
     for eval_name in arm.evals:
-      if (name, eval_name) in reports:
-        report = reports[name, eval_name]
-        evals[eval_name] = dict(sampler=EVALS[eval_name][1],
-                                report=os.path.relpath(self.report_path(name, eval_name), self.out),
+      path = self.report_path(name, eval_name, seed)
+      if os.path.exists(path):
+        with open(path) as fh:
+          report = json.load(fh)
+        evals[eval_name] = dict(sampler=EVALS[eval_name][1], report=os.path.relpath(path, self.out),
                                 seconds=report.get('seconds'), crashed=report.get('crashed'),
-                                metrics=eval_metrics(report))
-    step = latest_step(self.path('arms', name, 'train'))
+                                metrics=eval_metrics([report]))
+    step = latest_step(self.path('arms', run_name(name, seed), 'train'))
     if len(evals) == len(arm.evals):
       status = 'finished'
     else:
       status = ('not started' if step is None else 'training' if step < self.base.train.steps else
                 'trained, evaluation unfinished')
-    return dict(what=arm.what, changes=arm.changes, data=arm.data, status=status, step=step,
-                steps=self.base.train.steps, evals=evals)
+    return dict(arm=name, seed=seed, what=arm.what, changes=arm.changes, data=arm.data, pretrained=arm.pretrained,
+                status=status, step=step, steps=self.base.train.steps, evals=evals)
 
   def baseline_status(self) -> dict:
     """{kind: what, report, metrics} of the baselines evaluated so far."""
@@ -436,31 +402,34 @@ class Suite:
       path = self.baseline_path(kind)
       if os.path.exists(path):
         with open(path) as fh:
-          out[kind] = dict(what=what, report=os.path.relpath(path, self.out), metrics=eval_metrics(json.load(fh)))
+          out[kind] = dict(what=what, report=os.path.relpath(path, self.out), metrics=eval_metrics([json.load(fh)]))
     return out
 
   def write_outputs(self) -> dict:
     """claims.json, claims.md and the figures, from every report in DIR (arms of earlier runs too)."""
     reports = self.reports()
-    arms = {name: self.arm_status(name, reports) for name in ARMS}
+    runs = {run_name(n, k): self.run_status(n, k) for n, k in self.runs()}
     baselines = self.baseline_status()
-    metrics = {(name, e): v['metrics'] for name, a in arms.items() for e, v in a['evals'].items()}
+    metrics = {side: eval_metrics(r) for side, r in reports.items()}
     rows = [judge(c, reports, metrics) for c in CLAIMS]
     os.makedirs(self.path('figures'), exist_ok=True)
-    figures = self.figures(rows, metrics, arms, baselines)
+    figures = self.figures(rows, metrics, runs, baselines)
     vae = {}
-    for setting in self.data_variations:
-      if os.path.exists(self.path('vae', f'{setting}.json')):
-        with open(self.path('vae', f'{setting}.json')) as fh:
-          vae[setting] = json.load(fh)
+    if os.path.exists(self.path('vae', f'{VAE_SETTING}.json')):
+      with open(self.path('vae', f'{VAE_SETTING}.json')) as fh:
+        vae[VAE_SETTING] = json.load(fh)
+    pretrain_step = latest_step(self.pretrain_dir())
     summary = dict(
         command=['python', '-m', 'dreamzero_jax.experiments', 'claims', *self.argv], settings=self.settings,
         seeds=dict(train=self.base.seed, data_pipeline=self.base.data.seed, data_build=DATA_SEED, eval=EVAL_SEED,
-                   bootstrap=BOOTSTRAP_SEED),
+                   bootstrap=BOOTSTRAP_SEED, training_seeds=self.args.seeds),
         seen_tasks=self.seen, unseen_tasks=self.unseen, unseen_are_ml45_test_tasks=self.unseen_are_ml45,
-        data={s: dict(dir=os.path.relpath(self.path('data', s), self.out), variations_per_task=v or 'all distinct')
-              for s, v in self.data_variations.items()},
-        vae=vae, verdict_rule=VERDICT_RULE, claims=rows, arms=arms, baselines=baselines,
+        pretrain_tasks=self.pretrain_tasks,
+        data={s: self.data_summary(s) for s in self.data_settings},
+        vae=vae, pretrain=dict(dir=os.path.relpath(self.pretrain_dir(), self.out), step=pretrain_step,
+                               steps=self.pretrain_steps, status='not started' if pretrain_step is None else
+                               'finished' if pretrain_step >= self.pretrain_steps else 'training'),
+        verdict_rule=VERDICT_RULE, claims=rows, arms=runs, baselines=baselines,
         figures=[os.path.relpath(f, self.out) for f in figures])
     with open(self.path('claims.json'), 'w') as fh:
       json.dump(summary, fh, indent=1)
@@ -468,7 +437,7 @@ class Suite:
       fh.write(self.markdown(summary))
     return summary
 
-  def figures(self, rows: list[dict], metrics: dict, arms: dict, baselines: dict) -> list[str]:
+  def figures(self, rows: list[dict], metrics: dict, runs: dict, baselines: dict) -> list[str]:
     """Per claim figure: bars with 95% intervals and the paper's values, the baselines' beside them on
     progress and success (their jerk would dwarf the arms'); latency; training curves."""
     out, by_figure = [], {}
@@ -492,11 +461,12 @@ class Suite:
       if groups:
         out.append(results.interval_bars(groups, self.path('figures', f'{name}.png'), title=FIGURES[name],
                                          reference=reference, colors=BASELINE_COLORS))
-    for name in arms:
-      metrics_path = self.path('arms', name, 'train', 'metrics.jsonl')
+    curves = {run: self.path('arms', run, 'train', 'metrics.jsonl') for run in runs}
+    curves['pretrain'] = os.path.join(self.pretrain_dir(), 'metrics.jsonl')
+    for run, metrics_path in curves.items():
       if os.path.exists(metrics_path) and os.path.getsize(metrics_path):
-        out.append(results.training_curve(metrics_path, self.path('figures', f'train_{name}.png'),
-                                          title=f'{name}: training losses'))
+        out.append(results.training_curve(metrics_path, self.path('figures', f'train_{run}.png'),
+                                          title=f'{run}: training losses'))
     return out
 
   # The Arms table's metric columns, (split, metric).
@@ -505,6 +475,11 @@ class Suite:
 
   def markdown(self, summary: dict) -> str:
     s = self.settings
+    demos = summary['data']['videodemos']
+    minutes = (f'{demos["video_only_minutes"]} min ({demos["video_only_frames"]} frames at the control rate) of '
+               f'video-only demonstrations of the unseen tasks' if 'video_only_minutes' in demos else
+               f'{s["videodemo_episodes"]} video-only episodes per unseen task (not built yet)')
+    pretrain = summary['data']['pretrain']
     lines = [
         "# DreamZero's claims at small scale", '',
         f'`{" ".join(summary["command"])}`', '',
@@ -513,31 +488,37 @@ class Suite:
         f'episodes per task of at most {s["max_steps"]} steps; VAE: {s["vae"]}; seeds {summary["seeds"]}.', '',
         f'Seen tasks (evaluated on variations the data never held): {", ".join(self.seen)}. '
         f'Unseen tasks: {", ".join(self.unseen)}'
-        + (' (the held-out ML45 test tasks).' if self.unseen_are_ml45 else '.'),
-        '', f'Verdict: {VERDICT_RULE}', '',
-        '| claim | metric | ours (95% interval) | difference a - b (95%, paired episodes) | paper | verdict |',
+        + (' (the held-out ML45 test tasks).' if self.unseen_are_ml45 else '.'), '',
+        f'Video pretraining: {len(self.pretrain_tasks)} tasks x {s["pretrain_episodes"]} video-only episodes'
+        + (f' ({pretrain["video_only_minutes"]} min of video)' if 'video_only_minutes' in pretrain else '')
+        + f', {s["pretrain_steps"]} steps with the action loss off ({summary["pretrain"]["status"]}, step '
+        f'{summary["pretrain"]["step"] or 0}). The videodemos arm adds {minutes} to the seen tasks\' data.', '',
+        f'Verdict: {VERDICT_RULE}', '',
+        '| claim | metric | ours (95% interval; seeds) | difference a - b (95%, paired episodes) | paper | verdict |',
         '|---|---|---|---|---|---|']
     for row in summary['claims']:
-      ours = ' vs '.join(f'{row[k]["label"]} {_fmt(row["metric"], row[k]["value"])}' for k in ('a', 'b'))
+      ours = ' vs '.join(f'{row[k]["label"]} {_fmt(row["metric"], row[k]["value"])}'
+                         + (f' ({row[k]["seeds"]} seeds)' if row[k]['seeds'] > 1 else '') for k in ('a', 'b'))
       diff = _fmt_difference(row['metric'], row['difference']) + (f' ({row["paired_episodes"]})' if row['difference']
                                                                   else '')
       lines.append(f'| {row["claim"]} | {METRICS[row["metric"]]}, {self.split_label(row["split"])} | {ours} | {diff} | '
                    f'{_paper(row)} | {row["verdict"]} |')
-    lines += ['', '## Arms', '',
-              '| arm | changes | data | training | evaluation | seen success | seen progress | unseen success | '
+    lines += ['', '## Arms (one row per training seed and evaluation)', '',
+              '| run | changes | data | training | evaluation | seen success | seen progress | unseen success | '
               'unseen progress | jerk (all) | latency per chunk |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for kind, b in summary['baselines'].items():
       m = b['metrics']
       cells = [_fmt(metric, m[split][metric]) if metric != 'chunk_ms' else '-' for split, metric in self.ROW]
       lines.append(f'| {kind} (baseline) | {b["what"]} | - | - | closed loop | ' + ' | '.join(cells) + ' |')
-    for name, arm in summary['arms'].items():
+    for run, arm in summary['arms'].items():
       changes = ', '.join(f'{k}={v!r}' for k, v in arm['changes'].items()) or '(the recipe)'
+      changes += ' from the pretrained DiT' if arm['pretrained'] else ''
       training = f'{arm["status"]}, step {arm["step"] or 0} of {arm["steps"]}'
       if not arm['evals']:
-        lines.append(f'| {name} | {changes} | {arm["data"]} | {training} | - | - | - | - | - | - | - |')
+        lines.append(f'| {run} | {changes} | {arm["data"]} | {training} | - | - | - | - | - | - | - |')
       for eval_name, e in arm['evals'].items():
         cells = [_fmt(metric, e['metrics'][split][metric]) for split, metric in self.ROW]
-        lines.append(f'| {name} | {changes} | {arm["data"]} | {training} | {EVALS[eval_name][0]} | '
+        lines.append(f'| {run} | {changes} | {arm["data"]} | {training} | {EVALS[eval_name][0]} | '
                      + ' | '.join(cells) + ' |')
     lines += ['', '## Figures', ''] + [f'- [{f}]({f})' for f in summary['figures']] + ['']
     return '\n'.join(lines)
@@ -563,8 +544,12 @@ def main(argv=None) -> int:
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  estimate = suite.estimate_minutes()
+  print(f'[estimate] about {sum(estimate.values()):.0f} min of work left for this run on an idle 2-core CPU '
+        f'({", ".join(f"{k} {v:g}" for k, v in estimate.items())}); --budget_minutes caps each training run',
+        flush=True)
   failed = 0
-  for setting in dict.fromkeys(['diverse', *(ARMS[a].data for a in suite.arms)]):   # the baselines' config: diverse
+  for setting in suite.needed_data():
     if suite.build_data(setting):
       print(f'error: building the {setting} data failed', file=sys.stderr)
       return 1
@@ -573,14 +558,25 @@ def main(argv=None) -> int:
     if code:
       print(f'[baseline] {kind} failed (exit {code}); the arms go on', file=sys.stderr)
       failed = failed or code
-  for name in suite.arms:
+  pretrained = True
+  if any(ARMS[a].pretrained for a in suite.arms):
     try:
-      code = suite.run_arm(name)
+      code, pretrained = suite.pretrain()
+    except (ConfigError, ValueError, OSError) as e:
+      print(f'error: [pretrain] {e}', file=sys.stderr)
+      code, pretrained = 2, False
+    failed = failed or code
+  for name, seed in suite.runs(suite.arms):
+    if ARMS[name].pretrained and not pretrained:
+      print(f'[{run_name(name, seed)}] waits for the pretraining to finish', flush=True)
+      continue
+    try:
+      code = suite.run_arm(name, seed)
     except (ConfigError, ValueError, OSError) as e:   # e.g. a checkpoint from another config in its workdir
-      print(f'error: [{name}] {e}', file=sys.stderr)
+      print(f'error: [{run_name(name, seed)}] {e}', file=sys.stderr)
       code = 2
     if code:
-      print(f'[{name}] failed (exit {code}); the other arms go on', file=sys.stderr)
+      print(f'[{run_name(name, seed)}] failed (exit {code}); the other arms go on', file=sys.stderr)
       failed = failed or code
   summary = suite.write_outputs()
   for row in summary['claims']:

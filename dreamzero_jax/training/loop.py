@@ -122,6 +122,23 @@ def _compiled_step(cfg, graphdef, abstract_state):
                                        aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
 
 
+def start_params(cfg: ml_collections.ConfigDict) -> dict:
+  """The DiT parameters a fresh run starts from (host arrays): init.pretrained's newest checkpoint
+  (a run of the same model), else encoders.initial_dit_params (init.converted or random)."""
+  if not cfg.init.pretrained:
+    return encoders.initial_dit_params(cfg)
+  ckpt = checkpoint.Checkpointer(cfg.init.pretrained, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise checkpoint.IncompatibleCheckpointError(f'init.pretrained: {cfg.init.pretrained} holds no checkpoint')
+    abstract = jax.eval_shape(lambda: encoders.initial_dit_shapes(cfg))
+    params = ckpt.restore_model_params(step, abstract, cfg)
+  finally:
+    ckpt.close()
+  return jax.tree.map(np.asarray, params)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats: dict | None = None,
           stop_at: int | None = None, max_minutes: float | None = None) -> int:
   """Trains towards cfg.train.steps, this run stopping at `stop_at` if given (a later run resumes).
@@ -166,9 +183,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
       data.set_state(data_state)
     print(f'resumed from {workdir} at step {start}')
   else:
-    if cfg.init.converted:
-      print(f'starting from the converted weights in {cfg.init.converted}')
-    params, key = encoders.initial_dit_params(cfg), jax.random.key(cfg.seed)
+    if cfg.init.converted or cfg.init.pretrained:
+      print(f'starting from the weights in {cfg.init.pretrained or cfg.init.converted}')
+    params, key = start_params(cfg), jax.random.key(cfg.seed)
     # Parameters go straight into their shards and the optimiser state is built there: no
     # device ever holds the whole state (14B: ~200 GB in fp32 with AdamW).
     base = state_sharding.frozen if cfg.train.lora_rank > 0 else state_sharding.params
