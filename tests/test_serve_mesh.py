@@ -52,9 +52,10 @@ def test_serve_flag_error_is_one_line():
       'and SIZE >= 1, e.g. tensor=4'], out.stderr
 
 
+# Default CI runs the 4-way mid-size case (~35 s); the served test below covers 2-way end to end.
 @pytest.mark.parametrize('case', [
-    'tiny_tensor2',
-    'tiny_tensor4',
+    pytest.param('tiny_tensor2', marks=pytest.mark.slow),
+    pytest.param('tiny_tensor4', marks=pytest.mark.slow),
     pytest.param('tiny_data2_tensor2', marks=pytest.mark.slow),
     pytest.param('mid_tensor2', marks=pytest.mark.slow),
     'mid_tensor4',
@@ -69,6 +70,10 @@ def test_sharded_control_step_equals_one_device(case):
 
 def test_sharded_tiny_policy_is_served_and_answers():
   helpers.run_with_fake_devices(__file__, ['--serve'], 2, 'served over tensor=2 ok', timeout=600)
+
+
+def test_hlo_cost_counts_each_loop_iteration_and_collective():
+  helpers.run_with_fake_devices(__file__, ['--hlo-cost'], 2, 'hlo cost ok', timeout=300)
 
 
 # ---- the checks (run in their own process) ----------------------------------------------------------
@@ -146,6 +151,29 @@ def _serve_check():
   print('served over tensor=2 ok')
 
 
+def _hlo_cost_check():
+  """A 10-step scan of [128, 1024] @ [1024, 1024] with the weights split by rows over 2 devices: each
+  step is half the multiply-adds on each device and one all-reduce of the [128, 1024] fp32 result."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from dreamzero_jax import sharding
+  from dreamzero_jax.inference import hlo_cost
+  mesh = sharding.make_mesh((1, 1, 1, 2))
+  x = jax.ShapeDtypeStruct((128, 1024), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+  w = jax.ShapeDtypeStruct((10, 1024, 1024), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(None, 'tensor')))
+  step = lambda x, w: (jnp.tanh(x @ w), None)
+  compiled = jax.jit(lambda x, w: jax.lax.scan(step, x, w)[0]).lower(x, w).compile()
+  cost = hlo_cost.program_cost(compiled.as_text())
+  assert cost.flops == 10 * 2 * 128 * 512 * 1024, cost
+  assert cost.collective_bytes == 10 * 128 * 1024 * 4, cost
+  assert cost.unknown_trip_counts == 0
+  # Each step reads its layer's half of the weights (2 MiB), not the stacked 20 MiB.
+  assert 10 * 2 * 2**20 <= cost.hbm_bytes < 10 * 10 * 2**20, cost
+  print('hlo cost ok')
+
+
 if __name__ == '__main__':
   import jax
   jax.config.update('jax_default_matmul_precision', 'highest')
@@ -153,5 +181,7 @@ if __name__ == '__main__':
     print(json.dumps(_control_step_check(sys.argv[2])))
   elif sys.argv[1:] == ['--serve']:
     _serve_check()
+  elif sys.argv[1:] == ['--hlo-cost']:
+    _hlo_cost_check()
   else:
-    sys.exit(f'usage: python tests/test_serve_mesh.py --control-step {{{"|".join(CASES)}}} | --serve')
+    sys.exit(f'usage: python tests/test_serve_mesh.py --control-step {{{"|".join(CASES)}}} | --serve | --hlo-cost')

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dreamzero_jax import encoders as encoders_lib
 from dreamzero_jax import sharding
-from dreamzero_jax.inference import rollout
+from dreamzero_jax.inference import hlo_cost, rollout
 from dreamzero_jax.kernels import registry
 from dreamzero_jax.models import attention
 from dreamzero_jax.models import dit as dit_lib
@@ -100,6 +100,9 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str = '') -> dict:
   compiled = lowered.compile(compiler_options=options)
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
+  cost = hlo_cost.program_cost(compiled.as_text())
+  xla_cost = compiled.cost_analysis()
+  xla_cost = xla_cost[0] if isinstance(xla_cost, (list, tuple)) else xla_cost
   ffn1 = [x for x in jax.tree.leaves(nnx.state(model.blocks.ffn1)) if x.ndim == 3]  # [layers, D, ffn]
   return dict(
       config_model=dict(dim=m.dim, num_layers=m.num_layers), device=f'{device.platform} {device.device_kind}',
@@ -121,6 +124,12 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str = '') -> dict:
       # The donated cache and VAE cache alias their outputs: count those bytes once.
       total_gib=_gib(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                      - mem.alias_size_in_bytes),
+      # Per device, loops counted by their trip counts (inference/hlo_cost.py); XLA's own
+      # cost_analysis counts each loop body once (kept for comparison).
+      cost_per_device=dict(flops=cost.flops, hbm_gib=_gib(cost.hbm_bytes), collective_gib=_gib(cost.collective_bytes),
+                           unknown_trip_counts=cost.unknown_trip_counts),
+      xla_cost_analysis=dict(flops=float(xla_cost.get('flops', 0.0)),
+                             bytes_accessed_gib=_gib(xla_cost.get('bytes accessed', 0.0))),
       attention=sorted(attention_used), kernels=sorted(f'{k}:{i}' for k, i in kernels_used),
       compiler_options=options, compile_s=round(compile_s, 1),
       scope='one control tick (VAE encode + cache write + sampler + action head), CFG batched; '
