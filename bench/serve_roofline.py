@@ -51,7 +51,8 @@ def main() -> None:
   args = p.parse_args()
   cfg = load_config(args.config, [f'model.quantization={args.quantization}', f'serve.mesh={args.mesh!r}'])
   report = aot.compile_only(cfg, args.topology)
-  keep = ('device', 'topology', 'mesh', 'quantization', 'total_gib', 'argument_gib', 'temp_gib', 'cost_per_device',
+  keep = ('device', 'topology', 'mesh', 'quantization', 'dit_gib_per_device', 'kv_cache_gib_per_device', 'total_gib',
+          'argument_gib', 'temp_gib', 'cost_per_device',
           'xla_cost_analysis', 'compile_s')
   print(json.dumps({**{k: report[k] for k in keep}, 'chip': args.chip, 'roofline': roofline(report, args.chip)}))
 

@@ -171,6 +171,11 @@ def _hlo_cost_check():
   assert cost.unknown_trip_counts == 0
   # Each step reads its layer's half of the weights (2 MiB), not the stacked 20 MiB.
   assert 10 * 2 * 2**20 <= cost.hbm_bytes < 10 * 10 * 2**20, cost
+  # A 3x3 convolution: 2 x (each output) x (input channels) x (taps), padding taps included.
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  compiled = jax.jit(conv).lower(jax.ShapeDtypeStruct((1, 16, 16, 8), jnp.float32),
+                                 jax.ShapeDtypeStruct((3, 3, 8, 4), jnp.float32)).compile()
+  assert hlo_cost.program_cost(compiled.as_text()).flops == 2 * 16 * 16 * 4 * 8 * 9
   print('hlo cost ok')
 
 

@@ -7,6 +7,11 @@ arguments are what the device holds during control: the DiT as served (dit.for_i
 model.quantization), the VAE, and one episode's KV cache (both CFG branches), text/image K/V, VAE
 cache and I2V condition. umT5 and CLIP are not: they run once per prompt / episode from host memory.
 
+Over serve.mesh (`--mesh tensor=8`) the arguments carry the shardings the policy gives them
+(inference/rollout.py) and the figures are per device; `--topology v5e:2x4` compiles for that TPU
+slice's compile-only devices (libtpu), fake CPU devices stand in for a GPU mesh. The report adds the
+program's per-device cost (inference/hlo_cost.py), the sampler's DiT share of its steps applied.
+
 On a CPU host the figure is for a device with native bf16/fp8 dots: the CPU emulates those dots in
 fp32, and its loop-invariant code motion then hoists the fp32 conversions of the layer-stacked
 weights and KV cache out of the layer loop (the 14B bf16 step showed 78 GiB of temporaries, 4x the
@@ -29,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dreamzero_jax import encoders as encoders_lib
 from dreamzero_jax import sharding
-from dreamzero_jax.inference import hlo_cost, rollout
+from dreamzero_jax.inference import hlo_cost, rollout, samplers
 from dreamzero_jax.kernels import registry
 from dreamzero_jax.models import attention
 from dreamzero_jax.models import dit as dit_lib
@@ -100,7 +105,10 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str = '') -> dict:
   compiled = lowered.compile(compiler_options=options)
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
-  cost = hlo_cost.program_cost(compiled.as_text())
+  # The sampler's lax.cond runs the DiT on the steps of sampler.dit_step_mask (all of them, an upper
+  # bound, under dynamic skipping, which decides at run time).
+  dit_share = 1.0 if cfg.sampler.dynamic_skip else float(samplers.dit_step_mask(cfg.sampler).mean())
+  cost = hlo_cost.program_cost(compiled.as_text(), taken=dit_share)
   xla_cost = compiled.cost_analysis()
   xla_cost = xla_cost[0] if isinstance(xla_cost, (list, tuple)) else xla_cost
   ffn1 = [x for x in jax.tree.leaves(nnx.state(model.blocks.ffn1)) if x.ndim == 3]  # [layers, D, ffn]
@@ -127,7 +135,7 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str = '') -> dict:
       # Per device, loops counted by their trip counts (inference/hlo_cost.py); XLA's own
       # cost_analysis counts each loop body once (kept for comparison).
       cost_per_device=dict(flops=cost.flops, hbm_gib=_gib(cost.hbm_bytes), collective_gib=_gib(cost.collective_bytes),
-                           unknown_trip_counts=cost.unknown_trip_counts),
+                           unknown_trip_counts=cost.unknown_trip_counts, dit_step_share=dit_share),
       xla_cost_analysis=dict(flops=float(xla_cost.get('flops', 0.0)),
                              bytes_accessed_gib=_gib(xla_cost.get('bytes accessed', 0.0))),
       attention=sorted(attention_used), kernels=sorted(f'{k}:{i}' for k, i in kernels_used),

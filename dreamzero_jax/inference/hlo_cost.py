@@ -3,7 +3,9 @@
 XLA's `compiled.cost_analysis()` counts a while loop's body once, whatever its trip count, so for
 the control step (a scan over 40 layers inside the sampler, query-block loops inside attention) it
 reports a fraction of the work. This walks the HLO text instead and multiplies each loop body by its
-trip count (XLA's `known_trip_count`, or the one integer constant its condition compares with):
+trip count (XLA's `known_trip_count`, or the one integer constant its condition compares with), and a
+conditional by the share of executions the caller says take its costliest branch (the sampler's
+DiT steps: `lax.cond` picks at run time, so the program alone cannot say):
 
   flops             2 x multiply-adds of every dot and convolution (the matrix units' work;
                     elementwise ops are not counted)
@@ -104,8 +106,9 @@ def _called(attributes: str, key: str) -> list[str]:
 
 class _Walker:
 
-  def __init__(self, text: str):
+  def __init__(self, text: str, taken: float):
     self.computations, self.entry = parse(text)
+    self.taken = taken
     self.shapes = {i.name: i.shape for body in self.computations.values() for i in body}
 
   def trip_count(self, instruction: _Instruction) -> int | None:
@@ -185,7 +188,11 @@ class _Walker:
         rhs = _dims(self.shapes.get(i.operands[1], ''))
         labels = re.search(r'dim_labels=\w+_(\w+)->', i.attributes)
         o = rhs[labels.group(1).index('o')] if labels and 'o' in labels.group(1) else 1
-        out.flops += 2.0 * math.prod(_dims(i.shape)) * math.prod(rhs) / max(o, 1)
+        # A window dim with lhs dilation d meets a real input on 1 of every d taps: the TPU compiler
+        # writes a batched matmul as a convolution whose batch dims are such windows.
+        dilate = re.search(r'lhs_dilate=([\dx]+)', i.attributes)
+        dilation = math.prod(int(d) for d in dilate.group(1).split('x')) if dilate else 1
+        out.flops += 2.0 * math.prod(_dims(i.shape)) * math.prod(rhs) / max(o, 1) / dilation
       elif any(i.opcode in (c, f'{c}-start') for c in _COLLECTIVES):
         out.collective_bytes += max((_BYTES[dt] * math.prod(d) for dt, d in _arrays(i.shape)), default=0)
       if i.opcode == 'while':
@@ -196,10 +203,11 @@ class _Walker:
         out.add(body, trips if trips is not None else 1)
         out.unknown_trip_counts += trips is None
       elif i.opcode == 'conditional':
-        branches = [self.cost(c) for key in ('branch_computations', 'true_computation', 'false_computation')
-                    for c in _called(i.attributes, key)]
+        branches = sorted((self.cost(c) for key in ('branch_computations', 'true_computation', 'false_computation')
+                           for c in _called(i.attributes, key)), key=lambda c: c.flops)
         if branches:
-          out.add(max(branches, key=lambda c: c.flops))
+          out.add(branches[-1], self.taken)
+          out.add(branches[0], 1.0 - self.taken)
       elif i.opcode == 'call':
         for comp in _called(i.attributes, 'to_apply'):
           out.add(self.cost(comp, fused))
@@ -211,7 +219,8 @@ class _Walker:
     return out
 
 
-def program_cost(hlo_text: str) -> Cost:
-  """One device's Cost of a compiled program (`compiled.as_text()`)."""
-  walker = _Walker(hlo_text)
+def program_cost(hlo_text: str, taken: float = 1.0) -> Cost:
+  """One device's Cost of a compiled program (`compiled.as_text()`). A conditional counts its
+  costliest branch `taken` of the times and its cheapest the rest (1.0: an upper bound)."""
+  walker = _Walker(hlo_text, taken)
   return walker.cost(walker.entry)
