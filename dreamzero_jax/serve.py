@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
   args, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   try:
+    if args.mesh is not None:
+      rollout.parse_serve_mesh(args.mesh, '--mesh')   # before any checkpoint is read
     if args.compile_only:
       if not args.config:
         raise ValueError('--compile_only needs --config')

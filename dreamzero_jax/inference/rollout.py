@@ -99,18 +99,23 @@ class RolloutSpec:
 SERVE_MESH_AXES = ('data', 'tensor')
 
 
+def parse_serve_mesh(text: str, field: str = 'serve.mesh') -> dict[str, int]:
+  """serve.mesh (or `serve --mesh`) text -> axis sizes; a bad value is a ValueError naming `field`."""
+  return sharding.parse_axis_sizes(text, field, SERVE_MESH_AXES)
+
+
 def with_serve_mesh(cfg: ml_collections.ConfigDict, mesh: str | None) -> ml_collections.ConfigDict:
   """cfg with serve.mesh = `mesh` (`serve --mesh`, checked here so a bad value names the flag), or
   cfg as it was for None."""
   if mesh is not None:
-    sharding.parse_axis_sizes(mesh, '--mesh', SERVE_MESH_AXES)
+    parse_serve_mesh(mesh, '--mesh')
     cfg.serve.mesh = mesh
   return cfg
 
 
 def serve_mesh_shape(cfg: ml_collections.ConfigDict, with_uncond: bool) -> tuple[int, ...]:
   """serve.mesh as a shape over sharding.MESH_AXES, checked against the model and the sampler."""
-  sizes = sharding.parse_axis_sizes(cfg.serve.mesh, 'serve.mesh', SERVE_MESH_AXES)
+  sizes = parse_serve_mesh(cfg.serve.mesh)
   if cfg.sampler.cfg_parallel:
     if sizes.get('data', 2) != 2:
       raise ValueError(f'serve.mesh={cfg.serve.mesh!r}: sampler.cfg_parallel puts the CFG branches on data=2')
