@@ -88,8 +88,8 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str = '') -> dict:
   cache, cross_kv, vae_cache, i2v_cond = jax.eval_shape(functools.partial(rollout.start, spec), dit, vae, image,
                                                         frame, text, frame)
   sizes = dict(mesh.shape)
-  episode = lambda x: NamedSharding(mesh, sharding.fit_spec(sharding.logical_to_spec(rollout.EPISODE_AXES, spec.rules),
-                                                            x.shape, sizes))
+  episode_spec = sharding.logical_to_spec(rollout.EPISODE_AXES, spec.rules)
+  episode = lambda x: NamedSharding(mesh, sharding.fit_spec(episode_spec, x.shape, sizes))
   # The K/V (the cache's and the cross-attention's) are the 5-dim arrays; the cache's layout is whole.
   cache, cross_kv = _with_sharding((cache, cross_kv), lambda x: episode(x) if x.ndim == 5 else whole)
   vae_cache, i2v_cond = _with_sharding((vae_cache, i2v_cond), lambda x: whole)
@@ -119,8 +119,8 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str = '') -> dict:
       quantization=m.quantization,
       # The blocks' linear weights (98% of the DiT) and what the whole argument holds, by dtype.
       weights_dtype=str(ffn1[0].dtype),
-      dit_gib_by_dtype=_bytes_by_dtype(mstate), dit_gib_per_device=_gib(_bytes_per_device(dit[1])), vae_gib=_gib(sum(x.size * x.dtype.itemsize
-                                                                   for x in jax.tree.leaves(vae_state))),
+      dit_gib_by_dtype=_bytes_by_dtype(mstate), dit_gib_per_device=_gib(_bytes_per_device(dit[1])),
+      vae_gib=_gib(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vae_state))),
       kv_cache_dtype=str(cache.k.dtype), kv_cache_gib=_gib(2 * cache.k.size * cache.k.dtype.itemsize),
       kv_cache_gib_per_device=_gib(_bytes_per_device((cache.k, cache.v))),
       cross_kv_gib=_gib(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cross_kv))),
