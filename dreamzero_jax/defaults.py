@@ -134,6 +134,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # encode of [the call's first frame + its frames], first latent dropped; 'streaming' = the VAE's
   # causal cache carried across chunks, as a training clip is encoded.
   c.serve.observation_encode = 'per_call'
+  # The devices a served policy runs on (`serve --mesh`): '' = one device; 'tensor=N' splits the DiT's
+  # heads and MLP (and the KV cache's heads) over N devices, 'data=2' the CFG branches, or both
+  # ('data=2,tensor=4'), with mesh.rules (inference/rollout.py; README "Serving memory").
+  c.serve.mesh = ''
 
   # Pretrained weights: a `python -m dreamzero_jax.convert` output (Wan2.1/2.2 or DreamZero release).
   # Training in a fresh workdir starts the DiT from it, and the frozen VAE / umT5 / CLIP are its

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -51,6 +52,30 @@ _CONTEXT: contextvars.ContextVar = contextvars.ContextVar('dreamzero_mesh_rules'
 
 
 # ---- meshes -------------------------------------------------------------------------------------
+
+def parse_axis_sizes(text: str, field: str, allowed: Sequence[str] = MESH_AXES) -> dict[str, int]:
+  """'tensor=4' or 'data=2,tensor=4' -> {'data': 2, 'tensor': 4}; '' -> {}. A bad entry is a
+  ValueError naming `field` (the config field or flag the text came from)."""
+  sizes = {}
+  for item in filter(None, (part.strip() for part in text.split(','))):
+    name, eq, size = item.partition('=')
+    if not eq or name not in allowed or not size.isdigit() or int(size) < 1 or name in sizes:
+      raise ValueError(f'{field}={text!r}: expected comma-separated AXIS=SIZE with AXIS one of '
+                       f'{", ".join(allowed)} (each once) and SIZE >= 1, e.g. tensor=4')
+    sizes[name] = int(size)
+  return sizes
+
+
+@functools.cache
+def topology_devices(topology: str) -> tuple:
+  """Compile-only TPU devices of `topology` (e.g. 'v5e:2x4'), for ahead-of-time compiles on a host
+  without the chips; needs libtpu (the `[tpu]` extra), which provides the TPU compiler."""
+  from jax.experimental import topologies  # libtpu: optional, AOT only
+  # libtpu takes a host-wide lock meant for processes that drive real chips; compile-only devices
+  # drive none, so concurrent compiles (pytest -n, several configs at once) are safe.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  return tuple(topologies.get_topology_desc(topology_name=topology, platform='tpu').devices)
+
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES, devices=None) -> Mesh:
   """A mesh of `shape` over `axes`; one -1 entry takes the remaining devices.
@@ -135,7 +160,11 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], axis_sizes: AxisSizes) -
 def param_specs(model: nnx.Module, rules: Rules, axis_sizes: AxisSizes) -> dict:
   """PartitionSpec of every variable of `model` (by its 'logical_axes' metadata), as a pure dict.
   `model` may be abstract (nnx.eval_shape): only shapes and metadata are read."""
-  _, state = nnx.split(model)
+  return state_specs(nnx.split(model)[1], rules, axis_sizes)
+
+
+def state_specs(state: nnx.State, rules: Rules, axis_sizes: AxisSizes) -> dict:
+  """param_specs of a split module's state (its Variables carry the logical axes)."""
 
   def spec(var: nnx.Variable) -> PartitionSpec:
     names = var.get_metadata().get('logical_axes')
@@ -160,6 +189,20 @@ def batch_specs(batch, rules: Rules, axis_sizes: AxisSizes):
 def named(mesh: Mesh, specs):
   """PartitionSpec pytree -> NamedSharding pytree over `mesh`."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def place_state(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+  """A split module's state over `mesh` as its logical axes and `rules` say: arrays are moved there,
+  ShapeDtypeStructs (an abstract state) come back carrying their sharding. `state` is left as it was."""
+  pure = state.to_pure_dict()
+  shardings = named(mesh, state_specs(state, rules, dict(mesh.shape)))
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(pure)):
+    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
+  else:
+    placed = jax.device_put(pure, shardings)
+  out = jax.tree.map(lambda x: x, state)   # new Variables: replace_by_pure_dict works in place
+  out.replace_by_pure_dict(placed)
+  return out
 
 
 def replicate(tree, mesh: Mesh):

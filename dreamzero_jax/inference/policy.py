@@ -51,7 +51,8 @@ class Policy:
   """DreamZero as a policy for one embodiment (B = 1 per episode, 2 with CFG).
 
   The DiT is prepared for inference (dit.for_inference: model.quantization). During control the
-  device holds the DiT, the VAE and the episodes' caches; umT5 (once per prompt) and CLIP (once per
+  devices of serve.mesh hold the DiT and the episodes' caches (split over the mesh as
+  inference/rollout.py says) and the VAE (whole on each); umT5 (once per prompt) and CLIP (once per
   episode) keep their weights in host memory and visit the device only to encode.
   """
 
@@ -70,8 +71,9 @@ class Policy:
     self._prompt_encoder = encoders_lib.PromptEncoder(encoders.text, cfg, host=True)
     self._model_def, model_state = nnx.split(dit_lib.for_inference(model, cfg.model.quantization))
     self._vae_def, vae_state = nnx.split(encoders.vae)
-    # The DiT and the VAE replicated over the episode's devices; CLIP in host memory.
-    self._model_state = sharding.replicate(model_state, self.mesh)
+    # The DiT split over the mesh by its logical axes (serve.mesh), the VAE replicated on each
+    # device; CLIP in host memory.
+    self._model_state = sharding.place_state(model_state, self.mesh, spec.rules)
     self._vae_state = sharding.replicate(vae_state, self.mesh)
     self._image_def, self._image_state = None, None
     if encoders.image is not None:

@@ -12,14 +12,20 @@ policy (inference/policy.py), the latency benchmark and the ahead-of-time compil
 (inference/aot.py) call the very same functions; each compiles once per spec.
 
 With CFG the episode has batch 2 (prompt, negative prompt) so both branches run in one forward.
-With sampler.cfg_parallel the two branches run on two devices instead (the paper's CFG
-parallelism: parameters replicated, every batch-2 array split by its batch axis, so each device
-holds one branch's cache and runs one branch's forward; only the guided video crosses devices).
+
+Devices: serve.mesh ('' = one device; 'tensor=N', 'data=2' or 'data=2,tensor=N') is a mesh over
+sharding.MESH_AXES with the config's rules (mesh.rules, those training uses). Over `tensor` the DiT
+is split Megatron-style by the rules' 'heads' and 'mlp' (attention by heads, the FFN by its hidden
+width), and so are the episode's self-attention cache and cross-attention K/V (their heads axis);
+over `data` the CFG branches run one per device group (the paper's CFG parallelism;
+sampler.cfg_parallel is data=2). The VAE is replicated (0.5 GiB at 14B); umT5 and CLIP stay in host
+memory (policy.py). Every chunk function is one program over the mesh (GSPMD), not a per-device loop.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -64,6 +70,9 @@ class RolloutSpec:
   num_train_timesteps: int
   cfg_parallel: bool
   observation_encode: str     # serve.observation_encode
+  mesh_shape: tuple[int, ...]  # over sharding.MESH_AXES (serve.mesh; data=2 under sampler.cfg_parallel)
+  rules: sharding.Rules        # mesh.rules
+  topology: str = ''           # '' = this host's devices; a TPU topology for ahead-of-time compiles
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> 'RolloutSpec':
@@ -83,37 +92,78 @@ class RolloutSpec:
                head_dim=m.dim // m.num_heads, cache_dtype=jnp.dtype(kv_cache.cache_dtype(m)).name,
                sampler=samplers.SamplerSettings.from_config(cfg.sampler),
                num_train_timesteps=cfg.train.num_train_timesteps, cfg_parallel=bool(cfg.sampler.cfg_parallel),
-               observation_encode=str(cfg.serve.observation_encode))
+               observation_encode=str(cfg.serve.observation_encode), mesh_shape=serve_mesh_shape(cfg, with_uncond),
+               rules=sharding.config_rules(cfg))
+
+
+SERVE_MESH_AXES = ('data', 'tensor')
+
+
+def parse_serve_mesh(text: str, field: str = 'serve.mesh') -> dict[str, int]:
+  """serve.mesh (or `serve --mesh`) text -> axis sizes; a bad value is a ValueError naming `field`."""
+  return sharding.parse_axis_sizes(text, field, SERVE_MESH_AXES)
+
+
+def with_serve_mesh(cfg: ml_collections.ConfigDict, mesh: str | None) -> ml_collections.ConfigDict:
+  """cfg with serve.mesh = `mesh` (`serve --mesh`, checked here so a bad value names the flag), or
+  cfg as it was for None."""
+  if mesh is not None:
+    parse_serve_mesh(mesh, '--mesh')
+    cfg.serve.mesh = mesh
+  return cfg
+
+
+def serve_mesh_shape(cfg: ml_collections.ConfigDict, with_uncond: bool) -> tuple[int, ...]:
+  """serve.mesh as a shape over sharding.MESH_AXES, checked against the model and the sampler."""
+  sizes = parse_serve_mesh(cfg.serve.mesh)
+  if cfg.sampler.cfg_parallel:
+    if sizes.get('data', 2) != 2:
+      raise ValueError(f'serve.mesh={cfg.serve.mesh!r}: sampler.cfg_parallel puts the CFG branches on data=2')
+    sizes['data'] = 2
+  if sizes.get('data', 1) > 2:
+    raise ValueError(f'serve.mesh={cfg.serve.mesh!r}: data splits the 2 CFG branches, so data is 1 or 2')
+  if sizes.get('data', 1) == 2 and not with_uncond:
+    what = 'sampler.cfg_parallel' if cfg.sampler.cfg_parallel else f'serve.mesh={cfg.serve.mesh!r}'
+    raise ValueError(f'{what} runs the CFG branches on two devices, but this sampler has no unconditional '
+                     'branch (sampler.cfg_scale is 1 or sampler.num_steps is 1)')
+  tensor, m = sizes.get('tensor', 1), cfg.model
+  for name, width in (('model.num_heads', m.num_heads), ('model.ffn_dim', m.ffn_dim)):
+    if width % tensor:
+      # fit_spec would quietly replicate what does not divide: every device would hold it whole.
+      raise ValueError(f'serve.mesh={cfg.serve.mesh!r}: tensor={tensor} does not divide {name}={width}')
+  return tuple(sizes.get(axis, 1) for axis in sharding.MESH_AXES)
 
 
 def device_mesh(spec: RolloutSpec) -> Mesh:
-  """The devices an episode runs on: the first one, or with sampler.cfg_parallel the first two as
-  a (data=2) mesh (the rules map activation_batch to data: the conditional branch on device 0,
-  the unconditional one on device 1)."""
-  if not spec.cfg_parallel:
-    return sharding.make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
-  if not spec.with_uncond:
-    raise ValueError('sampler.cfg_parallel runs the CFG branches on two devices, but this sampler has '
-                     'no unconditional branch (sampler.cfg_scale is 1 or sampler.num_steps is 1)')
-  devices = jax.devices()
-  if len(devices) < 2:
-    raise ValueError(f'sampler.cfg_parallel needs 2 devices, found {len(devices)} ({devices[0].platform})')
-  return sharding.make_mesh((2, 1, 1, 1), devices=devices[:2])
+  """The devices an episode runs on: the first prod(spec.mesh_shape) of this host's (or of
+  spec.topology's compile-only TPU devices) as a mesh of spec.mesh_shape; one device is a mesh of
+  one. The rules map activation_batch to data (the conditional branch on the first half of the
+  devices, the unconditional one on the second) and heads/mlp to tensor."""
+  devices = sharding.topology_devices(spec.topology) if spec.topology else jax.devices()
+  need = math.prod(spec.mesh_shape)
+  if len(devices) < need:
+    what = 'sampler.cfg_parallel' if spec.cfg_parallel and need == 2 else 'serve.mesh'
+    raise ValueError(f'{what} needs {need} devices, found {len(devices)} ({devices[0].platform})')
+  return sharding.make_mesh(spec.mesh_shape, devices=devices[:need])
 
 
 def _under_mesh(fn):
-  """fn(spec, ...) traced under the spec's mesh and the default rules (the CFG branch split)."""
+  """fn(spec, ...) traced under the spec's mesh and rules."""
 
   @functools.wraps(fn)
   def traced(spec, *args):
-    with sharding.use_mesh_rules(device_mesh(spec)):
+    with sharding.use_mesh_rules(device_mesh(spec), spec.rules):
       return fn(spec, *args)
   return traced
 
 
+EPISODE_AXES = (None, 'activation_batch', None, 'activation_heads', None)
+
+
 def _by_branch(tree):
-  """Batch-2 episode arrays [layers, B, ...] split over the CFG devices (no-op on one device)."""
-  return jax.tree.map(lambda x: sharding.constrain(x, (None, 'activation_batch', *([None] * (x.ndim - 2)))), tree)
+  """Episode K/V [layers, B, L, H, Dh] split by CFG branch over data and by head over tensor (no-op
+  on one device)."""
+  return jax.tree.map(lambda x: sharding.constrain(x, EPISODE_AXES), tree)
 
 
 def _dup(spec: RolloutSpec, x):

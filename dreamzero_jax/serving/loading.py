@@ -16,6 +16,7 @@ from flax import nnx
 from dreamzero_jax import checkpoint, defaults
 from dreamzero_jax import encoders as encoders_lib
 from dreamzero_jax.datasets import embodiments, normalization
+from dreamzero_jax.inference import rollout
 from dreamzero_jax.inference.policy import Policy
 from dreamzero_jax.models.weights import release
 from dreamzero_jax.serving.adapters import PolicyServerBackend
@@ -23,13 +24,15 @@ from dreamzero_jax.training import trainer
 
 
 def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
-                norm_stats_path: str | None = None) -> Policy:
+                norm_stats_path: str | None = None, mesh: str | None = None) -> Policy:
   """A Policy from a train.py workdir (its newest checkpoint; EMA parameters when present), or from
   a `python -m dreamzero_jax.convert` output (an official release, served as converted).
 
   `norm_stats_path`: a norm_stats.json (`python -m dreamzero_jax.datasets stats` writes one) or the
   release's statistics (meta/relative_stats_dreamzero.json with its siblings, or a checkpoint's
   metadata.json) used instead of the checkpoint's; required for a converted checkpoint, which carries none.
+  `mesh`: serve.mesh for the served policy (`serve --mesh`), replacing the config's; None keeps it.
+  The weights are read onto one device and the Policy places them over its mesh.
   """
   stats = None
   if os.path.isdir(os.path.join(checkpoint_dir, 'checkpoints')):
@@ -83,13 +86,13 @@ def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = 
     raise ValueError(f'--checkpoint {checkpoint_dir}: the checkpoint carries no normalisation statistics')
   if dit is None:
     dit = encoders_lib.initial_dit(config)
-  return Policy(config, dit, encoders_lib.build_frozen_encoders(config), stats)
+  return Policy(rollout.with_serve_mesh(config, mesh), dit, encoders_lib.build_frozen_encoders(config), stats)
 
 
 def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
-                 norm_stats_path: str | None = None) -> PolicyServerBackend:
+                 norm_stats_path: str | None = None, mesh: str | None = None) -> PolicyServerBackend:
   """load_policy behind the server's wire format for its embodiment."""
-  return PolicyServerBackend(load_policy(checkpoint_dir, config, norm_stats_path))
+  return PolicyServerBackend(load_policy(checkpoint_dir, config, norm_stats_path, mesh))
 
 
 def config_from_dict(saved: dict) -> ml_collections.ConfigDict:

@@ -10,7 +10,6 @@ part of it, so their memory is not counted.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -64,12 +63,7 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
   The step is one optimiser update over train.batch_size x train.grad_accum_steps examples, run as
   grad_accum_steps micro-batches of train.batch_size.
   """
-  from jax.experimental import topologies  # needs libtpu for platform='tpu'
-
-  # libtpu takes a host-wide lock meant for processes that drive real chips; compile-only devices
-  # drive none, so concurrent compiles (pytest -n, several configs at once) are safe.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  devices = topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
+  devices = sharding.topology_devices(topology)
   mesh = sharding.config_mesh(cfg, devices)
   graphdef, state = trainer.abstract_train_state(cfg)
   batch = abstract_batch(cfg, trainer.update_batch_size(cfg.train))
