@@ -148,10 +148,11 @@ def test_the_interval_over_seeds_and_episodes():
 
 
 def test_pretraining_fine_tuning_video_demos_and_seeds_end_to_end(tmp_path, monkeypatch):
-  """The new stages on a tiny setting: video-only pretraining (2 steps), a fine-tuned arm started from
-  it, the video-only-demo arm at two training seeds; the outputs' structure; a rerun skips all of it."""
+  """The new stages on a tiny setting: video-only pretraining (2 steps), the video-only-demo arm
+  fine-tuned from it at two training seeds; the outputs' structure; a rerun skips all of it. (The other
+  pretrained arms differ from it in data and config changes only, which the scratch arms' test covers.)"""
   out = str(tmp_path / 'claims')
-  argv = ['claims', '--out', out, '--arms', 'wam_pretrained_videodemos,wam_pretrained_flash', '--seeds', '2',
+  argv = ['claims', '--out', out, '--arms', 'wam_pretrained_videodemos', '--seeds', '2',
           '--tasks', 'plate-slide-v3', '--unseen_tasks', 'hand-insert-v3', '--pretrain_tasks', 'drawer-close-v3',
           '--pretrain_episodes', '1', '--videodemo_episodes', '1', '--episodes', '1', '--eval_episodes', '1',
           '--max_steps', '16', '--vae', 'random', '--workers', '1', *TINY]
@@ -159,10 +160,10 @@ def test_pretraining_fine_tuning_video_demos_and_seeds_end_to_end(tmp_path, monk
   summary = json.load(open(os.path.join(out, 'claims.json')))
   assert summary['pretrain']['status'] == 'finished' and summary['pretrain_tasks'] == ['drawer-close-v3']
   runs = summary['arms']
-  for run in ('wam_pretrained_videodemos', 'wam_pretrained_videodemos-seed1', 'wam_pretrained_flash'):
+  for run in ('wam_pretrained_videodemos', 'wam_pretrained_videodemos-seed1'):
     assert runs[run]['status'] == 'finished' and runs[run]['pretrained'], run
   assert runs['wam_pretrained_videodemos-seed1']['seed'] == 1 and 'wam_pretrained_flash-seed1' not in runs
-  assert runs['wam_pretrained']['status'] == 'not started'
+  assert runs['wam_pretrained']['status'] == runs['wam_pretrained_flash']['status'] == 'not started'
   # The pretraining saw no action; the video-only episodes of the unseen task carry none.
   from dreamzero_jax.datasets import episodes
   pretrain = episodes.open_dataset(os.path.join(out, 'data', 'pretrain'), 'metaworld').lowdim

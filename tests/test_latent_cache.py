@@ -66,6 +66,7 @@ def test_cached_batch_gives_the_same_loss_as_encoding_on_the_fly(mw_dir, tmp_pat
   assert latent_cache.fingerprint(other_cfg, other, members, distinct) != os.path.basename(cache.path)
 
 
+@pytest.mark.slow   # ~36 s; training on the cache runs in CI through test_experiments and test_quickstart
 def test_training_on_the_cache_runs_and_resumes(mw_dir, tmp_path, capsys):
   cfg = _config(mw_dir, 'train.steps=3', 'train.checkpoint_every=2')
   assert loop.train(cfg, str(tmp_path), stop_at=2) == 0

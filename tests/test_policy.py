@@ -144,6 +144,7 @@ def test_cfg_parallel_needs_an_unconditional_branch_and_two_devices():
     _policy(['sampler.cfg_scale=1.0', 'sampler.cfg_parallel=True'])
 
 
+@pytest.mark.slow   # ~30 s; CI covers the CFG branches over devices in test_serve_mesh (tiny_data2_tensor2)
 def test_cfg_branches_on_two_devices_equal_the_batched_forward():
   # Two fake CPU devices must exist before JAX starts: run this file as a script in a fresh process.
   helpers.run_with_fake_devices(__file__, ['--cfg-parallel'], 2, 'cfg parallel ok')
