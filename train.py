@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if args.compile_only:
-    from dreamzero_jax.training import aot
-    print(json.dumps(aot.compile_only(cfg, args.topology)))
+    from dreamzero_jax.training import train_aot
+    print(json.dumps(train_aot.compile_only(cfg, args.topology)))
     return 0
   if args.multihost:
     initialize_multihost(args.coordinator, args.num_processes, args.process_id)

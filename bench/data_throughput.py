@@ -21,7 +21,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from dreamzero_jax.datasets import embodiments, episodes, pipeline  # pylint: disable=g-import-not-at-top
+from dreamzero_jax import embodiments
+from dreamzero_jax.datasets import episodes, pipeline  # pylint: disable=g-import-not-at-top
 
 
 SECTION = '## Data throughput'

@@ -21,11 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from dreamzero_jax import encoders  # noqa: E402
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
 from dreamzero_jax.datasets import pipeline  # noqa: E402
-from dreamzero_jax.training import latent_cache, partition, trainer  # noqa: E402
-from dreamzero_jax.training import aot  # noqa: E402
+from dreamzero_jax.models import encoders  # noqa: E402
+from dreamzero_jax.training import latent_cache, train_aot, trainer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,8 +45,8 @@ def main(argv=None) -> int:
              'latent cache': iter(pipeline.make_dataset(cfg, train=True, process_index=0, process_count=1,
                                                         latent_rows=encode.cache.member_rows))}
     graphdef, abstract = trainer.abstract_train_state(cfg)
-    step, to_device, shardings = partition.compiled_train_step(
-        cfg, graphdef, abstract, aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
+    step, to_device, shardings = trainer.compiled_train_step(
+        cfg, graphdef, abstract, train_aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
     params = encoders.initial_dit_params(cfg)
     state = jax.jit(lambda p, k: trainer.state_from_params(p, cfg, k), out_shardings=shardings)(
         jax.device_put(params, shardings.params), jax.random.key(0))

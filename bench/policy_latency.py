@@ -30,11 +30,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dreamzero_jax import encoders  # noqa: E402
+from dreamzero_jax import embodiments  # noqa: E402
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
-from dreamzero_jax.datasets import embodiments  # noqa: E402
 from dreamzero_jax.inference import rollout  # noqa: E402
 from dreamzero_jax.inference.policy import Policy  # noqa: E402
+from dreamzero_jax.models import encoders  # noqa: E402
 from dreamzero_jax.models.dit import build_dit  # noqa: E402
 
 

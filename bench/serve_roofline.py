@@ -1,7 +1,7 @@
 """The control step's cost per device over a serving mesh, and the step time it predicts at a chip's peak.
 
 `python bench/serve_roofline.py --chip v5e --mesh tensor=8 --topology v5e:2x4 [--quantization fp8]`
-compiles the 14B DROID control step ahead of time (inference/aot.py, as `serve --compile_only` does) and
+compiles the 14B DROID control step ahead of time (inference/serve_aot.py, as `serve --compile_only` does) and
 turns its per-device cost (inference/hlo_cost.py: matrix flops, HBM bytes, collective bytes, loops
 counted in full) into three lower bounds on the step time at the chip's datasheet peaks: compute,
 HBM traffic and interconnect traffic. The step can be no faster than the largest; with no overlap it
@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dreamzero_jax.config import load_config  # noqa: E402
-from dreamzero_jax.inference import aot  # noqa: E402
+from dreamzero_jax.inference import serve_aot  # noqa: E402
 
 # Datasheet peaks per chip: dense bf16 matrix FLOP/s, HBM bytes/s, interconnect bytes/s one way.
 # TPU v5e: 197 TFLOP/s, 819 GB/s HBM, ICI 1,600 Gbit/s. H100 SXM: 989 TFLOP/s, 3.35 TB/s HBM3, NVLink 4
@@ -38,9 +38,9 @@ def roofline(report: dict, chip: str) -> dict:
   compile's HBM bytes follow the CPU's fusion (fp32 emulation, little fusion): no HBM bound from it."""
   peak, cost = CHIPS[chip], report['cost_per_device']
   bounds = dict(compute_ms=cost['flops'] / peak['flops'] * 1e3,
-                collective_ms=cost['collective_gib'] * aot.GIB / peak['link'] * 1e3)
+                collective_ms=cost['collective_gib'] * serve_aot.GIB / peak['link'] * 1e3)
   if not report['device'].startswith('cpu'):
-    bounds['hbm_ms'] = cost['hbm_gib'] * aot.GIB / peak['hbm'] * 1e3
+    bounds['hbm_ms'] = cost['hbm_gib'] * serve_aot.GIB / peak['hbm'] * 1e3
   return {**{k: round(v, 1) for k, v in bounds.items()}, 'max_ms': round(max(bounds.values()), 1),
           'sum_ms': round(sum(bounds.values()), 1)}
 
@@ -60,7 +60,7 @@ def main() -> None:
     print(json.dumps({**report, 'chip': args.chip, 'roofline': roofline(report, args.chip)}))
     return
   cfg = load_config(args.config, [f'model.quantization={args.quantization}', f'serve.mesh={args.mesh!r}'])
-  report = aot.compile_only(cfg, args.topology)
+  report = serve_aot.compile_only(cfg, args.topology)
   keep = ('device', 'topology', 'mesh', 'quantization', 'dit_gib_per_device', 'kv_cache_gib_per_device', 'total_gib',
           'argument_gib', 'temp_gib', 'cost_per_device',
           'xla_cost_analysis', 'compile_s')

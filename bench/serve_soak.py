@@ -47,10 +47,10 @@ TIMEOUT_S = 600.0
 def serve_random(max_sessions: int, overrides: list[str]) -> None:
   """The child process: the tiny policy with random weights behind the server, until SIGTERM."""
   from flax import nnx
-  from dreamzero_jax import encoders
+  from dreamzero_jax import embodiments
   from dreamzero_jax.config import load_config
-  from dreamzero_jax.datasets import embodiments
   from dreamzero_jax.inference.policy import Policy
+  from dreamzero_jax.models import encoders
   from dreamzero_jax.models.dit import build_dit
   from dreamzero_jax.serving import server
   from dreamzero_jax.serving.adapters import PolicyServerBackend

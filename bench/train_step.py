@@ -26,7 +26,7 @@ from flax import nnx  # noqa: E402
 
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
 from dreamzero_jax.models.dit import build_dit  # noqa: E402
-from dreamzero_jax.training import aot, trainer  # noqa: E402
+from dreamzero_jax.training import train_aot, trainer  # noqa: E402
 
 # Dense bf16 datasheet peaks (TFLOP/s) for MFU; --peak_tflops overrides for other devices.
 PEAK_TFLOPS = {'NVIDIA H100 80GB HBM3': 989.0, 'NVIDIA H200': 989.0, 'NVIDIA H100 PCIe': 756.0}
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
   rng = np.random.default_rng(0)
   fill = {jnp.dtype(jnp.float32): rng.standard_normal, jnp.dtype(jnp.bool_): np.ones, jnp.dtype(jnp.int32): np.zeros}
   batch = jax.tree.map(lambda s: jnp.asarray(fill[jnp.dtype(s.dtype)](s.shape), s.dtype),
-                       aot.abstract_batch(cfg, args.batch))  # every chunk real, embodiment 0
+                       train_aot.abstract_batch(cfg, args.batch))  # every chunk real, embodiment 0
   step = jax.jit(trainer.make_train_step(graphdef, cfg), donate_argnums=0)
 
   start = time.perf_counter()
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
     times.append(time.perf_counter() - start)
 
   median = statistics.median(times)
-  tokens, padded = aot.sequence_length(cfg)
+  tokens, padded = train_aot.sequence_length(cfg)
   tflop = model_tflop(cfg, padded, args.batch)
   peak = args.peak_tflops or PEAK_TFLOPS.get(device.device_kind)
   mfu = f'{100 * tflop / median / peak:.0f}%' if peak else 'n/a (peak unknown)'

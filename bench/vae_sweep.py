@@ -1,7 +1,7 @@
 """The small VAE's held-out PSNR against updates, per variant of its width, loss and batch: which
 VAE reaches a given PSNR in the fewest CPU-seconds (the default job's VAE stage, bench/RESULTS.md).
 
-Runs training/vae.py's own train_vae on frames exported once, so the variants can train where the
+Runs training/vae_training.py's own train_vae on frames exported once, so the variants can train where the
 dataset readers are not installed (a GPU machine: all variants at once, one process each):
 
   python bench/vae_sweep.py export --config configs/metaworld_cpu.py:quick --config.data.dir=D --out F.npz
@@ -30,7 +30,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
 from dreamzero_jax.models import vae as vae_lib  # noqa: E402
-from dreamzero_jax.training import vae as vae_training  # noqa: E402
+from dreamzero_jax.training import vae_training  # noqa: E402
 
 SPATIAL4 = ['vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)']   # 4x, not 8x, in space
 VARIANTS = {

@@ -2,7 +2,7 @@
 30 Hz control, 24-step chunks with a frame every 3 steps, state 20, action 22 (the 20 position dims
 relative to the anchor state), 3 views on a 2x2 grid."""
 from configs import base
-from dreamzero_jax.datasets import embodiments
+from dreamzero_jax import embodiments
 
 
 def get_config(arg=None):

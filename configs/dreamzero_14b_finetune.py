@@ -9,7 +9,7 @@ full fine-tuning at lr 1e-5, 24-step chunks, batch 128 (its 4 per GPU on 32 GPUs
   configs/dreamzero_14b_finetune.py:ROBOT.json,tiny     the same recipe on configs/tiny.py's toy model
 """
 from configs import base, tiny
-from dreamzero_jax.datasets import embodiments
+from dreamzero_jax import embodiments
 
 
 def get_config(arg=None):

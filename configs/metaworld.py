@@ -6,7 +6,7 @@ policy, and evaluates it beside the scripted expert and a random policy (docs/sm
       --episodes 50 --eval_episodes 20 --eval_steps 300 --replay 20 --baselines --out runs/metaworld_ml45
 """
 from configs import base
-from dreamzero_jax.datasets import embodiments
+from dreamzero_jax import embodiments
 
 
 def get_config(arg=None):
@@ -26,7 +26,7 @@ def get_config(arg=None):
                      anchor_stride=16, latent_cache=True,
                      augment_crop_scale=1.0, augment_brightness=0.0, augment_contrast=0.0,
                      augment_saturation=0.0, augment_hue=0.0))
-  # The VAE is trained on the dataset's frames first (training/vae.py; the quickstart does it and
+  # The VAE is trained on the dataset's frames first (training/vae_training.py; the quickstart does it and
   # sets init.vae); umT5 stays random and frozen (distinct prompts still embed distinctly).
   c.vae.update(dict(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
   c.text_encoder.update(dict(vocab_size=384, dim=16, ffn_dim=32, num_heads=2, num_layers=2,

@@ -18,7 +18,7 @@ variations of its 5 tasks against 0.03 for a random policy):
       --episodes 30 --eval_episodes 20 --unseen_tasks ml45 --baselines --max_minutes 46
 """
 from configs import base
-from dreamzero_jax.datasets import embodiments
+from dreamzero_jax import embodiments
 
 
 def get_config(arg=None):
@@ -29,7 +29,7 @@ def get_config(arg=None):
   # 8 frames and 8 actions per chunk (one frame per control step), 4 chunks of context.
   c.video.update(dict(height=64, width=64, frames_per_chunk=8, max_chunks=4, action_horizon=8))
   c.vae.update(dict(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
-  # The small VAE trained here first (training/vae.py; docs/small_scale.md): ~0.33 s per update.
+  # The small VAE trained here first (training/vae_training.py; docs/small_scale.md): ~0.33 s per update.
   c.vae_train.update(dict(steps=2000))
   c.text_encoder.update(dict(vocab_size=384, dim=16, ffn_dim=32, num_heads=2, num_layers=2,
                              num_buckets=8, max_distance=16))

@@ -5,7 +5,7 @@ Variants: `configs/tiny.py:t2v` drops the image branch (16 input channels, no CL
 the 7 joints relative, 24 actions a chunk at 15 Hz, stride 3 (what tests serve as a DROID policy).
 """
 from configs import base
-from dreamzero_jax.datasets import embodiments
+from dreamzero_jax import embodiments
 
 # Wan's own (Chinese) default negative prompt, kept for the toy model: its tests were tuned with it
 # (8 byte tokens of prompt). The DreamZero configs use the release's English one (base.py).

@@ -33,14 +33,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from dreamzero_jax import torch_files
+from dreamzero_jax import embodiments, torch_files
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
-from dreamzero_jax.datasets import embodiments
-from dreamzero_jax.models.weights import clip as clip_weights
-from dreamzero_jax.models.weights import dit as dit_weights
+from dreamzero_jax.models.weights import clip_keys
+from dreamzero_jax.models.weights import dit_keys
 from dreamzero_jax.models.weights import dreamzero as dreamzero_weights
-from dreamzero_jax.models.weights import umt5 as umt5_weights
-from dreamzero_jax.models.weights import vae as vae_weights
+from dreamzero_jax.models.weights import umt5_keys
+from dreamzero_jax.models.weights import vae_keys
 from dreamzero_jax.models.weights.common import Target, WeightMismatchError
 from dreamzero_jax.models.weights.release import COMPONENTS, MANIFEST, abstract_params, config_components, flatten
 # Re-exported for inference/policy.py until it reads models/weights/release.py itself (issue 12: being moved).
@@ -72,25 +71,25 @@ def formats(cfg: ml_collections.ConfigDict, embodiment_id: int) -> list[Format]:
   def with_actions(backbone):
     return lambda key: actions(key) if dreamzero_weights.is_checkpoint_key(key) else backbone(key)
 
-  clip_unused = clip_weights.unused_keys(cfg.image_encoder.num_layers)
+  clip_unused = clip_keys.unused_keys(cfg.image_encoder.num_layers)
   return [
       Format('dit', 'diffusers', r'condition_embedder\.|blocks\.\d+\.attn1\.',
-             with_actions(dit_weights.diffusers_key_map)),
+             with_actions(dit_keys.diffusers_key_map)),
       Format('dit', 'wan', r'blocks\.\d+\.(self_attn|cross_attn)\.|(action_encoder|state_encoder|action_decoder)\.',
-             with_actions(dit_weights.wan_key_map)),
+             with_actions(dit_keys.wan_key_map)),
       Format('vae', 'diffusers', r'(post_)?quant_conv\.|(en|de)coder\.(down|up)_blocks\.',
-             vae_weights.diffusers_key_map(cfg.vae)),
+             vae_keys.diffusers_key_map(cfg.vae)),
       Format('vae', 'wan', r'(en|de)coder\.(downsamples|upsamples|middle|head)\.',
-             vae_weights.official_key_map(cfg.vae)),
-      Format('image', 'open_clip', r'visual\.transformer\.resblocks\.', clip_weights.transformers_key_map,
-             clip_weights.open_clip_to_transformers, clip_unused),
-      Format('image', 'wan', r'visual\.transformer\.\d+\.', clip_weights.transformers_key_map,
-             clip_weights.wan_to_transformers, clip_unused),
+             vae_keys.official_key_map(cfg.vae)),
+      Format('image', 'open_clip', r'visual\.transformer\.resblocks\.', clip_keys.transformers_key_map,
+             clip_keys.open_clip_to_transformers, clip_unused),
+      Format('image', 'wan', r'visual\.transformer\.\d+\.', clip_keys.transformers_key_map,
+             clip_keys.wan_to_transformers, clip_unused),
       Format('image', 'transformers', r'(vision_model\.)?(embeddings\.patch_embedding|encoder\.layers\.\d+\.)',
-             clip_weights.transformers_key_map, ignore=clip_unused),
-      Format('text', 'transformers', r'shared\.weight|encoder\.block\.\d+\.', umt5_weights.transformers_key_map,
-             ignore=umt5_weights.transformers_unused),
-      Format('text', 'wan', r'token_embedding\.weight|blocks\.\d+\.attn\.', umt5_weights.wan_key_map),
+             clip_keys.transformers_key_map, ignore=clip_unused),
+      Format('text', 'transformers', r'shared\.weight|encoder\.block\.\d+\.', umt5_keys.transformers_key_map,
+             ignore=umt5_keys.transformers_unused),
+      Format('text', 'wan', r'token_embedding\.weight|blocks\.\d+\.attn\.', umt5_keys.wan_key_map),
   ]
 
 
@@ -141,7 +140,7 @@ def _component_params(abstract: dict) -> dict[str, dict[tuple, Slot]]:
 
 def _may_stay(component: str, path: tuple) -> bool:
   """DreamZero's action/state tables: a plain Wan checkpoint has none, so they keep their initialisation."""
-  return component == 'dit' and dit_weights.is_dreamzero_key(path)
+  return component == 'dit' and dit_keys.is_dreamzero_key(path)
 
 
 def _placeholders(groups: list[Group]) -> Iterator[tuple[Group, str, Target | None]]:
@@ -331,7 +330,7 @@ def _filled_rows(filled: dict[str, dict[tuple, set]]) -> list[int]:
   """Rows of the per-embodiment action/state tables that the sources filled."""
   rows = set()
   for path, layers in filled.get('dit', {}).items():
-    if dit_weights.is_dreamzero_key(path):
+    if dit_keys.is_dreamzero_key(path):
       rows |= layers - {None}
   return sorted(rows)
 

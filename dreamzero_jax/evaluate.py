@@ -8,7 +8,8 @@ seen (ML45 train) and unseen (ML45 test) tasks on variations the data never held
 task (real | predicted frames); --replay N also reruns N of the training episodes themselves.
 offline: action MSE and predicted-video PSNR of the first chunk on held-out clips of data.dir.
 latency: the per-stage timing of a control step (canvas, observe = VAE + cache write, denoise).
-All write DIR/report.json.
+All write DIR/report.json. The harness is evaluation/ (closed_loop, offline, latency, tasks); this
+module is its command line and the loopback server --via_server drives (serving sits above evaluation).
 """
 from __future__ import annotations
 
@@ -20,17 +21,13 @@ import os
 import queue
 import sys
 import threading
-import time
-import zlib
 
 import dreamzero_client as client_lib
-import jax
-import numpy as np
 
 from dreamzero_jax import checkpoint
-from dreamzero_jax.config import ConfigError, load_config, split_config_args
+from dreamzero_jax.config import ConfigError, config_from_dict, load_config, split_config_args
 from dreamzero_jax.datasets import pipeline
-from dreamzero_jax.evaluation import closed_loop, metaworld_env, offline
+from dreamzero_jax.evaluation import closed_loop, latency, offline, tasks as tasks_lib
 from dreamzero_jax.serving import loading
 from dreamzero_jax.serving import server as server_lib
 
@@ -56,22 +53,6 @@ def parse(argv):
   p.add_argument('--replay', type=int, default=0,
                  help='also replay N training episodes (their own variations and reset seeds; split "replay")')
   return p.parse_args(rest), overrides
-
-
-def in_process(backend):
-  def factory(session_id):
-    del session_id
-    state = {}
-
-    def infer(obs):
-      obs = dict(obs)
-      prompt = obs.pop('prompt')
-      if 'episode' not in state:
-        state['episode'] = backend.new_session(prompt, obs)
-      actions, state['episode'], _, video = backend.infer_with_video(state['episode'], obs)
-      return actions, video
-    return infer
-  return factory
 
 
 @contextlib.contextmanager
@@ -111,61 +92,7 @@ def checkpoint_config(workdir: str):
   step = ckpt.latest_step()
   if step is None:
     raise ValueError(f'--checkpoint {workdir}: holds no checkpoint (or pass --config)')
-  return loading.config_from_dict(ckpt.read_config(step))
-
-
-def baseline(kind: str, horizon: int):
-  """An infer factory for a baseline policy; the session id names the split, task and episode."""
-
-  def factory(session_id):
-    _, rest = session_id.split('-', 1)
-    task = rest.rsplit('-', 1)[0]
-    return closed_loop.Baseline(kind, task, horizon, seed=zlib.crc32(session_id.encode()))
-  return factory
-
-
-def latency(policy, cfg, steps: int = 5) -> dict:
-  rng = np.random.default_rng(0)
-  frame = lambda n: rng.uniform(-1, 1, (n, cfg.video.height, cfg.video.width, 3)).astype(np.float32)
-  state = np.zeros(policy.embodiment.state_dim, np.float32)
-  t = time.perf_counter()
-  ep = policy.reset('reach the goal position', frame(1)[0], state)
-  _, _, ep, _ = policy.step(ep)           # compiles
-  ep = policy.observe(ep, frame(cfg.video.frames_per_chunk), state)
-  first = time.perf_counter() - t
-  rows = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    _, _, ep, info = policy.step(ep)
-    t1 = time.perf_counter()
-    ep = policy.observe(ep, frame(cfg.video.frames_per_chunk), state)  # restarts a full window
-    jax.block_until_ready(ep.cache)
-    t2 = time.perf_counter()
-    rows.append(dict(denoise_ms=1e3 * (t1 - t0), observe_ms=1e3 * (t2 - t1)))
-  med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
-  return dict(first_step_with_compile_s=round(first, 2), **med, dit_evaluations=info['dit_evaluations'])
-
-
-def _spread(variations: list, n: int) -> list:
-  """n of the dataset's episodes, round-robin over its tasks (each task's first episodes first)."""
-  by_task = {}
-  for v in variations:
-    by_task.setdefault(v.task, []).append(v)
-  order = [eps[i] for i in range(max(map(len, by_task.values()), default=0)) for eps in by_task.values() if i < len(eps)]
-  return order[:n]
-
-
-def _tasks(args) -> tuple[list[str], list[str]]:
-  """(seen, unseen) Meta-World tasks; an unknown name is refused before any model is loaded."""
-  seen, unseen = metaworld_env.ml45_split()
-  seen = seen if args.tasks is None else [t for t in args.tasks.split(',') if t]
-  unseen = unseen if args.unseen_tasks is None else [t for t in args.unseen_tasks.split(',') if t]
-  known = metaworld_env.all_tasks()
-  for flag, tasks in (('--tasks', seen), ('--unseen_tasks', unseen)):
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-      raise ValueError(f'{flag}: unknown Meta-World task {", ".join(unknown)} (e.g. {", ".join(sorted(known)[:3])})')
-  return seen, unseen
+  return config_from_dict(ckpt.read_config(step))
 
 
 def main(argv=None) -> int:
@@ -173,7 +100,7 @@ def main(argv=None) -> int:
   args, overrides = parse(argv)
   try:
     cfg = load_config(args.config, overrides) if args.config else None
-    tasks = _tasks(args) if args.mode == 'closed_loop' else None
+    tasks = tasks_lib.seen_and_unseen(args.tasks, args.unseen_tasks) if args.mode == 'closed_loop' else None
     if args.policy != 'model' and args.mode != 'closed_loop':
       raise ValueError(f'--policy {args.policy}: baselines run in --mode closed_loop only')
     if args.policy == 'model':
@@ -189,7 +116,7 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   if args.mode in ('latency', 'offline'):
     if args.mode == 'latency':
-      report = dict(mode='latency', **latency(pol, cfg))
+      report = dict(mode='latency', **latency.measure(pol, cfg))
     else:
       report = dict(mode='offline', **offline.evaluate(pol, batches, args.clips))
     with open(os.path.join(args.out, 'report.json'), 'w') as fh:
@@ -203,17 +130,17 @@ def main(argv=None) -> int:
   replay = []
   if args.replay > 0:
     try:
-      replay = _spread(metaworld_env.dataset_variations(cfg.data.dir, cfg.data.name), args.replay)
+      replay = tasks_lib.spread(tasks_lib.dataset_variations(cfg.data.dir, cfg.data.name), args.replay)
     except (ValueError, OSError) as e:
       print(f'error: --replay reads the training data (data.dir={cfg.data.dir!r}): {e}', file=sys.stderr)
       return 2
   if args.policy != 'model':
-    report = closed_loop.evaluate(cfg, baseline(args.policy, cfg.video.action_horizon), seen, unseen, args.episodes,
+    report = closed_loop.evaluate(cfg, closed_loop.baseline(args.policy, cfg.video.action_horizon), seen, unseen, args.episodes,
                                   args.max_steps, args.out, seed=args.seed, replay=replay)
     print(f'report: {os.path.join(args.out, "report.json")} ({args.policy} policy)')
     return 0
   backend = loading.PolicyServerBackend(pol)
-  with (through_server(backend) if args.via_server else contextlib.nullcontext(in_process(backend))) as factory:
+  with (through_server(backend) if args.via_server else contextlib.nullcontext(closed_loop.in_process(backend))) as factory:
     report = closed_loop.evaluate(cfg, factory, seen, unseen, args.episodes, args.max_steps, args.out,
                                   decode=pol.decode_video, encode=pol.encode_video, seed=args.seed,
                                   replay=replay)

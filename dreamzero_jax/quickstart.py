@@ -1,7 +1,7 @@
 """The default job: `python -m dreamzero_jax.quickstart --out DIR` (CPU, no downloads; every stage resumes).
 
 1. builds a small Meta-World dataset with the scripted experts (DIR/data),
-2. trains the small Wan2.1 VAE on the data's canvases (DIR/vae; training/vae.py) and makes it the
+2. trains the small Wan2.1 VAE on the data's canvases (DIR/vae; training/vae_training.py) and makes it the
    frozen VAE (init.vae; its held-out reconstruction PSNR is the JSON line's vae_psnr_db),
 3. encodes every training clip once with it and trains the policy on the stored latents (DIR/train),
 4. evaluates closed loop through the same policy a robot uses: replays of training episodes (their
@@ -23,9 +23,9 @@ import time
 from dreamzero_jax import evaluate as eval_cli
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.datasets import __main__ as datasets_cli
-from dreamzero_jax.evaluation import metaworld_env, results
+from dreamzero_jax.evaluation import results, tasks as tasks_lib
 from dreamzero_jax.training import loop
-from dreamzero_jax.training import vae as vae_training
+from dreamzero_jax.training import vae_training
 
 
 def parse(argv):
@@ -53,7 +53,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
   args, overrides = parse(sys.argv[1:] if argv is None else argv)
-  train_tasks, test_tasks = metaworld_env.ml45_split()
+  train_tasks, test_tasks = tasks_lib.ml45_split()
   tasks = ','.join(train_tasks) if args.tasks == 'ml45' else args.tasks
   unseen = ','.join(test_tasks) if args.unseen_tasks == 'ml45' else args.unseen_tasks
   start = time.time()

@@ -3,7 +3,7 @@
 The server and the robots' wire formats are `dreamzero_jax/serving/` (server.py, adapters.py,
 protocol.py; loading.py reads the checkpoint); docs/inference.md "Server protocol" describes them.
 `--config C --compile_only` compiles the control step from abstract shapes and prints its
-per-device memory as one JSON line (inference/aot.py); no checkpoint needed. `--mesh tensor=N`
+per-device memory as one JSON line (inference/serve_aot.py); no checkpoint needed. `--mesh tensor=N`
 (config serve.mesh) serves over N devices, the DiT's heads and MLP split between them;
 `--compile_only --topology v5e:2x4` compiles for a TPU slice this host lacks (needs libtpu).
 """
@@ -16,7 +16,7 @@ import os
 import sys
 
 from dreamzero_jax import config as config_lib
-from dreamzero_jax.inference import aot, rollout
+from dreamzero_jax.inference import rollout, serve_aot
 from dreamzero_jax.serving import loading, roboarena, server
 
 # eval.py's through_server still reads the server class from here.
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
       if not args.config:
         raise ValueError('--compile_only needs --config')
       config = rollout.with_serve_mesh(config_lib.load_config(args.config, overrides), args.mesh)
-      print(json.dumps(aot.compile_only(config, args.topology)), flush=True)
+      print(json.dumps(serve_aot.compile_only(config, args.topology)), flush=True)
       return 0
     if args.topology:
       raise ValueError('--topology is for --compile_only (a served policy runs on this host\'s devices)')

@@ -1,9 +1,10 @@
 """Sharding, in one place: meshes, logical-axis rules, PartitionSpecs, global batches
-(docs/data_and_sharding.md).
+(docs/data_and_sharding.md), the train state's specs and the sharded train step.
 
 Parameters and activations carry logical axis names; one ordered rule list in the config maps
 them to mesh axes. From those, `param_specs` and `batch_specs` give the PartitionSpec of every
-parameter and batch field for a mesh, `named` turns specs into shardings, and `global_batch`
+parameter and batch field for a mesh (`train_state_specs`: a TrainState's, LoRA factors and
+optimiser moments like their parameter), `named` turns specs into shardings, and `global_batch`
 assembles each host's slice into global arrays. `constrain` is a no-op unless `use_mesh_rules` has
 installed a mesh and rules, so models run unchanged without one. One device is a mesh of one
 device, not a separate code path: `config_mesh` gives it whatever cfg.mesh says.
@@ -19,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -182,6 +184,44 @@ def batch_specs(batch, rules: Rules, axis_sizes: AxisSizes):
     return fit_spec(logical_to_spec(names, rules), x.shape, axis_sizes)
 
   return jax.tree.map(spec, batch)
+
+
+# ---- the train state's specs and the sharded step -------------------------------------------------
+
+def _lora_specs(specs: dict, lora_params: dict) -> dict:
+  """LoRA factors shard like their base kernel: A [layers, in, r] by its input, B by its output."""
+  out = {}
+  for key in lora_params:
+    node = specs
+    for part in key.split('/'):
+      node = node[part]
+    layers, din, dout = node
+    out[key] = {'a': PartitionSpec(layers, din, None), 'b': PartitionSpec(layers, None, dout)}
+  return out
+
+
+def train_state_specs(abstract_state, model: nnx.Module, tx: optax.GradientTransformation, rules: Rules,
+                      axis_sizes: AxisSizes):
+  """PartitionSpecs for a training.trainer.TrainState (pass its abstract version, e.g. from
+  jax.eval_shape), built by `tx` around `model`'s parameters (`model` may be abstract): parameters by
+  their logical axes, LoRA factors like their base kernel, optimiser moments like their parameter;
+  the step, the rng and the optimiser's counters replicated."""
+  full = param_specs(model, rules, axis_sizes)
+  params = full if abstract_state.frozen is None else _lora_specs(full, abstract_state.params)
+  # Optimiser moments shard like their parameter; counters and other scalars are replicated.
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params,
+                              transform_non_params=lambda _: PartitionSpec(),
+                              is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return abstract_state._replace(
+      step=PartitionSpec(), params=params, frozen=None if abstract_state.frozen is None else full,
+      opt_state=opt, rng=PartitionSpec(), ema=None if abstract_state.ema is None else params)
+
+
+def shard_train_step(step_fn: Callable, mesh: Mesh, state_shardings, batch_shardings, rules: Rules):
+  """jax.jit of `step_fn` with explicit shardings, the state donated, traced under the mesh rules
+  (so the model's sharding.constrain calls take effect); metrics come back replicated."""
+  return jax.jit(under_mesh_rules(step_fn, mesh, rules), in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
 
 
 # ---- shardings and arrays ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from flax import nnx
 
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.models.dit import build_dit
-from dreamzero_jax.models.weights import dit as dit_weights
+from dreamzero_jax.models.weights import dit_keys
 
 
 def parameter_table(model_cfg) -> list[tuple[str, tuple, int]]:
@@ -35,7 +35,7 @@ def summarize(model_cfg) -> dict[str, int]:
     if top == 'blocks':
       top = 'blocks/' + path.split('/')[1]
     modules[top] = modules.get(top, 0) + n
-  dreamzero = sum(n for p, _, n in rows if dit_weights.is_dreamzero_key(tuple(p.split('/'))))
+  dreamzero = sum(n for p, _, n in rows if dit_keys.is_dreamzero_key(tuple(p.split('/'))))
   total = sum(n for _, _, n in rows)
   return dict(modules=modules, wan_backbone=total - dreamzero, dreamzero=dreamzero, total=total)
 

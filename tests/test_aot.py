@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec
 
 from dreamzero_jax import sharding
 from dreamzero_jax.config import load_config
-from dreamzero_jax.training import aot, partition, trainer
+from dreamzero_jax.training import train_aot, trainer
 
 try:
   import libtpu  # noqa: F401
@@ -40,7 +40,7 @@ def _per_device_bytes(tree, specs, sizes) -> int:
 @needs_libtpu
 def test_compile_only_reports_sharded_memory_for_a_tpu_slice():
   cfg = load_config('configs/tiny.py', OVERRIDES)
-  report = aot.compile_only(cfg, TOPOLOGY)
+  report = train_aot.compile_only(cfg, TOPOLOGY)
 
   assert report['devices'] == 4 and report['device_kind'].startswith('TPU')
   assert report['mesh'] == dict(data=1, fsdp=2, context=1, tensor=2)
@@ -55,17 +55,18 @@ def test_compile_only_reports_sharded_memory_for_a_tpu_slice():
   # The arguments are the state and batch as sharded over the mesh, not replicated copies.
   _, state = trainer.abstract_train_state(cfg)
   sizes = dict(zip(cfg.mesh.axes, MESH))
-  batch = aot.abstract_batch(cfg, cfg.train.batch_size)
-  want = (_per_device_bytes(state, partition.state_specs(cfg, state, sizes), sizes) +
+  batch = train_aot.abstract_batch(cfg, cfg.train.batch_size)
+  want = (_per_device_bytes(state, sharding.train_state_specs(state, trainer.abstract_model(cfg), trainer.make_optimizer(
+      cfg.train), sharding.config_rules(cfg), sizes), sizes) +
           _per_device_bytes(batch, sharding.batch_specs(batch, sharding.config_rules(cfg), sizes), sizes))
-  assert report['argument_gib'] * aot.GIB == pytest.approx(want, rel=0.1), (report, want / aot.GIB)
+  assert report['argument_gib'] * train_aot.GIB == pytest.approx(want, rel=0.1), (report, want / train_aot.GIB)
 
 
 def test_sequence_length_of_droid_14b():
   """K=4 chunks on the 352x640 canvas: 2 x 9 x 880 video + 96 action + 4 state tokens (docs/model.md)."""
   cfg = load_config('configs/dreamzero_14b_droid.py')
-  assert aot.sequence_length(cfg) == (15_940, 16_000)
-  batch = aot.abstract_batch(cfg, 128)
+  assert train_aot.sequence_length(cfg) == (15_940, 16_000)
+  batch = train_aot.abstract_batch(cfg, 128)
   assert batch.latents.shape == (128, 9, 44, 80, 16) and batch.i2v_cond.shape == (128, 9, 44, 80, 20)
   assert np.dtype(batch.embodiment_id.dtype) == np.int32
 
@@ -78,5 +79,5 @@ def test_compile_for_tpu_uses_splash_attention_on_a_cpu_host():
   # shard_map; the 8-token text cross-attention falls back to XLA.
   cfg = load_config('configs/tiny.py', OVERRIDES + ['model.seq_pad_multiple=128'])
   assert cfg.model.attention == 'auto'
-  report = aot.compile_only(cfg, TOPOLOGY)
+  report = train_aot.compile_only(cfg, TOPOLOGY)
   assert report['attention'] == ['splash', 'xla'], report

@@ -11,7 +11,7 @@ from flax import nnx
 
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models import clip
-from dreamzero_jax.models.weights import clip as clip_weights
+from dreamzero_jax.models.weights import clip_keys
 from dreamzero_jax.models.weights import common as weights
 from tests.helpers import random_model
 
@@ -61,8 +61,8 @@ def reference(request):
 
 def _run(cfg, tensors, pixels):
   model = _new_model(cfg)
-  weights.load_tensors(model, tensors, clip_weights.transformers_key_map,
-                       ignore=clip_weights.unused_keys(cfg.num_layers))
+  weights.load_tensors(model, tensors, clip_keys.transformers_key_map,
+                       ignore=clip_keys.unused_keys(cfg.num_layers))
   return np.asarray(model(jnp.asarray(pixels)))
 
 
@@ -133,13 +133,13 @@ def _open_clip_names(state, num_layers):
 def test_official_wan_checkpoint_names(reference):
   cfg, state, pixels, want = reference
   tensors = _wan_names(state, cfg.num_layers).items()
-  _assert_close(_run(cfg, clip_weights.wan_to_transformers(tensors), pixels), want)
+  _assert_close(_run(cfg, clip_keys.wan_to_transformers(tensors), pixels), want)
 
 
 def test_open_clip_names(reference):
   cfg, state, pixels, want = reference
   tensors = _open_clip_names(state, cfg.num_layers).items()
-  _assert_close(_run(cfg, clip_weights.open_clip_to_transformers(tensors), pixels), want)
+  _assert_close(_run(cfg, clip_keys.open_clip_to_transformers(tensors), pixels), want)
 
 
 def test_unknown_keys_are_refused(reference):

@@ -21,9 +21,9 @@ from safetensors.numpy import save_file
 from dreamzero_jax import convert, torch_files
 from dreamzero_jax.checkpoint import IncompatibleCheckpointError
 from dreamzero_jax.config import load_config
-from dreamzero_jax.encoders import FrozenEncoders, with_params
 from dreamzero_jax.models.dit import build_dit
-from dreamzero_jax.models.weights import dit as dit_weights
+from dreamzero_jax.models.encoders import FrozenEncoders, with_params
+from dreamzero_jax.models.weights import dit_keys
 from dreamzero_jax.models.weights import release
 from dreamzero_jax.models.weights.common import WeightMismatchError
 from tests import test_clip, test_dit_parity, test_umt5, test_vae
@@ -114,7 +114,7 @@ class References:
     self.clip_wan_names = test_clip._wan_names(clip_state, clip_cfg.num_layers)
 
     dit = _numpy(self.dit)
-    self.dit_official = {dit_weights.diffusers_to_wan_key(k): v for k, v in dit.items()}
+    self.dit_official = {dit_keys.diffusers_to_wan_key(k): v for k, v in dit.items()}
     official = os.path.join(directory, 'official')
     diffusers = os.path.join(directory, 'diffusers')
     os.makedirs(official)
@@ -202,7 +202,7 @@ def test_official_names_convert_to_the_reference_outputs(refs, official, officia
 def test_training_and_serving_use_the_converted_weights(refs, official, official_params, tmp_path):
   # init.converted: a fresh run starts the DiT from the converted weights (lr 0 keeps them), the
   # frozen encoders are the converted ones in training and in the policy loaded from the workdir.
-  from dreamzero_jax import encoders
+  from dreamzero_jax.models import encoders
   from dreamzero_jax.serving.loading import load_policy
   from dreamzero_jax.training import loop
   from tests.helpers import ListIterator, synthetic_batches
@@ -296,7 +296,7 @@ def test_dreamzero_checkpoint_with_prefixes_and_action_modules(refs, official_pa
   want_dit, want_enc = official_params
   want_dit, want_enc = release.flatten(want_dit), release.flatten(want_enc)
   for path, value in release.flatten(got_dit).items():
-    if dit_weights.is_dreamzero_key(path):
+    if dit_keys.is_dreamzero_key(path):
       module = {'w1': 'W1', 'w2': 'W2', 'w3': 'W3'}.get(path[1], path[1])
       stored = actions[f'{path[0]}.{module}.{"W" if path[2] == "kernel" else "b"}'][0]
       np.testing.assert_array_equal(value[1], stored, err_msg=str(path))
@@ -333,7 +333,7 @@ def test_a_dit_only_release_converts_alone(refs, tmp_path):
   """`python -m dreamzero_jax.convert` with only an official Wan DiT .pth: no encoder files, encoder
   widths that fit no model (never read), and the reference forward reproduced. A later command that
   needs an encoder says in one line that the conversion has none."""
-  from dreamzero_jax import encoders
+  from dreamzero_jax.models import encoders
   dit_only = _save_pth(tmp_path / 'wan_dit.pth', refs.dit_official)
   out = str(tmp_path / 'dit_only')
   absurd = ['--config.text_encoder.dim=7', '--config.image_encoder.width=5', '--config.vae.base_dim=3']

@@ -12,7 +12,8 @@ pytest.importorskip('pyarrow')
 from PIL import Image  # pylint: disable=g-import-not-at-top
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from dreamzero_jax.datasets import embodiments, episodes, normalization, pipeline  # pylint: disable=g-import-not-at-top
+from dreamzero_jax import embodiments
+from dreamzero_jax.datasets import episodes, normalization, pipeline  # pylint: disable=g-import-not-at-top
 from tests import lerobot_fixtures as lr  # pylint: disable=g-import-not-at-top
 from tests.helpers import run_datasets_cli as run_cli  # pylint: disable=g-import-not-at-top
 

@@ -250,8 +250,8 @@ def test_replay_variations_restart_the_training_episodes_themselves(mw_dir):
   scripted expert repeats the recorded episode (same states and actions), unlike in a new variation."""
   from metaworld.policies import ENV_POLICY_MAP
   from dreamzero_jax.envs.metaworld import MetaWorldEnv, Variation
-  from dreamzero_jax.evaluation import metaworld_env
-  variations = metaworld_env.dataset_variations(mw_dir, 'metaworld')
+  from dreamzero_jax.evaluation import tasks as tasks_lib
+  variations = tasks_lib.dataset_variations(mw_dir, 'metaworld')
   assert variations == [Variation('reach-v3', 0, 0, 0), Variation('push-v3', 0, 0, 0)]
   rec = episodes.open_dataset(mw_dir, 'metaworld').source[1]
 
@@ -277,12 +277,12 @@ def test_a_repeated_build_reuses_variations_and_replays_them(tmp_path):
   """--variations 2: episode i runs variation i mod 2 (the scripted expert repeats itself there), and
   dataset_variations gives --replay those variations with each episode's own reset seed."""
   from dreamzero_jax.envs.metaworld import Variation
-  from dreamzero_jax.evaluation import metaworld_env
+  from dreamzero_jax.evaluation import tasks as tasks_lib
   out = str(tmp_path / 'repeated')
   r = run_cli('build', 'metaworld', '--out', out, '--tasks', 'reach-v3', '--episodes', '3', '--image_size', '16',
               '--max_steps', '6', '--variations', '2', '--workers', '1')
   assert r.returncode == 0, r.stderr
-  assert metaworld_env.dataset_variations(out, 'metaworld') == [
+  assert tasks_lib.dataset_variations(out, 'metaworld') == [
       Variation('reach-v3', 0, 0, 0), Variation('reach-v3', 0, 1, 1), Variation('reach-v3', 0, 0, 2)]
   low = episodes.open_dataset(out, 'metaworld').lowdim
   first, second, third = (low.episode(i)['action'] for i in range(3))

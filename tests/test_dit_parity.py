@@ -7,7 +7,7 @@ from flax import nnx
 
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models.dit import build_dit
-from dreamzero_jax.models.weights import dit as dit_weights
+from dreamzero_jax.models.weights import dit_keys
 from dreamzero_jax.models.weights.common import WeightMismatchError, load_tensors
 from tests.wan_reference import import_wan
 
@@ -32,7 +32,7 @@ def _ours(in_channels, image_dim, key_map, tensors):
       f'model.image_dim={image_dim}', 'model.dtype="float32"'])
   model = build_dit(cfg.model, rngs=nnx.Rngs(1))
   load_tensors(model, tensors, key_map,
-               may_stay=dit_weights.is_dreamzero_key)
+               may_stay=dit_keys.is_dreamzero_key)
   return model
 
 
@@ -69,7 +69,7 @@ def test_matches_official_wan(model_type, per_token_t):
               seq_len, y=None if y is None else [torch.from_numpy(u) for u in y])
   want = np.stack([o.numpy() for o in out]).transpose(0, 2, 3, 4, 1)
 
-  model = _ours(in_dim, 0, dit_weights.wan_key_map, _state(ref))
+  model = _ours(in_dim, 0, dit_keys.wan_key_map, _state(ref))
   video = x if y is None else np.concatenate([x, y], 1)
   text = np.zeros((b, 8, TEXT_DIM), np.float32)
   for i, c in enumerate(context):
@@ -98,7 +98,7 @@ def test_matches_diffusers(image):
   with torch.no_grad():
     want = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(text),
                encoder_hidden_states_image=None if img is None else torch.from_numpy(img)).sample.numpy()
-  model = _ours(in_ch, 12 if image else 0, dit_weights.diffusers_key_map, _state(ref))
+  model = _ours(in_ch, 12 if image else 0, dit_keys.diffusers_key_map, _state(ref))
   got = model.wan_forward(jnp.asarray(x.transpose(0, 2, 3, 4, 1)), jnp.asarray(t), jnp.asarray(text),
                           None if img is None else jnp.asarray(img))
   print("rel err", _rel(got, want.transpose(0, 2, 3, 4, 1)))
@@ -112,7 +112,7 @@ def test_official_and_diffusers_names_place_the_same_weights():
       num_attention_heads=HEADS, attention_head_dim=DIM // HEADS, in_channels=36, text_dim=TEXT_DIM,
       freq_dim=FREQ, ffn_dim=FFN, num_layers=LAYERS, image_dim=12, added_kv_proj_dim=DIM)
   for key in ref.state_dict():
-    assert dit_weights.diffusers_key_map(key) is not None, key
+    assert dit_keys.diffusers_key_map(key) is not None, key
 
 
 def test_mismatched_checkpoint_is_refused_naming_keys():
@@ -120,6 +120,6 @@ def test_mismatched_checkpoint_is_refused_naming_keys():
   tensors = _state(ref)
   tensors = [(k, v) for k, v in tensors if k != 'blocks.1.ffn.2.weight'] + [('blocks.0.extra.weight', np.ones(3))]
   with pytest.raises(WeightMismatchError) as err:
-    _ours(16, 0, dit_weights.wan_key_map, tensors)
+    _ours(16, 0, dit_keys.wan_key_map, tensors)
   assert 'blocks.0.extra.weight' in str(err.value)
   assert 'blocks/ffn2/kernel (layers [0] of 2)' in str(err.value)

@@ -32,7 +32,7 @@ def test_server_and_in_process_rollouts_take_identical_actions(workdir):
   cfg = backend.policy.cfg
   with eval_cli.through_server(backend) as server_factory:
     via_server = closed_loop.run_episode(server_factory('a'), cfg, 'reach-v3', 'reach the goal position', 3, 20)
-  in_proc = closed_loop.run_episode(eval_cli.in_process(backend)('b'), cfg, 'reach-v3', 'reach the goal position', 3,
+  in_proc = closed_loop.run_episode(closed_loop.in_process(backend)('b'), cfg, 'reach-v3', 'reach the goal position', 3,
                                     20)
   assert via_server['failure'] is None and in_proc['failure'] is None
   assert len(in_proc['actions']) == 20
@@ -46,7 +46,7 @@ def test_closed_loop_episode_runs_with_fp8_weights(workdir):
   for quantization in ('none', 'fp8'):
     cfg = load_config('configs/tiny.py', OVERRIDES + [f'model.quantization={quantization}'])
     backend = loading.load_backend(workdir, cfg)
-    rec = closed_loop.run_episode(eval_cli.in_process(backend)('a'), cfg, 'reach-v3', 'reach the goal position', 3,
+    rec = closed_loop.run_episode(closed_loop.in_process(backend)('a'), cfg, 'reach-v3', 'reach the goal position', 3,
                                   cfg.video.action_horizon * 2)
     assert rec['failure'] is None and len(rec['actions']) == cfg.video.action_horizon * 2
     assert np.isfinite(np.stack(rec['actions'])).all()

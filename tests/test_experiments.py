@@ -101,10 +101,10 @@ def test_claims_end_to_end_and_a_rerun_skips_finished_arms(tmp_path, monkeypatch
     assert figure.endswith('.png') and os.path.getsize(os.path.join(out, figure)) > 1000
 
   # The repetitive data repeats one variation per task; --replay still finds each episode's.
-  from dreamzero_jax.evaluation import metaworld_env
-  assert [(v.task_index, v.reset_seed) for v in metaworld_env.dataset_variations(
+  from dreamzero_jax.evaluation import tasks as tasks_lib
+  assert [(v.task_index, v.reset_seed) for v in tasks_lib.dataset_variations(
       os.path.join(out, 'data', 'repetitive'))] == [(0, 0), (0, 1)]
-  assert [(v.task_index, v.reset_seed) for v in metaworld_env.dataset_variations(
+  assert [(v.task_index, v.reset_seed) for v in tasks_lib.dataset_variations(
       os.path.join(out, 'data', 'diverse'))] == [(0, 0), (1, 1)]
 
   def must_not_run(*args, **kwargs):

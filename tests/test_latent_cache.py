@@ -7,9 +7,10 @@ import pytest
 
 pytest.importorskip('metaworld')
 
-from dreamzero_jax import config as config_lib, encoders  # noqa: E402
+from dreamzero_jax import config as config_lib  # noqa: E402
 from dreamzero_jax.datasets import pipeline  # noqa: E402
 from dreamzero_jax.datasets.episodes import DataError  # noqa: E402
+from dreamzero_jax.models import encoders  # noqa: E402
 from dreamzero_jax.training import latent_cache, loop, objective  # noqa: E402
 from tests.helpers import build_metaworld  # noqa: E402
 

@@ -18,12 +18,13 @@ SOURCES = ('dreamzero_jax', 'data')   # the package, and the TFDS builders (the 
 # or from its own layer.
 LAYERS = (
     ('foundations', 0, ('dreamzero_jax', 'dreamzero_jax.config', 'dreamzero_jax.flow', 'dreamzero_jax.sharding',
-                        'dreamzero_jax.checkpoint', 'dreamzero_jax.torch_files')),
+                        'dreamzero_jax.checkpoint', 'dreamzero_jax.torch_files', 'dreamzero_jax.embodiments',
+                        'dreamzero_jax.errors')),
+    # models.encoders: the frozen encoders turn a data batch into the DiT's inputs (LatentBatch); training
+    # and inference both run them, so they sit below both (and below the data layer: they read a batch's
+    # arrays, never a dataset).
     ('models', 1, ('dreamzero_jax.models*', 'dreamzero_jax.kernels*')),
-    # encoders: the frozen encoders turn a data batch into the DiT's inputs (LatentBatch); training
-    # and inference both run them, so they sit below both.
-    ('data', 2, ('dreamzero_jax.datasets*', 'dreamzero_jax.envs*', 'data*', 'dreamzero_jax.encoders',
-                 'dreamzero_jax.defaults')),
+    ('data', 2, ('dreamzero_jax.datasets*', 'dreamzero_jax.envs*', 'data*')),
     ('training', 3, ('dreamzero_jax.training*',)),
     ('inference', 3, ('dreamzero_jax.inference*',)),
     ('evaluation', 4, ('dreamzero_jax.evaluation*',)),
@@ -40,7 +41,7 @@ ALLOWED_IN_FUNCTIONS = (
     'libtpu', 'jax.experimental.topologies', 'jax.experimental.pallas.ops.tpu',   # TPU only
     'tensorflow',                          # RLDS sources ([tf])
     'av', 'pyarrow',                       # LeRobot video and parquet
-    # The TFDS / Grain readers, for training/vae.py's episode_frames alone: its objective and update
+    # The TFDS / Grain readers, for training/vae_training.py's episode_frames alone: its objective and update
     # then import where they are not installed (bench/vae_sweep.py on a lent GPU machine).
     'dreamzero_jax.datasets.pipeline',
 )
@@ -206,10 +207,10 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path, monkeypa
 
 
 def test_serving_and_the_vae_objective_import_without_the_dataset_readers():
-  """The policy server (and bench/policy_latency.py through inference.policy) and training/vae.py's
+  """The policy server (and bench/policy_latency.py through inference.policy) and training/vae_training.py's
   objective load no TFDS or Grain: a GPU machine or a robot-side server needs neither."""
   import subprocess
-  code = ('import sys; import dreamzero_jax.serve, dreamzero_jax.inference.policy, dreamzero_jax.training.vae; '
+  code = ('import sys; import dreamzero_jax.serve, dreamzero_jax.inference.policy, dreamzero_jax.training.vae_training; '
           'print(sorted(m for m in ("tensorflow_datasets", "grain") if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=True).stdout

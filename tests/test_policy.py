@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dreamzero_jax import encoders
 from dreamzero_jax.config import load_config
 from dreamzero_jax.inference.policy import Policy
+from dreamzero_jax.models import encoders
 from dreamzero_jax.models.dit import build_dit
 from tests import helpers
 

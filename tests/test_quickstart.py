@@ -12,6 +12,7 @@ pytest.importorskip('metaworld')
 
 from configs import metaworld  # noqa: E402
 from dreamzero_jax import checkpoint, quickstart  # noqa: E402
+from dreamzero_jax.config import config_from_dict  # noqa: E402
 from dreamzero_jax.serving import loading  # noqa: E402
 
 TOY = ['--config.model.dim=32', '--config.model.num_layers=1', '--config.model.num_heads=2',
@@ -37,7 +38,7 @@ def test_quickstart_runs_every_stage_and_prints_the_json_line(tmp_path, capsys):
   assert saved['init']['vae'] == vae_dir and saved['init']['vae_sha256'] == checkpoint.weights_digest(vae_dir)
   # A config naming the VAE's path without its digest (as the claims suite evaluates) loads the policy;
   # other weights under the path it names are refused.
-  cfg = loading.config_from_dict(saved)
+  cfg = config_from_dict(saved)
   cfg.init.vae_sha256 = ''
   assert loading.load_policy(os.path.join(out, 'train'), cfg).cfg.init.vae_sha256 == saved['init']['vae_sha256']
   other = str(tmp_path / 'other_vae')

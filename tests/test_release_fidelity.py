@@ -9,8 +9,9 @@ import pytest
 import torch
 from flax import nnx
 
+from dreamzero_jax import embodiments
 from dreamzero_jax.config import load_config
-from dreamzero_jax.datasets import embodiments, normalization
+from dreamzero_jax.datasets import normalization
 from dreamzero_jax.inference import postprocess, rollout, samplers
 from dreamzero_jax.models import kv_cache
 from tests.helpers import random_dit

@@ -82,8 +82,8 @@ def test_hlo_cost_counts_each_loop_iteration_and_collective():
 def _policy(overrides, mesh):
   from flax import nnx
 
-  from dreamzero_jax import encoders
   from dreamzero_jax.inference.policy import Policy
+  from dreamzero_jax.models import encoders
   cfg = load_config('configs/tiny.py', [*overrides, f'serve.mesh={mesh!r}'])
   return Policy(cfg, helpers.random_dit(cfg), encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)), helpers.STATS)
 

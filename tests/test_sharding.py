@@ -34,14 +34,14 @@ def current_specs() -> dict:
 
   from dreamzero_jax import sharding
   from dreamzero_jax.config import load_config
-  from dreamzero_jax.training import aot, partition
+  from dreamzero_jax.training import train_aot, trainer
 
   cfg = load_config(os.path.join(ROOT, GOLDEN_CONFIG))
-  model = partition.abstract_model(cfg)
+  model = trainer.abstract_model(cfg)
   params = sharding.param_specs(model, sharding.config_rules(cfg), GOLDEN_MESH)
   shapes = nnx.state(model).to_pure_dict()
   flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  abstract = aot.abstract_batch(cfg, GOLDEN_BATCH)
+  abstract = train_aot.abstract_batch(cfg, GOLDEN_BATCH)
   batch = sharding.batch_specs(abstract, sharding.config_rules(cfg), GOLDEN_MESH)
   entry = lambda spec, x: dict(spec=[list(e) if isinstance(e, tuple) else e for e in spec], shape=list(x.shape))
   return dict(
@@ -142,7 +142,7 @@ def _sharded_check(case: str) -> dict:
   from dreamzero_jax import sharding
   from dreamzero_jax.config import load_config
   from dreamzero_jax.models.dit import build_dit
-  from dreamzero_jax.training import partition, trainer
+  from dreamzero_jax.training import trainer
   from tests.test_train_step import fixed_batch
 
   assert jax.device_count() == 8, jax.devices()
@@ -159,8 +159,8 @@ def _sharded_check(case: str) -> dict:
     ref_state, ref_metrics = single(ref_state, batch)
 
   mesh = sharding.make_mesh(shape, devices=jax.devices())
-  state_sh, batch_sh = partition.train_shardings(cfg, mesh, state, batch)
-  step = partition.shard_train_step(step_fn, mesh, state_sh, batch_sh, sharding.config_rules(cfg))
+  state_sh, batch_sh = trainer.train_shardings(cfg, mesh, state, batch)
+  step = sharding.shard_train_step(step_fn, mesh, state_sh, batch_sh, sharding.config_rules(cfg))
   sharded_state = jax.device_put(state, state_sh)
   global_batch = sharding.global_batch(jax.tree.map(np.asarray, batch), batch_sh)
   for _ in range(2):

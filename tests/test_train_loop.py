@@ -12,7 +12,7 @@ from flax import nnx
 from dreamzero_jax import checkpoint
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models.dit import build_dit
-from dreamzero_jax.training import aot, loop, trainer
+from dreamzero_jax.training import loop, train_aot, trainer
 from tests import helpers
 from tests.helpers import ListIterator, synthetic_batches
 
@@ -131,7 +131,7 @@ def _restored_params(workdir, cfg):
   """A (possibly sharded, multi-host) checkpoint's parameters restored onto this one device."""
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   _, abstract = trainer.abstract_train_state(cfg)
-  abstract = aot.with_shardings(abstract, jax.tree.map(lambda _: one, abstract))
+  abstract = train_aot.with_shardings(abstract, jax.tree.map(lambda _: one, abstract))
   ckpt = checkpoint.Checkpointer(workdir)
   state, _, _ = ckpt.restore(ckpt.latest_step(), abstract, cfg)
   ckpt.close()

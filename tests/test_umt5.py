@@ -12,7 +12,7 @@ from flax import nnx
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models import text_cache, umt5
 from dreamzero_jax.models.weights import common as weights
-from dreamzero_jax.models.weights import umt5 as umt5_weights
+from dreamzero_jax.models.weights import umt5_keys
 from tests.wan_reference import import_wan
 from tests.helpers import random_model
 
@@ -89,7 +89,7 @@ def test_matches_transformers_umt5(geometry):
   ids, lengths, mask = _inputs(cfg.vocab_size, geometry)
   with torch.no_grad():
     want = ref(input_ids=torch.from_numpy(ids).long(), attention_mask=mask).last_hidden_state.numpy()
-  got, _ = _ours(cfg, ref.state_dict(), umt5_weights.transformers_key_map, ids, lengths)
+  got, _ = _ours(cfg, ref.state_dict(), umt5_keys.transformers_key_map, ids, lengths)
   _check(got, want, lengths)
 
 
@@ -106,7 +106,7 @@ def test_matches_official_wan_t5(geometry):
   ids, lengths, mask = _inputs(cfg.vocab_size, geometry)
   with torch.no_grad():
     want = ref(torch.from_numpy(ids).long(), mask).numpy()
-  got, model = _ours(cfg, ref.state_dict(), umt5_weights.wan_key_map, ids, lengths)
+  got, model = _ours(cfg, ref.state_dict(), umt5_keys.wan_key_map, ids, lengths)
   _check(got, want, lengths)
   # A sample alone gives what it gives in the batch: padding never leaks across rows.
   alone = np.asarray(model(jnp.asarray(ids[1:]), jnp.asarray(lengths[1:])))
@@ -134,8 +134,8 @@ def test_full_checkpoint_decoder_keys_are_skipped():
   model = _new_model(cfg)
   tensors = [(k, v.numpy()) for k, v in ref.state_dict().items()]
   with pytest.raises(weights.WeightMismatchError, match='decoder'):
-    weights.load_tensors(model, tensors, umt5_weights.transformers_key_map)
-  weights.load_tensors(model, tensors, umt5_weights.transformers_key_map, ignore=umt5_weights.transformers_unused)
+    weights.load_tensors(model, tensors, umt5_keys.transformers_key_map)
+  weights.load_tensors(model, tensors, umt5_keys.transformers_key_map, ignore=umt5_keys.transformers_unused)
 
 
 def test_buckets_match_transformers_at_real_size():

@@ -9,7 +9,7 @@ from flax import nnx
 
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models import vae as vae_lib
-from dreamzero_jax.models.weights import vae as vae_weights
+from dreamzero_jax.models.weights import vae_keys
 from dreamzero_jax.models.weights.common import load_tensors
 from tests.wan_reference import import_wan
 
@@ -98,7 +98,7 @@ def _reference(cfg, reference: str) -> torch.nn.Module:
 
 
 def _key_map(reference: str):
-  return vae_weights.diffusers_key_map if reference == 'diffusers' else vae_weights.official_key_map
+  return vae_keys.diffusers_key_map if reference == 'diffusers' else vae_keys.official_key_map
 
 
 def _pair(cfg, reference: str, seed: int):
@@ -209,8 +209,8 @@ def test_i2v_condition_matches_official():
 
 def test_key_maps_reject_unknown_keys():
   cfg = _cfg()
-  assert vae_weights.official_key_map(cfg)('encoder.downsamples.0.residual.5.weight') is None
-  assert vae_weights.diffusers_key_map(cfg)('decoder.up_blocks.0.attentions.0.proj.weight') is None
+  assert vae_keys.official_key_map(cfg)('encoder.downsamples.0.residual.5.weight') is None
+  assert vae_keys.diffusers_key_map(cfg)('decoder.up_blocks.0.attentions.0.proj.weight') is None
 
 
 @pytest.mark.parametrize('reference', ['official', 'diffusers'])

@@ -1,4 +1,4 @@
-"""The VAE trained here (training/vae.py): the loss falls, a rerun resumes, the normalisation fold
+"""The VAE trained here (training/vae_training.py): the loss falls, a rerun resumes, the normalisation fold
 keeps decode(encode(x)) and whitens the latents, and `init.vae` loads the result into the frozen
 encoders or is refused naming the field."""
 import json
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dreamzero_jax import checkpoint, encoders
+from dreamzero_jax import checkpoint, embodiments
 from dreamzero_jax.config import load_config
-from dreamzero_jax.datasets import embodiments, episodes
+from dreamzero_jax.datasets import episodes
+from dreamzero_jax.models import encoders
 from dreamzero_jax.models import vae as vae_lib
-from dreamzero_jax.training import vae as vae_training
+from dreamzero_jax.training import vae_training
 from tests import helpers
 
 STEPS = 4

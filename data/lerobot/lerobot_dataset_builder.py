@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from dreamzero_jax.datasets import embodiments, episodes, lerobot_reader
+from dreamzero_jax import embodiments
+from dreamzero_jax.datasets import episodes, lerobot_reader
 
 
 class Lerobot(episodes.EpisodeBuilder):

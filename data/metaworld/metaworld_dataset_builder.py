@@ -20,7 +20,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from dreamzero_jax.datasets import embodiments, episodes
+from dreamzero_jax import embodiments
+from dreamzero_jax.datasets import episodes
 from dreamzero_jax.envs.metaworld import MetaWorldEnv, instruction, training_variation
 
 

@@ -26,7 +26,8 @@ import numpy as np
 from absl import flags
 
 from dreamzero_jax import config as config_lib
-from dreamzero_jax.datasets import embodiments, episodes, lerobot_embodiment, normalization, pipeline
+from dreamzero_jax import embodiments
+from dreamzero_jax.datasets import episodes, lerobot_embodiment, normalization, pipeline
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

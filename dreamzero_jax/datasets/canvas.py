@@ -14,7 +14,7 @@ import io
 import numpy as np
 from PIL import Image
 
-LAYOUTS = ('droid', 'grid')
+from dreamzero_jax.embodiments import LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)

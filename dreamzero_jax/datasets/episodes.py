@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dreamzero_jax.datasets.errors import DataError  # noqa: F401  (raised here; importers use either path)
+from dreamzero_jax.errors import DataError  # noqa: F401  (raised here; importers use either path)
 from dreamzero_jax.datasets.lowdim import (  # noqa: F401  (re-exported: the low-dim layer reads without TFDS)
     LOWDIM_FILE, LowDim, load_lowdim, save_lowdim)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dreamzero_jax.datasets import embodiments, lerobot_reader
-from dreamzero_jax.datasets.errors import DataError
+from dreamzero_jax import embodiments
+from dreamzero_jax.datasets import lerobot_reader
+from dreamzero_jax.errors import DataError
 
 MAX_CAMERAS = 3   # the grid canvas holds three views (the fourth quarter is black)
 

@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dreamzero_jax.datasets import embodiments, episodes
+from dreamzero_jax import embodiments
+from dreamzero_jax.datasets import episodes
 from dreamzero_jax.datasets.episodes import DataError
 
 DEFAULT_COLUMNS = {'state': 'observation.state', 'action': 'action'}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from dreamzero_jax.datasets.errors import DataError
+from dreamzero_jax.errors import DataError
 
 LOWDIM_FILE = 'lowdim.npz'
 

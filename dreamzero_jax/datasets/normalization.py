@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dreamzero_jax.datasets.errors import DataError
 from dreamzero_jax.datasets.lowdim import LowDim, check_lowdim
+from dreamzero_jax.errors import DataError
 
 STATS_FILE = 'norm_stats.json'
 

@@ -26,7 +26,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from dreamzero_jax.datasets import canvas, chunks, embodiments, episodes, normalization
+from dreamzero_jax import embodiments
+from dreamzero_jax.datasets import canvas, chunks, episodes, normalization
 from dreamzero_jax.datasets.episodes import DataError
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_parser
 from tensorflow_datasets.core.utils import py_utils
 
-from dreamzero_jax.datasets import embodiments, episodes
+from dreamzero_jax import embodiments
+from dreamzero_jax.datasets import episodes
 from dreamzero_jax.datasets.episodes import DataError
 
 SPEC_KEYS = ('name', 'embodiment', 'cameras', 'state', 'action', 'language')

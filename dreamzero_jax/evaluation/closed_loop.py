@@ -11,6 +11,7 @@ import json
 import os
 import time
 import traceback
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -94,6 +95,35 @@ def run_episode(infer: Callable, cfg, task: str, prompt: str, seed: int, max_ste
   record['jerk'] = action_jerk(record['actions'])
   record['chunk_ms'] = 1e3 * float(np.median(calls[1:])) if len(calls) > 1 else None
   return record
+
+
+def in_process(backend):
+  """An infer factory calling `backend` (serving.adapters.PolicyServerBackend) in this process: each
+  session starts at its first observation; the predicted latents come back for the GIFs."""
+
+  def factory(session_id):
+    del session_id
+    state = {}
+
+    def infer(obs):
+      obs = dict(obs)
+      prompt = obs.pop('prompt')
+      if 'episode' not in state:
+        state['episode'] = backend.new_session(prompt, obs)
+      actions, state['episode'], _, video = backend.infer_with_video(state['episode'], obs)
+      return actions, video
+    return infer
+  return factory
+
+
+def baseline(kind: str, horizon: int):
+  """An infer factory for a baseline policy; the session id names the split, task and episode."""
+
+  def factory(session_id):
+    _, rest = session_id.split('-', 1)
+    task = rest.rsplit('-', 1)[0]
+    return Baseline(kind, task, horizon, seed=zlib.crc32(session_id.encode()))
+  return factory
 
 
 class Baseline:

@@ -42,12 +42,12 @@ from dreamzero_jax import evaluate as eval_cli
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.datasets import __main__ as datasets_cli
 from dreamzero_jax.datasets import episodes as episodes_lib
-from dreamzero_jax.evaluation import metaworld_env, results
+from dreamzero_jax.evaluation import results, tasks as tasks_lib
 from dreamzero_jax.experiments.arms import (ARMS, BASELINE_COLORS, BASELINES, BOOTSTRAP_SEED, CLAIMS, EVALS,
                                             FIGURES, LATENCY, METRICS, SPLITS, VERDICT_RULE, eval_metrics, judge,
                                             label)
 from dreamzero_jax.training import loop
-from dreamzero_jax.training import vae as vae_training
+from dreamzero_jax.training import vae_training
 
 # The frozen VAE is one for every arm, trained on this setting's frames: the paper's arms share one
 # pretrained Wan VAE, and a VAE per data setting would add a second difference to the data claim.
@@ -85,7 +85,7 @@ def parse(argv):
   p.add_argument('--max_steps', type=int, default=150, help='environment steps per episode (data and evaluation)')
   p.add_argument('--budget_minutes', type=float, help='training minutes per arm and run (a rerun continues)')
   p.add_argument('--vae', choices=('trained', 'random'), default='trained',
-                 help='train the small VAE once on the diverse data (training/vae.py), or keep the random frozen one')
+                 help='train the small VAE once on the diverse data (training/vae_training.py), or keep the random frozen one')
   p.add_argument('--workers', type=int, default=0, help='data-build processes; 0 = one per core')
   args = p.parse_args(rest)
   if args.seeds < 1:
@@ -130,12 +130,12 @@ class Suite:
     unknown = [a for a in self.arms if a not in ARMS]
     if unknown:
       raise ConfigError(f'--arms: unknown arm {", ".join(unknown)} (known: {", ".join(ARMS)})')
-    train_tasks, test_tasks = metaworld_env.ml45_split()
+    train_tasks, test_tasks = tasks_lib.ml45_split()
     self.seen = [t for t in args.tasks.split(',') if t]
     self.unseen = test_tasks if args.unseen_tasks == 'ml45' else [t for t in args.unseen_tasks.split(',') if t]
     self.pretrain_tasks = (train_tasks if args.pretrain_tasks == 'ml45_train' else
                            [t for t in args.pretrain_tasks.split(',') if t])
-    known = metaworld_env.all_tasks()
+    known = tasks_lib.all_tasks()
     for flag, tasks in (('--tasks', self.seen), ('--unseen_tasks', self.unseen), ('--pretrain_tasks',
                                                                                    self.pretrain_tasks)):
       bad = [t for t in tasks if t not in known]

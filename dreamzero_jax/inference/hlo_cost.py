@@ -15,7 +15,7 @@ DiT steps: `lax.cond` picks at run time, so the program alone cannot say):
   collective_bytes  bytes out of every all-reduce, all-gather, reduce-scatter, all-to-all and
                     collective-permute (what crosses the chip interconnect, by output size)
 
-An estimate for a roofline (inference/aot.py): the figures an unfused, uncached program would
+An estimate for a roofline (inference/serve_aot.py): the figures an unfused, uncached program would
 move, by the compiler's own schedule of this mesh.
 """
 from __future__ import annotations

@@ -24,12 +24,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dreamzero_jax import encoders as encoders_lib
-from dreamzero_jax import sharding
-from dreamzero_jax.datasets import embodiments, normalization
+from dreamzero_jax import embodiments, sharding
+from dreamzero_jax.datasets import normalization
 from dreamzero_jax.inference import postprocess, rollout
-from dreamzero_jax.models import kv_cache
 from dreamzero_jax.models import dit as dit_lib
+from dreamzero_jax.models import encoders as encoders_lib
+from dreamzero_jax.models import kv_cache
 from dreamzero_jax.models.dit import DreamZeroDiT
 
 

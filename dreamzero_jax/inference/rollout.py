@@ -9,7 +9,7 @@
 Each takes a `RolloutSpec` (static: every shape and sampler setting, hashable) and pytrees only:
 the networks as (graphdef, state) pairs, the cache, arrays. Nothing is closed over, so the
 policy (inference/policy.py), the latency benchmark and the ahead-of-time compile
-(inference/aot.py) call the very same functions; each compiles once per spec.
+(inference/serve_aot.py) call the very same functions; each compiles once per spec.
 
 With CFG the episode has batch 2 (prompt, negative prompt) so both branches run in one forward.
 
@@ -34,11 +34,11 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from dreamzero_jax import encoders as encoders_lib
 from dreamzero_jax import sharding
 from dreamzero_jax.inference import samplers
-from dreamzero_jax.models import kv_cache
 from dreamzero_jax.models import clip
+from dreamzero_jax.models import encoders as encoders_lib
+from dreamzero_jax.models import kv_cache
 
 OBSERVATION_ENCODES = ('per_call', 'streaming')
 

@@ -3,7 +3,7 @@
 Wan2.1-I2V conditions on open-clip xlm-roberta-large ViT-H/14 features taken after block 31 of
 32 (the official `use_31_block=True`), with the pre-transformer LayerNorm and exact-erf GELU. The
 model therefore holds only the num_layers - 1 blocks it runs; the last block, the final LayerNorm
-and the projection head of a checkpoint are skipped (weights/clip.py: `unused_keys`). Layers are stacked on a
+and the projection head of a checkpoint are skipped (weights/clip_keys.py: `unused_keys`). Layers are stacked on a
 leading 'layers' axis and scanned. Output [B, (image_size/patch)^2 + 1, width] (257 x 1280).
 """
 from __future__ import annotations

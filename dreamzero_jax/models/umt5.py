@@ -1,4 +1,4 @@
-"""The frozen umT5-XXL text encoder and its sentencepiece tokenizer (key maps: weights/umt5.py).
+"""The frozen umT5-XXL text encoder and its sentencepiece tokenizer (key maps: weights/umt5_keys.py).
 
 umT5 differs from T5 in one way that matters here: every layer owns its relative-position bias
 table (T5 shares the first layer's). Layers are stacked on a leading 'layers' axis and scanned,

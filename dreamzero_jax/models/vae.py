@@ -499,7 +499,7 @@ class WanVAE(nnx.Module):
       first = jnp.concatenate([first, rest], axis=1)
     return jnp.clip(_unpatchify(first, self.patch).astype(jnp.float32), -1.0, 1.0)
 
-  # Training (training/vae.py) needs the posterior before normalisation and gradients through the
+  # Training (training/vae_training.py) needs the posterior before normalisation and gradients through the
   # decoder. Every layer is causal in time and the temporal resamplers treat a clip's first frame
   # alone whatever the chunking, so one pass over the whole clip equals encode's and decode's
   # chunk-by-chunk scans; XLA:CPU differentiates it several times faster than a scan.

@@ -13,11 +13,12 @@ import jax
 import ml_collections
 from flax import nnx
 
-from dreamzero_jax import checkpoint, defaults
-from dreamzero_jax import encoders as encoders_lib
-from dreamzero_jax.datasets import embodiments, normalization
+from dreamzero_jax import checkpoint, embodiments
+from dreamzero_jax.config import config_from_dict
+from dreamzero_jax.datasets import normalization
 from dreamzero_jax.inference import rollout
 from dreamzero_jax.inference.policy import Policy
+from dreamzero_jax.models import encoders as encoders_lib
 from dreamzero_jax.models.weights import release
 from dreamzero_jax.serving.adapters import PolicyServerBackend
 from dreamzero_jax.training import trainer
@@ -94,19 +95,3 @@ def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None =
   """load_policy behind the server's wire format for its embodiment."""
   return PolicyServerBackend(load_policy(checkpoint_dir, config, norm_stats_path, mesh))
 
-
-def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
-  """The config stored in a checkpoint (JSON lists back to tuples where the defaults have tuples)."""
-  cfg = defaults.get_base_config()   # the defaults the stored values fill in
-
-  def fill(node, values):
-    for key, value in values.items():
-      if isinstance(value, dict) and key in node and isinstance(node[key], ml_collections.ConfigDict):
-        fill(node[key], value)
-      elif key == 'relative_action_dims' and isinstance(value, int):
-        node[key] = tuple(range(value))   # saved before explicit dims: the leading N
-      else:
-        node[key] = tuple(value) if isinstance(value, list) else value
-
-  fill(cfg, saved)
-  return cfg

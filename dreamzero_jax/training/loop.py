@@ -19,9 +19,10 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
-from dreamzero_jax import checkpoint, encoders
+from dreamzero_jax import checkpoint
 from dreamzero_jax.datasets import normalization, pipeline
-from dreamzero_jax.training import aot, latent_cache, partition, trainer
+from dreamzero_jax.models import encoders
+from dreamzero_jax.training import latent_cache, train_aot, trainer
 
 # bf16 dense peak per chip (datasheet), for MFU.
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
@@ -34,7 +35,7 @@ class NonFiniteLossError(RuntimeError):
 
 def train_flops(cfg, dit_params: int) -> float:
   """Model FLOPs of one train step: 6 N per token plus dense attention (fwd + bwd)."""
-  tokens = aot.sequence_length(cfg)[0]
+  tokens = train_aot.sequence_length(cfg)[0]
   m = cfg.model
   attention = 12 * m.num_layers * m.dim * tokens ** 2
   return trainer.update_batch_size(cfg.train) * (6 * dit_params * tokens + attention)
@@ -118,8 +119,8 @@ def _norm_stats(cfg) -> dict:
 def _compiled_step(cfg, graphdef, abstract_state):
   """The jitted step and how a batch reaches it, over cfg's mesh (one device is a mesh of one;
   multi-host: each host feeds its own slice of the global batch)."""
-  return partition.compiled_train_step(cfg, graphdef, abstract_state,
-                                       aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
+  return trainer.compiled_train_step(cfg, graphdef, abstract_state,
+                                     train_aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
 
 
 def start_params(cfg: ml_collections.ConfigDict) -> dict:
@@ -174,7 +175,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   start = ckpt.latest_step()
   if start is not None:
     # Straight into the step's shardings: each process reads only the shards it holds.
-    target = aot.with_shardings(abstract, state_sharding)
+    target = train_aot.with_shardings(abstract, state_sharding)
     state, data_state, saved_stats = ckpt.restore(start, target, cfg)
     if norm_stats and saved_stats:
       check_resumed_stats(saved_stats, norm_stats, workdir, start)
@@ -192,7 +193,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
     state = jax.jit(lambda p, k: trainer.state_from_params(p, cfg, k), out_shardings=state_sharding)(
         jax.device_put(params, base), key)
   flops, peak = train_flops(cfg, dit_params), peak_flops()
-  tokens = trainer.update_batch_size(cfg.train) * aot.sequence_length(cfg)[0]
+  tokens = trainer.update_batch_size(cfg.train) * train_aot.sequence_length(cfg)[0]
   logger = Logger(workdir, cfg.train.steps)
   logger.bar.update(int(state.step))
   try:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dreamzero_jax import flow
-from dreamzero_jax.encoders import LatentBatch  # the encoders' output, this objective's input
+from dreamzero_jax.models.encoders import LatentBatch  # the encoders' output, this objective's input
 
 
 ACTION_LOSS_NORMS = ('padded', 'valid')

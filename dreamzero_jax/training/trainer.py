@@ -14,7 +14,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
+from dreamzero_jax import sharding
 from dreamzero_jax.models.dit import DreamZeroDiT, build_dit
 from dreamzero_jax.training import objective
 
@@ -202,3 +204,32 @@ def make_update(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict):
     return state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
   return update
+
+
+# ---- sharding ------------------------------------------------------------------------------------
+
+def abstract_model(cfg: ml_collections.ConfigDict) -> nnx.Module:
+  """The DiT with ShapeDtypeStruct leaves: shapes and logical axes, no memory (instant for 14B)."""
+  return nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))
+
+
+def train_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh, abstract_state: TrainState,
+                    abstract_batch: objective.LatentBatch):
+  """(state shardings, batch shardings) over `mesh` with cfg.mesh.rules (sharding.train_state_specs)."""
+  sizes, rules = dict(mesh.shape), sharding.config_rules(cfg)
+  specs = sharding.train_state_specs(abstract_state, abstract_model(cfg), make_optimizer(cfg.train), rules, sizes)
+  return sharding.named(mesh, specs), sharding.named(mesh, sharding.batch_specs(abstract_batch, rules, sizes))
+
+
+def compiled_train_step(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, abstract_state: TrainState,
+                        abstract_batch: objective.LatentBatch):
+  """(step, to_device, state shardings) of the train step over cfg's mesh (sharding.config_mesh:
+  one device is a mesh of one, so a workstation and a pod run one program). `step(state, batch)` is
+  jitted with the state donated; `to_device(batch)` turns this host's batch into the step's global
+  batch (multi-host: each host feeds its own rows); the state shardings say where a restored or new
+  state goes."""
+  mesh = sharding.config_mesh(cfg)
+  state_sh, batch_sh = train_shardings(cfg, mesh, abstract_state, abstract_batch)
+  step = sharding.shard_train_step(make_train_step(graphdef, cfg), mesh, state_sh, batch_sh,
+                                   sharding.config_rules(cfg))
+  return step, lambda batch: sharding.global_batch(batch, batch_sh), state_sh

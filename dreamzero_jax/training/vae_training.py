@@ -1,6 +1,6 @@
 """Training the Wan2.1 VAE here, for configs without pretrained weights (docs/small_scale.md).
 
-  python -m dreamzero_jax.training.vae --config configs/tiny.py --config.data.dir=D --workdir W \
+  python -m dreamzero_jax.training.vae_training --config configs/tiny.py --config.data.dir=D --workdir W \
       [--steps N] [--max_minutes M]
 
 The VAE at the config's widths (cfg.vae) learns to reconstruct the canvases the DiT trains on,
@@ -48,7 +48,7 @@ from flax import nnx
 from dreamzero_jax import checkpoint
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.datasets import canvas
-from dreamzero_jax.datasets.errors import DataError
+from dreamzero_jax.errors import DataError
 from dreamzero_jax.models import vae as vae_lib
 from dreamzero_jax.models.vae import FRAMES_PER_LATENT
 
@@ -384,7 +384,7 @@ def finalise(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: dic
 
 def main(argv=None) -> int:
   overrides, rest = split_config_args(sys.argv[1:] if argv is None else argv)
-  p = argparse.ArgumentParser(prog='python -m dreamzero_jax.training.vae', description=__doc__,
+  p = argparse.ArgumentParser(prog='python -m dreamzero_jax.training.vae_training', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')
   p.add_argument('--workdir', required=True, help='training state and the result (W/vae); resumed')

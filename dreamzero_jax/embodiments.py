@@ -13,8 +13,11 @@ import os
 import re
 from typing import Any, Sequence
 
-from dreamzero_jax.datasets.canvas import LAYOUTS
-from dreamzero_jax.datasets.errors import DataError
+from dreamzero_jax.errors import DataError
+
+# The canvas layouts (datasets/canvas.py draws them): 'droid' = the wrist view on the top row, exterior
+# views below; 'grid' = views 0, 2, 1 in reading order, the bottom-right quadrant black.
+LAYOUTS = ('droid', 'grid')
 
 # The official release's prompt templates (groot/vla/model/dreamzero/transform/dreamzero_cotrain.py,
 # `collate`): the model was trained and is served reading the instruction, lower-cased, inside a

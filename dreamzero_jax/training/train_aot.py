@@ -18,7 +18,7 @@ import ml_collections
 
 from dreamzero_jax import sharding
 from dreamzero_jax.models import attention
-from dreamzero_jax.training import objective, partition, trainer
+from dreamzero_jax.training import objective, trainer
 
 GIB = 1024 ** 3
 
@@ -67,9 +67,9 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str) -> dict:
   mesh = sharding.config_mesh(cfg, devices)
   graphdef, state = trainer.abstract_train_state(cfg)
   batch = abstract_batch(cfg, trainer.update_batch_size(cfg.train))
-  state_sh, batch_sh = partition.train_shardings(cfg, mesh, state, batch)
-  step = partition.shard_train_step(trainer.make_train_step(graphdef, cfg), mesh, state_sh, batch_sh,
-                                    sharding.config_rules(cfg))
+  state_sh, batch_sh = trainer.train_shardings(cfg, mesh, state, batch)
+  step = sharding.shard_train_step(trainer.make_train_step(graphdef, cfg), mesh, state_sh, batch_sh,
+                                   sharding.config_rules(cfg))
   start = time.perf_counter()
   with attention.record() as attention_used:
     lowered = step.lower(with_shardings(state, state_sh), with_shardings(batch, batch_sh))

@@ -15,8 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dreamzero_jax import checkpoint
-from dreamzero_jax.datasets import embodiments
+from dreamzero_jax import checkpoint, embodiments
 from dreamzero_jax.models import clip, text_cache, umt5, vae
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.models.vae import I2V_MASK_CHANNELS
@@ -88,7 +87,7 @@ def with_params(abstract: nnx.Module, params: dict) -> nnx.Module:
 def build_frozen_encoders(cfg: ml_collections.ConfigDict) -> FrozenEncoders:
   """The frozen VAE / umT5 / CLIP: the weights of cfg.init.converted (a `convert` output), or
   random ones drawn at cfg.seed + 1 when it is '' (toy configs and tests); then the VAE's replaced
-  by cfg.init.vae's (a VAE trained by `python -m dreamzero_jax.training.vae`) when that is set."""
+  by cfg.init.vae's (a VAE trained by `python -m dreamzero_jax.training.vae_training`) when that is set."""
   if not cfg.init.converted:
     encoders = FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
   else:

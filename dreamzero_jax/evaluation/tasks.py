@@ -1,5 +1,5 @@
-"""Which Meta-World task instances an evaluation runs: ML45's seen and unseen tasks, and the
-variations a built dataset's episodes ran in (replay). The simulator itself: envs/metaworld.py.
+"""Which Meta-World task instances an evaluation runs: ML45's seen and unseen tasks (or the ones
+named), and the variations a built dataset's episodes ran in (replay). The simulator itself: envs/metaworld.py.
 """
 from __future__ import annotations
 
@@ -35,3 +35,26 @@ def all_tasks() -> set[str]:
   """Every Meta-World v3 task name."""
   import metaworld.env_dict as env_dict  # pylint: disable=g-import-not-at-top
   return set(env_dict.ALL_V3_ENVIRONMENTS)
+
+
+def spread(variations: list, n: int) -> list:
+  """n of the dataset's episodes, round-robin over its tasks (each task's first episodes first)."""
+  by_task = {}
+  for v in variations:
+    by_task.setdefault(v.task, []).append(v)
+  order = [eps[i] for i in range(max(map(len, by_task.values()), default=0)) for eps in by_task.values() if i < len(eps)]
+  return order[:n]
+
+
+def seen_and_unseen(tasks: str | None, unseen_tasks: str | None) -> tuple[list[str], list[str]]:
+  """(seen, unseen) Meta-World tasks from comma lists (None: ML45's train / test tasks); an unknown
+  name is refused (ValueError naming the flag) before any model is loaded."""
+  seen, unseen = ml45_split()
+  seen = seen if tasks is None else [t for t in tasks.split(',') if t]
+  unseen = unseen if unseen_tasks is None else [t for t in unseen_tasks.split(',') if t]
+  known = all_tasks()
+  for flag, names in (('--tasks', seen), ('--unseen_tasks', unseen)):
+    unknown = [t for t in names if t not in known]
+    if unknown:
+      raise ValueError(f'{flag}: unknown Meta-World task {", ".join(unknown)} (e.g. {", ".join(sorted(known)[:3])})')
+  return seen, unseen

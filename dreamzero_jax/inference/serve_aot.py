@@ -32,12 +32,12 @@ import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dreamzero_jax import encoders as encoders_lib
 from dreamzero_jax import sharding
 from dreamzero_jax.inference import hlo_cost, rollout, samplers
 from dreamzero_jax.kernels import registry
 from dreamzero_jax.models import attention
 from dreamzero_jax.models import dit as dit_lib
+from dreamzero_jax.models import encoders as encoders_lib
 
 GIB = 1024 ** 3
 CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
