@@ -39,7 +39,7 @@ def reference_shapes(cfg) -> dict[str, dict[str, tuple[int, ...]]]:
   """Official state-dict names and shapes of the DiT, VAE and umT5 for cfg (meta device: no memory)."""
   import torch
   sys.path.insert(0, ROOT)
-  from tests.wan_reference import import_wan
+  from dreamzero_jax.models.weights.wan_reference import import_wan
   m, v, t = cfg.model, cfg.vae, cfg.text_encoder
   with torch.device('meta'):
     dit = import_wan('modules.model').WanModel(

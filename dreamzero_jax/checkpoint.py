@@ -139,27 +139,33 @@ class Checkpointer:
     fields = {k: out['state'].get(k) for k in abstract_state._fields}
     return type(abstract_state)(**fields), out['data'], out['norm_stats']
 
-  def restore_params(self, step: int, abstract_state, config: ml_collections.ConfigDict):
+  def restore_params(self, step: int, abstract_params, config: ml_collections.ConfigDict, abstract_frozen=None):
     """Returns (served parameters, frozen LoRA base or None, norm_stats), reading no optimiser state.
 
-    The served parameters are the `params` item (EMA parameters when kept); under LoRA they are
-    the factors and only the `frozen` subtree of the state item is read beside them. A checkpoint
-    written before the `params` item existed restores its whole state instead. Refuses a
-    checkpoint from an incompatible config, as `restore` does.
+    `abstract_params`: the served tree's shapes, built from the model alone (the DiT's parameters;
+    under LoRA its factors); `abstract_frozen`: under LoRA the frozen base's (the DiT's parameters),
+    else None. The served parameters are the `params` item (EMA parameters when kept); under LoRA
+    only the `frozen` subtree of the state item is read beside them. A checkpoint written before the
+    `params` item existed reads the same from its state item (`ema` when its training kept one, else
+    `params`). Refuses a checkpoint from an incompatible config, as `restore` does.
     """
     self._check_compatible(step, config)
-    if not self._has_item(step, 'params'):
-      state, _, norm_stats = self.restore(step, abstract_state, config)
-      return _served(state), state.frozen, norm_stats
-    args = dict(params=ocp.args.StandardRestore(_restore_targets(_served(abstract_state))),
-                norm_stats=ocp.args.JsonRestore())
-    if abstract_state.frozen is not None:
-      frozen = {'frozen': _restore_targets(abstract_state.frozen)}
-      args['state'] = ocp.args.PyTreeRestore(frozen, restore_args=ocp.checkpoint_utils.construct_restore_args(frozen),
-                                             partial_restore=True)
+    args = dict(norm_stats=ocp.args.JsonRestore())
+    from_state = {}
+    if self._has_item(step, 'params'):
+      args['params'] = ocp.args.StandardRestore(_restore_targets(abstract_params))
+    else:
+      served = 'ema' if _get(self.read_config(step), 'train.ema_decay') else 'params'
+      from_state[served] = _restore_targets(abstract_params)
+    if abstract_frozen is not None:
+      from_state['frozen'] = _restore_targets(abstract_frozen)
+    if from_state:
+      args['state'] = ocp.args.PyTreeRestore(
+          from_state, restore_args=ocp.checkpoint_utils.construct_restore_args(from_state), partial_restore=True)
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    frozen = out['state']['frozen'] if abstract_state.frozen is not None else None
-    return out['params'], frozen, out['norm_stats']
+    params = out['params'] if 'params' in args else out['state'][served]
+    frozen = out['state']['frozen'] if abstract_frozen is not None else None
+    return params, frozen, out['norm_stats']
 
   def restore_model_params(self, step: int, abstract_params, config: ml_collections.ConfigDict):
     """The `params` item (EMA parameters when kept) of a checkpoint of the same model, to start

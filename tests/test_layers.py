@@ -46,6 +46,13 @@ ALLOWED_IN_FUNCTIONS = (
     'dreamzero_jax.datasets.pipeline',
 )
 
+# Imports the layer order allows but the design does not: (importers, imported, why), module patterns.
+FORBIDDEN = (
+    (('dreamzero_jax.serve', 'dreamzero_jax.serving*', 'dreamzero_jax.inference*'), ('dreamzero_jax.training*',),
+     'serving runs without training'),
+)
+BENCH = 'bench'   # benchmarks call the product, never the tests' fixtures
+
 # Known exceptions (none): an entry here must still occur, or the test fails.
 KNOWN_VIOLATIONS: set[str] = set()
 
@@ -72,10 +79,17 @@ def _layer(module: str) -> tuple[str, int]:
   return found[0]
 
 
-def _imports(module: str) -> list[tuple[str, str, int, bool]]:
+def _bench_modules() -> dict[str, str]:
+  """Module name -> path, for every bench/*.py."""
+  folder = os.path.join(ROOT, BENCH)
+  return {f'{BENCH}.{name[:-3]}': os.path.join(folder, name) for name in sorted(os.listdir(folder))
+          if name.endswith('.py')} if os.path.isdir(folder) else {}
+
+
+def _imports(module: str, path: str | None = None) -> list[tuple[str, str, int, bool]]:
   """(imported module, dotted name, line, inside a function) for every name `module` imports: for
   `from X import y`, the module is X.y where that is a scanned module, else X; the dotted name X.y."""
-  path = MODULES[module]
+  path = path or MODULES[module]
   with open(path) as f:
     tree = ast.parse(f.read(), path)
   package = module if path.endswith('__init__.py') else module.rpartition('.')[0]
@@ -163,9 +177,19 @@ def _violations() -> dict[str, list[str]]:
         target_layer, target_rank = _layer(target)
         if target_rank > rank or (target_rank == rank and target_layer != layer):
           out.setdefault(key, []).append(f'{where}: {layer} imports {target_layer}')
+        for importers, imported, why in FORBIDDEN:
+          if any(fnmatch.fnmatch(module, p) for p in importers) and any(fnmatch.fnmatch(target, p) for p in imported):
+            out.setdefault(key, []).append(f'{where}: {why}')
       if in_function and not _extra(dotted):
         out.setdefault(key, []).append(f'{where}: imported inside a function (only ALLOWED_IN_FUNCTIONS are)')
   return out
+
+
+def _bench_violations() -> list[str]:
+  """Every import of the tests package by a benchmark (function bodies included)."""
+  return [f'{os.path.relpath(path, ROOT)}:{line}: {BENCH}/ imports {name}'
+          for module, path in _bench_modules().items() for name, _, line, _ in _imports(module, path)
+          if name.split('.')[0] == 'tests']
 
 
 def test_every_module_has_one_layer():
@@ -185,6 +209,61 @@ def test_imports_run_down_the_layers():
       f'  {k}\n' + '\n'.join(f'    {why}' for why in v) for k, v in sorted(new.items()))
   fixed = sorted(KNOWN_VIOLATIONS - set(violations))
   assert not fixed, 'KNOWN_VIOLATIONS that no longer occur (remove them): ' + ', '.join(fixed)
+
+
+def test_benchmarks_import_nothing_of_the_tests():
+  violations = _bench_violations()
+  assert not violations, 'benchmarks call the product, not the tests:\n' + '\n'.join(violations)
+
+
+def _tmp_package(tmp_path, monkeypatch, files: dict[str, str]) -> None:
+  """A repository of `files` (path -> source; packages get an empty __init__.py) scanned instead of ROOT."""
+  for name, source in files.items():
+    path = tmp_path / name
+    for parent in reversed(path.relative_to(tmp_path).parents[:-1]):
+      (tmp_path / parent).mkdir(exist_ok=True)
+      if parent.parts[0] != BENCH and not (tmp_path / parent / '__init__.py').exists():
+        (tmp_path / parent / '__init__.py').write_text('')
+    path.write_text(source)
+  this = sys.modules[__name__]
+  monkeypatch.setattr(this, 'ROOT', str(tmp_path))
+  monkeypatch.setattr(this, 'MODULES', _modules())
+
+
+def test_the_checker_refuses_training_in_serving_and_inference(tmp_path, monkeypatch):
+  """serving/, inference/ and serve.py import nothing of training/, even though it ranks lower."""
+  _tmp_package(tmp_path, monkeypatch, {
+      'dreamzero_jax/training/trainer.py': '',
+      'dreamzero_jax/serving/loading.py': 'from dreamzero_jax.training import trainer\n',
+      'dreamzero_jax/serve.py': 'def f():\n  from .training import trainer\n',
+      'dreamzero_jax/inference/policy.py': 'import dreamzero_jax.training.trainer\n',
+      'dreamzero_jax/evaluate.py': 'from dreamzero_jax.training import trainer\n'})
+  violations = _violations()
+  for importer in ('dreamzero_jax.serving.loading', 'dreamzero_jax.serve', 'dreamzero_jax.inference.policy'):
+    why = violations[f'{importer} -> dreamzero_jax.training.trainer']
+    assert any('serving runs without training' in w for w in why), why
+  assert 'dreamzero_jax.evaluate -> dreamzero_jax.training.trainer' not in violations   # an entry point may
+
+
+def test_the_checker_refuses_configs_and_upward_imports_of_the_base_config(tmp_path, monkeypatch):
+  """The base config is foundations: it imports no layer above, and no package module imports configs/."""
+  _tmp_package(tmp_path, monkeypatch, {
+      'dreamzero_jax/config.py': 'from dreamzero_jax.datasets import canvas\n',
+      'dreamzero_jax/datasets/canvas.py': '',
+      'dreamzero_jax/models/dit.py': 'def f():\n  from configs import base\n'})
+  violations = _violations()
+  assert any('foundations imports data' in w for w in violations['dreamzero_jax.config -> dreamzero_jax.datasets.canvas'])
+  assert any("top-level 'configs'" in w for w in violations['dreamzero_jax.models.dit -> configs'])
+
+
+def test_the_checker_refuses_benchmarks_importing_tests(tmp_path, monkeypatch):
+  _tmp_package(tmp_path, monkeypatch, {
+      'bench/fine.py': 'from dreamzero_jax.models import dit\n',
+      'bench/bad.py': 'def f():\n  from tests.wan_reference import import_wan\n',
+      'bench/worse.py': 'import tests.helpers\n',
+      'dreamzero_jax/models/dit.py': ''})
+  assert sorted(_bench_violations()) == ['bench/bad.py:2: bench/ imports tests.wan_reference',
+                                         'bench/worse.py:1: bench/ imports tests.helpers']
 
 
 def test_the_checker_sees_function_level_and_relative_imports(tmp_path, monkeypatch):

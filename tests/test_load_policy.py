@@ -8,8 +8,8 @@ import orbax.checkpoint as ocp
 
 from dreamzero_jax import checkpoint
 from dreamzero_jax.config import load_config
+from dreamzero_jax.models import lora
 from dreamzero_jax.serving import loading
-from dreamzero_jax.training import trainer
 from tests.helpers import train_on_synthetic
 
 OVERRIDES = ['video.height=32', 'video.width=32', 'video.max_chunks=2', 'train.steps=1', 'train.ema_decay=0.5',
@@ -60,5 +60,5 @@ def test_serving_a_lora_checkpoint_reads_only_the_frozen_base_of_the_state(tmp_p
   served = _served(str(tmp_path))
   reads = [r['state'] for r in requested if 'state' in r]
   assert len(reads) == 1 and isinstance(reads[0], ocp.args.PyTreeRestore) and set(reads[0].item) == {'frozen'}
-  want = trainer.merge_lora(state['frozen'], state['ema'], cfg.train.lora_alpha, cfg.train.lora_rank)
+  want = lora.merge_lora(state['frozen'], state['ema'], cfg.train.lora_alpha, cfg.train.lora_rank)
   jax.tree.map(np.testing.assert_allclose, served, want)

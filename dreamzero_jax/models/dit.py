@@ -94,7 +94,9 @@ class DiTConfig:
     return cls(**kw)
 
 
-class SelfAttention(nnx.Module):
+class AttentionProjections(nnx.Module):
+  """The q/k/v/o projections and the q/k RMSNorms of an attention layer, for self- and cross-attention
+  alike (their parameter names are what the official key maps, models/weights/dit_keys.py, target)."""
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     d = cfg.dim
@@ -108,6 +110,9 @@ class SelfAttention(nnx.Module):
 
   def heads(self, x):
     return x.reshape(*x.shape[:-1], self.cfg.num_heads, self.cfg.head_dim)
+
+
+class SelfAttention(AttentionProjections):
 
   def __call__(self, x, angles, mask, past_kv, block_q):
     """Returns (output, (k, v) of these tokens after norm and RoPE); block_q: attention.attend's."""
@@ -132,25 +137,16 @@ class CrossKV(NamedTuple):
   v_img: jax.Array | None
 
 
-class CrossAttention(nnx.Module):
+class CrossAttention(AttentionProjections):
   """Attention to text tokens plus, for I2V, CLIP image tokens with their own K/V; outputs summed."""
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-    d = cfg.dim
-    self.cfg = cfg
-    self.q = Dense(d, d, ('embed', 'heads'), rngs=rngs)
-    self.k = Dense(d, d, ('embed', 'heads'), rngs=rngs)
-    self.v = Dense(d, d, ('embed', 'heads'), rngs=rngs)
-    self.o = Dense(d, d, ('heads', 'embed'), rngs=rngs)
-    self.norm_q = RMSNorm(d, eps=cfg.eps, rngs=rngs, axis_name='heads')
-    self.norm_k = RMSNorm(d, eps=cfg.eps, rngs=rngs, axis_name='heads')
+    super().__init__(cfg, rngs=rngs)
     if cfg.image_dim:
+      d = cfg.dim
       self.k_img = Dense(d, d, ('embed', 'heads'), rngs=rngs)
       self.v_img = Dense(d, d, ('embed', 'heads'), rngs=rngs)
       self.norm_k_img = RMSNorm(d, eps=cfg.eps, rngs=rngs, axis_name='heads')
-
-  def heads(self, x):
-    return x.reshape(*x.shape[:-1], self.cfg.num_heads, self.cfg.head_dim)
 
   def context_kv(self, text: jax.Array, image: jax.Array | None) -> CrossKV:
     k = self.heads(self.norm_k(self.k(text)))

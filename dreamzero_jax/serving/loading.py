@@ -2,7 +2,8 @@
 
 From a workdir only the parameters to serve are read (checkpoint.Checkpointer.restore_params: the
 `params` item, EMA parameters when training kept them; under LoRA also the frozen base, merged
-here): never the optimiser moments, which are twice the parameters' bytes under AdamW.
+here; their shapes come from the model alone, nothing of training/): never the optimiser moments, which
+are twice the parameters' bytes under AdamW.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from dreamzero_jax.datasets import normalization
 from dreamzero_jax.inference import rollout
 from dreamzero_jax.inference.policy import Policy
 from dreamzero_jax.models import encoders as encoders_lib
+from dreamzero_jax.models import lora
+from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.models.weights import release
 from dreamzero_jax.serving.adapters import PolicyServerBackend
-from dreamzero_jax.training import trainer
 
 
 def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,
@@ -44,14 +46,11 @@ def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = 
     ckpt_config = ckpt.read_config(step)
     # A config naming init.vae without its digest is checked against the weights under that path.
     config = config_from_dict(ckpt_config) if config is None else encoders_lib.with_vae_digest(config)
-    graphdef, abstract = trainer.abstract_train_state(config)
-    # Onto this one device, whatever mesh wrote it.
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
-    params, frozen, saved_stats = ckpt.restore_params(step, abstract, config)
+    graphdef, served, frozen = _abstract_served(config)
+    params, frozen, saved_stats = ckpt.restore_params(step, served, config, frozen)
     ckpt.close()
     if frozen is not None:
-      params = trainer.merge_lora(frozen, params, config.train.lora_alpha, config.train.lora_rank)
+      params = lora.merge_lora(frozen, params, config.train.lora_alpha, config.train.lora_rank)
     dit = nnx.merge(graphdef, params)
     stats = saved_stats
     # The row of the embodiment it trained on, and any rows of the conversion it started from.
@@ -88,6 +87,20 @@ def load_policy(checkpoint_dir: str, config: ml_collections.ConfigDict | None = 
   if dit is None:
     dit = encoders_lib.initial_dit(config)
   return Policy(rollout.with_serve_mesh(config, mesh), dit, encoders_lib.build_frozen_encoders(config), stats)
+
+
+def _abstract_served(config: ml_collections.ConfigDict):
+  """(the DiT's graph, the served tree's shapes, the frozen LoRA base's shapes or None), from the model
+  alone: the DiT's parameters, or under LoRA (train.lora_rank > 0) its factors beside the DiT's
+  parameters as the frozen base. Placed on this one device, whatever mesh wrote the checkpoint."""
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_dit(config.model, rngs=nnx.Rngs(0))))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), state.to_pure_dict())
+  if config.train.lora_rank == 0:
+    return graphdef, params, None
+  factors = jax.eval_shape(lambda: lora.init_lora(params, config.train.lora_targets, config.train.lora_rank,
+                                                  jax.random.key(0)))
+  return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), factors), params
 
 
 def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,

@@ -5,22 +5,20 @@ model's graph (nnx.GraphDef) stays outside and is merged with the parameters ins
 """
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from dreamzero_jax import sharding
 from dreamzero_jax.models.dit import DreamZeroDiT, build_dit
+from dreamzero_jax.models.lora import Params, init_lora, merge_lora
 from dreamzero_jax.training import objective
 
-Params = dict[str, Any]
 
 
 class TrainState(NamedTuple):
@@ -49,55 +47,6 @@ def make_optimizer(cfg_train: ml_collections.ConfigDict) -> optax.GradientTransf
 def update_batch_size(cfg_train: ml_collections.ConfigDict) -> int:
   """Examples in one optimiser update (global): batch_size per micro-batch x grad_accum_steps."""
   return cfg_train.batch_size * cfg_train.grad_accum_steps
-
-
-# ---- LoRA ---------------------------------------------------------------------------------------
-
-def _flat(tree: Params, prefix=()) -> dict[tuple, Any]:
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-  return out
-
-
-def _unflat(flat: dict[tuple, Any]) -> Params:
-  tree: Params = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return tree
-
-
-def lora_target_paths(params: Params, targets: str) -> list[tuple]:
-  """Kernels of the blocks matched by train.lora_targets (comma list of q,k,v,o,ffn)."""
-  names = [t.strip() for t in targets.split(',') if t.strip()]
-  pattern = re.compile(r'^blocks/(self_attn|cross_attn)/(' + '|'.join(n for n in names if n != 'ffn') +
-                       r')/kernel$' + (r'|^blocks/ffn[12]/kernel$' if 'ffn' in names else ''))
-  paths = [p for p in _flat(params) if pattern.match('/'.join(map(str, p)))]
-  if not paths:
-    raise ValueError(f'train.lora_targets={targets!r} matches no parameter')
-  return paths
-
-
-def init_lora(params: Params, targets: str, rank: int, rng: jax.Array) -> Params:
-  """A [layers, in, r] ~ N(0, 1/in), B [layers, r, out] = 0: the adapted model starts as the base."""
-  flat = _flat(params)
-  lora = {}
-  for i, path in enumerate(lora_target_paths(params, targets)):
-    layers, din, dout = flat[path].shape
-    a = jax.random.normal(jax.random.fold_in(rng, i), (layers, din, rank)) / np.sqrt(din)
-    lora['/'.join(map(str, path))] = {'a': a, 'b': jnp.zeros((layers, rank, dout))}
-  return lora
-
-
-def merge_lora(frozen: Params, lora: Params, alpha: float, rank: int) -> Params:
-  flat = _flat(frozen)
-  for key, ab in lora.items():
-    path = tuple(key.split('/'))
-    flat[path] = flat[path] + (alpha / rank) * jnp.einsum('lir,lro->lio', ab['a'], ab['b'])
-  return _unflat(flat)
 
 
 # ---- state and step ------------------------------------------------------------------------------
