@@ -56,9 +56,11 @@ def test_compile_only_reports_sharded_memory_for_a_tpu_slice():
   _, state = trainer.abstract_train_state(cfg)
   sizes = dict(zip(cfg.mesh.axes, MESH))
   batch = train_aot.abstract_batch(cfg, cfg.train.batch_size)
-  want = (_per_device_bytes(state, sharding.train_state_specs(state, trainer.abstract_model(cfg), trainer.make_optimizer(
-      cfg.train), sharding.config_rules(cfg), sizes), sizes) +
-          _per_device_bytes(batch, sharding.batch_specs(batch, sharding.config_rules(cfg), sizes), sizes))
+  rules = sharding.config_rules(cfg)
+  state_specs = sharding.train_state_specs(state, trainer.abstract_model(cfg), trainer.make_optimizer(cfg.train),
+                                           rules, sizes)
+  want = (_per_device_bytes(state, state_specs, sizes) +
+          _per_device_bytes(batch, sharding.batch_specs(batch, rules, sizes), sizes))
   assert report['argument_gib'] * train_aot.GIB == pytest.approx(want, rel=0.1), (report, want / train_aot.GIB)
 
 

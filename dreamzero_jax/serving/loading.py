@@ -94,13 +94,14 @@ def _abstract_served(config: ml_collections.ConfigDict):
   alone: the DiT's parameters, or under LoRA (train.lora_rank > 0) its factors beside the DiT's
   parameters as the frozen base. Placed on this one device, whatever mesh wrote the checkpoint."""
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  on_one = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: build_dit(config.model, rngs=nnx.Rngs(0))))
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), state.to_pure_dict())
+  params = on_one(state.to_pure_dict())
   if config.train.lora_rank == 0:
     return graphdef, params, None
   factors = jax.eval_shape(lambda: lora.init_lora(params, config.train.lora_targets, config.train.lora_rank,
                                                   jax.random.key(0)))
-  return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), factors), params
+  return graphdef, on_one(factors), params
 
 
 def load_backend(checkpoint_dir: str, config: ml_collections.ConfigDict | None = None,

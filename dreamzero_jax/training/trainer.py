@@ -1,4 +1,4 @@
-"""The train step: optimiser, full fine-tuning or LoRA, EMA, gradient accumulation, sharding.
+"""The train step: optimiser, full fine-tuning or LoRA (models/lora.py), EMA, gradient accumulation, sharding.
 
 State is a pytree of plain arrays (TrainState) so it jits, shards and checkpoints as is; the
 model's graph (nnx.GraphDef) stays outside and is merged with the parameters inside the step.
@@ -18,7 +18,6 @@ from dreamzero_jax import sharding
 from dreamzero_jax.models.dit import DreamZeroDiT, build_dit
 from dreamzero_jax.models.lora import Params, init_lora, merge_lora
 from dreamzero_jax.training import objective
-
 
 
 class TrainState(NamedTuple):
