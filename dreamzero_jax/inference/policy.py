@@ -102,7 +102,8 @@ class Policy:
     return self._prompt_encoder.text([instruction], [self.embodiment.id],
                                      self.cfg.sampler.negative_prompt if self.with_uncond else None)
 
-  def _check_inputs(self, field: str, frames: np.ndarray, num_frames: int | None, robot_state: np.ndarray) -> None:
+  def _check_inputs(self, field: str, frames: np.ndarray, num_frames: int | None,
+                    robot_state: np.ndarray) -> None:
     """`field` (canvas frames [num_frames, H, W, 3], or one [H, W, 3] for None) and the raw robot
     state [embodiment's state_dim] against the config; a mismatch is a one-line ValueError naming it."""
     v = self.cfg.video
