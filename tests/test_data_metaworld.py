@@ -15,6 +15,7 @@ pytest.importorskip('metaworld')
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from dreamzero_jax.datasets import episodes, normalization, pipeline  # pylint: disable=g-import-not-at-top
+from dreamzero_jax.training import loop  # pylint: disable=g-import-not-at-top
 from tests.helpers import build_metaworld, run_datasets_cli as run_cli  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +64,14 @@ def test_grid_canvas_has_black_bottom_right(mw_dir):
   assert (batch['video'][0, :real, 32:, 32:] == -1.0).all()
   assert (batch['video'][0, :real, :32, :32] > -1.0).any()
   assert not batch['action_mask'][:, :, 4:].any() and batch['action_mask'][0, :8, :4].all()
+
+
+def test_training_batches_pass_the_contract_check_of_the_loop(mw_dir):
+  cfg = _config(mw_dir)
+  batch = next(iter(pipeline.make_dataset(cfg, process_index=0, process_count=1)))
+  loop.check_data_batch(batch, cfg)   # every field's shape and dtype kind (pipeline.check_batch)
+  with pytest.raises(ValueError, match=r"^batch\['chunk_mask'\]: has type int64 but expected bool$"):
+    loop.check_data_batch(dict(batch, chunk_mask=batch['chunk_mask'].astype(np.int64)), cfg)
 
 
 def test_resume_restores_the_exact_batches(mw_dir):

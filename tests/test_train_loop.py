@@ -66,7 +66,7 @@ def test_batch_with_wrong_shape_is_refused_naming_the_field(tmp_path):
   cfg = load_config('configs/tiny.py', CFG_OVERRIDES)
   batches = synthetic_batches(cfg)
   batches[0]['state'] = batches[0]['state'][:, :1]
-  with pytest.raises(ValueError, match=r"batch\['state'\] has shape \(2, 1, 64\), the config expects \(2, 2, 64\)"):
+  with pytest.raises(ValueError, match=r"batch\['state'\]: has shape \(2, 1, 64\) but expected \(2, 2, 64\)"):
     loop.train(cfg, str(tmp_path), data=ListIterator(batches))
 
 

@@ -21,14 +21,32 @@ import logging
 import os
 from typing import Any
 
+import chex
 import grain
 import jax
 import ml_collections
 import numpy as np
 
-from dreamzero_jax import embodiments
+from dreamzero_jax import checks, embodiments
 from dreamzero_jax.datasets import canvas, chunks, episodes, normalization
 from dreamzero_jax.datasets.episodes import DataError
+
+# The contract's dtypes, by kind (chex.assert_type: float = any floating, int = any integer).
+BATCH_TYPES = dict(video=float, actions=float, action_mask=bool, state=float, state_mask=bool, chunk_mask=bool,
+                   has_real_action=bool, embodiment_id=int, latent_row=int)
+
+
+def check_batch(batch: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+  """A batch against THE BATCH CONTRACT: each field of `shapes` present, of that shape and of its
+  BATCH_TYPES kind; a mismatch is a one-line ValueError naming the field."""
+  for name, shape in shapes.items():
+    if name not in batch:
+      raise ValueError(f'batch is missing {name!r}')
+    value = np.asarray(batch[name]) if isinstance(batch[name], (list, tuple)) else batch[name]
+    checks.check(f'batch[{name!r}]', chex.assert_shape, value, shape)
+    if name in BATCH_TYPES:
+      checks.check(f'batch[{name!r}]', chex.assert_type, value, BATCH_TYPES[name])
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:

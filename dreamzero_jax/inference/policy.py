@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from dreamzero_jax import embodiments, sharding
+from dreamzero_jax import checks, embodiments, sharding
 from dreamzero_jax.datasets import normalization
 from dreamzero_jax.inference import postprocess, rollout
 from dreamzero_jax.models import dit as dit_lib
@@ -101,8 +102,19 @@ class Policy:
     return self._prompt_encoder.text([instruction], [self.embodiment.id],
                                      self.cfg.sampler.negative_prompt if self.with_uncond else None)
 
+  def _check_inputs(self, field: str, frames: np.ndarray, num_frames: int | None,
+                    robot_state: np.ndarray) -> None:
+    """`field` (canvas frames [num_frames, H, W, 3], or one [H, W, 3] for None) and the raw robot
+    state [embodiment's state_dim] against the config; a mismatch is a one-line ValueError naming it."""
+    v = self.cfg.video
+    frames, robot_state = (x if hasattr(x, 'shape') else np.asarray(x) for x in (frames, robot_state))
+    checks.check(field, chex.assert_shape, frames, (v.height, v.width, 3) if num_frames is None else
+                 (num_frames, v.height, v.width, 3))
+    checks.check('robot_state', chex.assert_shape, robot_state, (self.embodiment.state_dim,))
+
   def reset(self, instruction: str, first_frame: np.ndarray, robot_state: np.ndarray, seed: int = 0) -> Episode:
     """first_frame: one canvas frame [H, W, 3] in [-1, 1]; robot_state: raw [state_dim]."""
+    self._check_inputs('first_frame', first_frame, None, robot_state)
     frame = jnp.asarray(first_frame, jnp.float32)[None, None]
     dit, vae, image = self.networks
     cache, cross_kv, vae_cache, i2v_cond = rollout.start(self.spec, dit, vae, image, frame, self._text(instruction),
@@ -124,9 +136,7 @@ class Policy:
 
   def observe(self, ep: Episode, frames: np.ndarray, robot_state: np.ndarray) -> Episode:
     """Writes the REAL frames [frames_per_chunk, H, W, 3] observed while chunk ep.chunk - 1 ran."""
-    want = (self.cfg.video.frames_per_chunk, self.cfg.video.height, self.cfg.video.width, 3)
-    if tuple(frames.shape) != want:
-      raise ValueError(f'observed frames have shape {tuple(frames.shape)}, expected {want}')
+    self._check_inputs('observed frames', frames, self.cfg.video.frames_per_chunk, robot_state)
     if ep.written >= ep.chunk:
       raise ValueError('no predicted chunk is waiting for its observations: call step first')
     if ep.chunk == self.cfg.video.max_chunks:

@@ -28,12 +28,14 @@ import functools
 import math
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from dreamzero_jax import checks
 from dreamzero_jax import sharding
 from dreamzero_jax.inference import samplers
 from dreamzero_jax.models import clip
@@ -166,6 +168,33 @@ def _by_branch(tree):
   return jax.tree.map(lambda x: sharding.constrain(x, EPISODE_AXES), tree)
 
 
+def abstract_cache(spec: RolloutSpec) -> kv_cache.KVCache:
+  """The shapes and dtypes of an episode's self-attention KV cache (kv_cache.empty_cache at the spec)."""
+  return jax.eval_shape(lambda: kv_cache.empty_cache(spec.num_layers, spec.batch, spec.capacity, spec.num_heads,
+                                                     spec.head_dim, jnp.dtype(spec.cache_dtype)))
+
+
+def _check_episode(spec: RolloutSpec, cache, cross_kv, i2v_cond) -> None:
+  """An episode's device pytrees against the spec (chex, on shapes: these run while a chunk function
+  is traced, never per call): the KV cache exactly as `start` builds it, the cross-attention K/V
+  [layers, B, L, H, Dh], the I2V condition [1, F, h, w, C] of the whole window or None."""
+  checks.check('cache', chex.assert_trees_all_equal_shapes_and_dtypes, cache, abstract_cache(spec))
+  checks.check('cross_kv', chex.assert_tree_shape_prefix, cross_kv, (spec.num_layers, spec.batch))
+  checks.check('cross_kv', chex.assert_tree_shape_suffix, cross_kv, (spec.num_heads, spec.head_dim))
+  if not spec.i2v:
+    if i2v_cond is not None:
+      raise ValueError('i2v_cond: given, but this model takes no I2V condition (expected None)')
+    return
+  checks.check('i2v_cond', chex.assert_shape, i2v_cond, (1, spec.capacity // spec.tokens_per_frame, *spec.latent_hw,
+                                                        None))
+
+
+def _check_frames(field: str, frames, num_frames: int | None = None) -> None:
+  """Canvas frames [1, T, H, W, 3] (T = num_frames, or any), floating."""
+  checks.check(field, chex.assert_shape, frames, (1, num_frames, None, None, 3))
+  checks.check(field, chex.assert_type, frames, float)
+
+
 def _dup(spec: RolloutSpec, x):
   """A batch-1 input repeated for the CFG batch."""
   return None if x is None else jnp.broadcast_to(x, (spec.batch, *x.shape[1:]))
@@ -179,6 +208,9 @@ def _chunk_i2v_cond(spec: RolloutSpec, i2v_cond, chunk):
 def _start(spec: RolloutSpec, dit: Network, vae: Network, image: Network | None, frame, text, image_frame):
   """First frame [1, 1, H, W, 3] -> (cache with frame 0, cross K/V, VAE cache (None under
   'per_call'), y)."""
+  _check_frames('frame', frame, 1)
+  _check_frames('image_frame', image_frame)
+  checks.check('text', chex.assert_shape, text, (spec.batch, None, None))
   model, vae = nnx.merge(*dit), nnx.merge(*vae)
   latent, vae_cache = vae.encode_stream(vae.init_encode_cache(1, *frame.shape[2:4]), frame)
   if spec.observation_encode == 'per_call':
@@ -203,6 +235,7 @@ def _encode_observed(spec: RolloutSpec, vae: Network, vae_cache, frames):
   first frame's latent dropped (vae_cache is None); 'streaming': the
   frames continue the episode's causal VAE stream.
   """
+  _check_frames('frames', frames)
   vae = nnx.merge(*vae)
   if spec.observation_encode == 'per_call':
     return vae.encode(jnp.concatenate([frames[:, :1], frames], axis=1))[:, 1:], vae_cache
@@ -211,6 +244,9 @@ def _encode_observed(spec: RolloutSpec, vae: Network, vae_cache, frames):
 
 def _write_observed(spec: RolloutSpec, dit: Network, cache, cross_kv, i2v_cond, latents, chunk):
   """Chunk `chunk`'s clean latents -> the cache with their K/V written."""
+  _check_episode(spec, cache, cross_kv, i2v_cond)
+  checks.check('latents', chex.assert_shape, latents, (1, spec.lf, *spec.latent_hw, spec.latent_channels))
+  checks.check('chunk', chex.assert_shape, chunk, ())
   cache = nnx.merge(*dit).write_clean_frames(_dup(spec, latents), cache, cross_kv, chunk=chunk,
                                              i2v_cond=_dup(spec, _chunk_i2v_cond(spec, i2v_cond, chunk)))
   return cache._replace(k=_by_branch(cache.k), v=_by_branch(cache.v))
@@ -235,6 +271,11 @@ def chunk_noise(spec: RolloutSpec, rng) -> dict:
 
 def _denoise(spec: RolloutSpec, dit: Network, cache, cross_kv, i2v_cond, state_vec, embodiment_id, chunk, rng):
   """Samples chunk `chunk`: (video latents [1, lf, h, w, C], normalised actions [1, Ha, A], DiT calls)."""
+  _check_episode(spec, cache, cross_kv, i2v_cond)
+  checks.check('state_vec', chex.assert_shape, state_vec, (1, 1, spec.state_dim))
+  for field, x in (('embodiment_id', embodiment_id), ('chunk', chunk)):
+    checks.check(field, chex.assert_shape, x, ())
+    checks.check(field, chex.assert_type, x, int)
   model = nnx.merge(*dit)
   x0 = chunk_noise(spec, rng)
   chunk_i2v_cond = _chunk_i2v_cond(spec, i2v_cond, chunk)

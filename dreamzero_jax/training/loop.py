@@ -58,11 +58,7 @@ def check_data_batch(batch: dict, cfg) -> None:
   want = {pixels[0]: pixels[1],
           'actions': (b, k * v.action_horizon, m.action_dim), 'action_mask': (b, k * v.action_horizon, m.action_dim),
           'state': (b, k, m.state_dim), 'chunk_mask': (b, k), 'embodiment_id': (b,), 'instruction': (b,)}
-  for name, shape in want.items():
-    if name not in batch:
-      raise ValueError(f'batch is missing {name!r}')
-    if tuple(np.shape(batch[name])) != shape:
-      raise ValueError(f'batch[{name!r}] has shape {tuple(np.shape(batch[name]))}, the config expects {shape}')
+  pipeline.check_batch(batch, want)
 
 
 class Logger:

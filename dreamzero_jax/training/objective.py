@@ -9,11 +9,12 @@ dims, real chunks and has_real_action), normalised per train.action_loss_norm.
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dreamzero_jax import flow
+from dreamzero_jax import checks, flow
 from dreamzero_jax.models.encoders import LatentBatch  # the encoders' output, this objective's input
 
 
@@ -23,6 +24,29 @@ ACTION_LOSS_NORMS = ('padded', 'valid')
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   mask = mask.astype(jnp.float32)
   return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def check_batch(batch: LatentBatch) -> None:
+  """The latent batch against LatentBatch's contract: each field's shape against the latents' [B, F,
+  h, w] and the chunk mask's K, masks bool, embodiment ids integer, the rest floating; a mismatch is
+  a one-line ValueError naming the field. Static (shapes and dtypes): under jit it runs at trace time."""
+  checks.check('batch.latents', chex.assert_rank, batch.latents, 5)
+  checks.check('batch.chunk_mask', chex.assert_rank, batch.chunk_mask, 2)
+  checks.check('batch.actions', chex.assert_rank, batch.actions, 3)
+  (b, f, h, w, _), k = batch.latents.shape, batch.chunk_mask.shape[1]
+  if (f - 1) % k or batch.actions.shape[1] % k:
+    raise ValueError(f'batch.latents/actions: {f} latent frames and {batch.actions.shape[1]} actions are not '
+                     f'1 + {k} and {k} chunks (batch.chunk_mask has K = {k})')
+  want = dict(latents=((b, f, h, w, None), float), i2v_cond=((b, f, h, w, None), float),
+              text=((b, None, None), float), image=((b, None, None), float),
+              actions=((b, None, None), float), action_mask=(batch.actions.shape, bool),
+              state=((b, k, None), float), chunk_mask=((b, k), bool), embodiment_id=((b,), int))
+  for name, (shape, kind) in want.items():
+    x = getattr(batch, name)
+    if x is None and name in ('i2v_cond', 'image'):   # T2V / TI2V, no CLIP
+      continue
+    checks.check(f'batch.{name}', chex.assert_shape, x, shape)
+    checks.check(f'batch.{name}', chex.assert_type, x, kind)
 
 
 def example_noise(rng: jax.Array, example_index: jax.Array, cfg_train: ml_collections.ConfigDict,
@@ -46,8 +70,9 @@ def flow_matching_loss(model, batch: LatentBatch, rng: jax.Array, cfg_train: ml_
   """Returns (total loss, metrics dict) for one batch.
 
   example_index [B]: each example's index in the update's whole batch (default 0..B-1), which
-  picks its noise (example_noise).
+  picks its noise (example_noise). The batch is checked first (check_batch).
   """
+  check_batch(batch)
   b, f = batch.latents.shape[:2]
   k = batch.chunk_mask.shape[1]
   lf, ha = (f - 1) // k, batch.actions.shape[1] // k
