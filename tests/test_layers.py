@@ -19,7 +19,7 @@ SOURCES = ('dreamzero_jax', 'data')   # the package, and the TFDS builders (the 
 LAYERS = (
     ('foundations', 0, ('dreamzero_jax', 'dreamzero_jax.config', 'dreamzero_jax.flow', 'dreamzero_jax.sharding',
                         'dreamzero_jax.checkpoint', 'dreamzero_jax.torch_files', 'dreamzero_jax.embodiments',
-                        'dreamzero_jax.errors')),
+                        'dreamzero_jax.errors', 'dreamzero_jax.settings')),
     # models.encoders: the frozen encoders turn a data batch into the DiT's inputs (LatentBatch); training
     # and inference both run them, so they sit below both (and below the data layer: they read a batch's
     # arrays, never a dataset).
