@@ -55,11 +55,12 @@ def _jsonable(x):
   return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def config_differences(saved: dict, current: ml_collections.ConfigDict,
+def config_differences(saved: dict, current: ml_collections.ConfigDict | dict,
                        fields: tuple[str, ...] = COMPATIBILITY_FIELDS, ignore: tuple[str, ...] = ()) -> list[str]:
   """`field: checkpoint value vs config value` for every field under `fields` (dotted names of
-  values or whole sections) that differs, except those in `ignore`."""
-  now = _jsonable(current.to_dict())
+  values or whole sections) that differs, except those in `ignore`. `current`: a config or its dict
+  (settings.as_dict)."""
+  now = _jsonable(current if isinstance(current, dict) else current.to_dict())
   diffs = []
 
   def walk(prefix, a, b):
