@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import os
 import sys
+import typing
 
 from dreamzero_jax import settings
 
@@ -227,8 +228,9 @@ def test_serving_and_the_vae_objective_import_without_the_dataset_readers():
 SETTINGS_ONLY = ('dreamzero_jax.models*', 'dreamzero_jax.kernels*', 'dreamzero_jax.datasets*',
                  'dreamzero_jax.inference*', 'dreamzero_jax.serving*')
 SETTINGS_ENTRY_POINTS = ('dreamzero_jax.datasets.__main__',)
-# The config's top-level sections: the fields of settings.Settings that are slices.
-SECTIONS = frozenset(f.name for f in dataclasses.fields(settings.Settings) if f.name != 'seed')
+# The config's keys SECTION -> its fields: the slices of settings.Settings.
+SECTIONS = {name: frozenset(f.name for f in dataclasses.fields(kind))
+            for name, kind in typing.get_type_hints(settings.Settings).items() if dataclasses.is_dataclass(kind)}
 
 
 def _typed(annotation) -> bool:
@@ -238,8 +240,8 @@ def _typed(annotation) -> bool:
 
 def _whole_config_uses(module: str) -> list[str]:
   """Where `module` imports ml_collections or takes the whole config: a parameter annotated ConfigDict,
-  or an attribute chain NAME.SECTION.FIELD (SECTION a top-level section of the config, e.g.
-  `cfg.data.cameras`) whose NAME is not a parameter or variable annotated with another type (the typed
+  or an attribute chain NAME.SECTION.FIELD (SECTION.FIELD a key of the config, e.g. `cfg.data.cameras`)
+  whose NAME is not `self` nor a parameter or variable annotated with another type (the typed
   aggregate settings.Settings, which a Policy or a loader may take; a RolloutSpec's `spec.sampler.x`).
   A heuristic: `self.cfg.data.x`, a section passed on whole (`f(cfg.data)`) or a config parameter
   annotated as something else is not seen."""
@@ -264,8 +266,8 @@ def _whole_config_uses(module: str) -> list[str]:
     elif isinstance(node, ast.ImportFrom) and (node.module or '').split('.')[0] == 'ml_collections':
       out.append(f'{where(node)}: imports ml_collections')
     elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-          and isinstance(node.value.value, ast.Name) and node.value.attr in SECTIONS
-          and node.value.value.id not in typed):
+          and isinstance(node.value.value, ast.Name) and node.attr in SECTIONS.get(node.value.attr, ())
+          and node.value.value.id not in typed | {'self'}):
       out.append(f'{where(node)}: {node.value.value.id}.{node.value.attr}.{node.attr} reads the whole config')
     for child in ast.iter_child_nodes(node):
       visit(child, typed)
@@ -288,7 +290,8 @@ def test_the_layers_below_the_entry_points_take_settings_not_the_config():
 
 def test_the_settings_checker_sees_a_config_import_parameter_and_section_chain(tmp_path, monkeypatch):
   """A planted ml_collections import, ConfigDict parameter and `cfg.data.cameras` are found; the typed
-  aggregate, a typed spec, the datasets CLI and training (not in SETTINGS_ONLY) pass."""
+  aggregate, a typed spec, chains that name no config key, the datasets CLI and training (not in
+  SETTINGS_ONLY) pass."""
   package = tmp_path / 'dreamzero_jax'
   for folder in ('inference', 'datasets', 'training'):
     (package / folder).mkdir(parents=True)
@@ -301,7 +304,8 @@ def test_the_settings_checker_sees_a_config_import_parameter_and_section_chain(t
   (package / 'inference' / 'good.py').write_text(
       'from dreamzero_jax.settings import Settings\n'
       'def f(settings: Settings, data):\n  return settings.data.cameras, data.cameras, lambda: settings.model.dim\n'
-      'def g(x, spec: RolloutSpec):\n  settings: Settings = x\n  return settings.video.height, spec.sampler.kind\n')
+      'def g(x, spec: RolloutSpec):\n  settings: Settings = x\n  return settings.video.height, spec.sampler.kind\n'
+      'def h(enc):\n  return enc.vae.encode, enc.model.dim_of\n')
   (package / 'datasets' / '__main__.py').write_text('import ml_collections\ndef f(cfg):\n  return cfg.data.dir\n')
   (package / 'training' / 'loop.py').write_text('import ml_collections\ndef f(cfg):\n  return cfg.train.steps\n')
   this = sys.modules[__name__]

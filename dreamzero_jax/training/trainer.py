@@ -212,7 +212,8 @@ def make_update(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict):
 
 def abstract_model(cfg: ml_collections.ConfigDict) -> nnx.Module:
   """The DiT with ShapeDtypeStruct leaves: shapes and logical axes, no memory (instant for 14B)."""
-  return nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))
+  model = settings_lib.from_config(cfg).model
+  return nnx.eval_shape(lambda: build_dit(model, rngs=nnx.Rngs(0)))
 
 
 def train_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh, abstract_state: TrainState,
