@@ -4,7 +4,9 @@ Every module of the package (and the TFDS builders under data/, the data layer) 
 function bodies included, and its imports must: form no cycle; never reach a top-level script or
 `configs/` (configs import the package, not the other way); never go up the layers (training and
 inference share a rank and import neither each other); and sit at module level, except the optional
-heavy extras of ALLOWED_IN_FUNCTIONS. Dynamic imports (importlib) are not seen.
+heavy extras of ALLOWED_IN_FUNCTIONS. Dynamic imports (importlib) are not seen. Below the entry points,
+models/, kernels/, datasets/, inference/ and serving/ take the typed slices of dreamzero_jax/settings.py,
+never the ml_collections config (SETTINGS_ONLY; `_whole_config_uses` says what is seen).
 """
 import ast
 import dataclasses
