@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from dreamzero_jax import embodiments
+from dreamzero_jax import settings as settings_lib
 from dreamzero_jax.datasets import episodes, pipeline  # pylint: disable=g-import-not-at-top
 
 
@@ -61,7 +62,7 @@ class SyntheticDroid(episodes.EpisodeBuilder):
 
 def rate(cfg, samples: int) -> float:
   """Clips per second of the per-sample work (read, decode, canvas, normalise) on one thread."""
-  member = pipeline.open_member(cfg, cfg.data.name, 1.0, train=True)
+  member = pipeline.open_member(settings_lib.from_config(cfg), cfg.data.name, 1.0, train=True)
   rng = np.random.default_rng(0)
   order = rng.permutation(len(member.index))
   member.loader.random_map(member.index[order[0]], rng)  # warm up: opens files

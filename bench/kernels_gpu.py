@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from flax import nnx  # noqa: E402
 
+from dreamzero_jax import settings as settings_lib  # noqa: E402
 from dreamzero_jax.config import load_config  # noqa: E402
 from dreamzero_jax.inference.rollout import RolloutSpec  # noqa: E402
 from dreamzero_jax.kernels import fp8, modulation, qk_norm_rope, registry  # noqa: E402
@@ -114,8 +115,8 @@ def dit_rows(config: str, impl: str, batches, repeats: int, rng):
   """(name, shape, kernels used, {'ms': ...}) of one DiT forward per quantization and batch."""
   rows = []
   for quantization in ('none', 'fp8'):
-    cfg = load_config(config, ['model.param_dtype="bfloat16"', f'model.kernels={impl}',
-                               f'model.quantization={quantization}'])
+    cfg = settings_lib.from_config(load_config(config, ['model.param_dtype="bfloat16"', f'model.kernels={impl}',
+                                                        f'model.quantization={quantization}']))
     m, v = cfg.model, cfg.video
     geo = RolloutSpec.from_config(cfg)
     model = dit.for_inference(nnx.jit(lambda: dit.build_dit(m, rngs=nnx.Rngs(0)))(), quantization)
@@ -152,7 +153,7 @@ def dit_rows(config: str, impl: str, batches, repeats: int, rng):
 
 def peer_rows(config: str, repeats: int) -> list:
   """The PyTorch peer's rows (eager, torch.compile) at config's shape, run now on this device."""
-  cfg = load_config(config)
+  cfg = settings_lib.from_config(load_config(config))
   m, v = cfg.model, cfg.video
   geo = RolloutSpec.from_config(cfg)
   new_tokens = geo.lf * geo.tokens_per_frame + v.action_horizon + 1

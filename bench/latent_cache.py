@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from dreamzero_jax import settings as settings_lib  # noqa: E402
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
 from dreamzero_jax.datasets import pipeline  # noqa: E402
 from dreamzero_jax.models import encoders  # noqa: E402
@@ -35,19 +36,20 @@ def main(argv=None) -> int:
   p.add_argument('--steps', type=int, default=20)
   args = p.parse_args(rest)
   cfg = load_config(args.config, [f'data.dir={args.data}', *overrides])
-  frozen = encoders.build_frozen_encoders(cfg)
-  encode = encoders.BatchEncoder(frozen, cfg)
+  settings = settings_lib.from_config(cfg)
+  frozen = encoders.build_frozen_encoders(settings)
+  encode = encoders.BatchEncoder(frozen, settings)
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
     encode.cache = latent_cache.build_or_load(cfg, tmp, encode, frozen)
     build_s = time.perf_counter() - t0
-    iters = {'on the fly': iter(pipeline.make_dataset(cfg, train=True, process_index=0, process_count=1)),
-             'latent cache': iter(pipeline.make_dataset(cfg, train=True, process_index=0, process_count=1,
+    iters = {'on the fly': iter(pipeline.make_dataset(settings, train=True, process_index=0, process_count=1)),
+             'latent cache': iter(pipeline.make_dataset(settings, train=True, process_index=0, process_count=1,
                                                         latent_rows=encode.cache.member_rows))}
     graphdef, abstract = trainer.abstract_train_state(cfg)
     step, to_device, shardings = trainer.compiled_train_step(
         cfg, graphdef, abstract, train_aot.abstract_batch(cfg, trainer.update_batch_size(cfg.train)))
-    params = encoders.initial_dit_params(cfg)
+    params = encoders.initial_dit_params(settings)
     state = jax.jit(lambda p, k: trainer.state_from_params(p, cfg, k), out_shardings=shardings)(
         jax.device_put(params, shardings.params), jax.random.key(0))
     times = {name: [] for name in iters}

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dreamzero_jax import embodiments  # noqa: E402
+from dreamzero_jax import settings as settings_lib  # noqa: E402
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
 from dreamzero_jax.inference import rollout  # noqa: E402
 from dreamzero_jax.inference.policy import Policy  # noqa: E402
@@ -59,7 +60,7 @@ def control_step_ticks(policy: Policy, first, frames, state, embodiment_id: int,
   full context window restarts the episode (policy.reset, untimed, as the server's reset)."""
   spec, (dit, vae, _) = policy.spec, policy.networks
   times, ep, in_use = [], None, None
-  windows = policy.cfg.video.max_chunks - 1  # observed chunks 0 .. max_chunks - 2, each denoising the next
+  windows = policy.settings.video.max_chunks - 1  # observed chunks 0 .. max_chunks - 2, each denoising the next
   for tick in range(2 + ticks):
     chunk = tick % windows
     if chunk == 0:
@@ -90,7 +91,8 @@ def main(argv):
   gpu = jax.default_backend() == 'gpu'
   args = parser.parse_args(rest)
   config_path = args.config or ('configs/dreamzero_14b_droid.py' if gpu else 'configs/tiny.py')
-  cfg = load_config(config_path, (['model.param_dtype="bfloat16"'] if gpu else []) + overrides)
+  overrides = (['model.param_dtype="bfloat16"'] if gpu else []) + overrides
+  cfg = settings_lib.from_config(load_config(config_path, overrides))
   model = nnx.jit(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))()
   frozen = nnx.jit(lambda: encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)))()
   e = embodiments.get(cfg.data.embodiment)

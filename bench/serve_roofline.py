@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dreamzero_jax import settings as settings_lib  # noqa: E402
 from dreamzero_jax.config import load_config  # noqa: E402
 from dreamzero_jax.inference import serve_aot  # noqa: E402
 
@@ -60,7 +61,7 @@ def main() -> None:
     print(json.dumps({**report, 'chip': args.chip, 'roofline': roofline(report, args.chip)}))
     return
   cfg = load_config(args.config, [f'model.quantization={args.quantization}', f'serve.mesh={args.mesh!r}'])
-  report = serve_aot.compile_only(cfg, args.topology)
+  report = serve_aot.compile_only(settings_lib.from_config(cfg), args.topology)
   keep = ('device', 'topology', 'mesh', 'quantization', 'dit_gib_per_device', 'kv_cache_gib_per_device', 'total_gib',
           'argument_gib', 'temp_gib', 'cost_per_device',
           'xla_cost_analysis', 'compile_s')

@@ -48,13 +48,14 @@ def serve_random(max_sessions: int, overrides: list[str]) -> None:
   """The child process: the tiny policy with random weights behind the server, until SIGTERM."""
   from flax import nnx
   from dreamzero_jax import embodiments
+  from dreamzero_jax import settings as settings_lib
   from dreamzero_jax.config import load_config
   from dreamzero_jax.inference.policy import Policy
   from dreamzero_jax.models import encoders
   from dreamzero_jax.models.dit import build_dit
   from dreamzero_jax.serving import server
   from dreamzero_jax.serving.adapters import PolicyServerBackend
-  cfg = load_config(os.path.join(ROOT, 'configs/tiny.py'), overrides)
+  cfg = settings_lib.from_config(load_config(os.path.join(ROOT, 'configs/tiny.py'), overrides))
   model = nnx.jit(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))()
   frozen = nnx.jit(lambda: encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)))()
   e = embodiments.get(cfg.data.embodiment)

@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dreamzero_jax import settings as settings_lib  # noqa: E402
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
 from dreamzero_jax.models.dit import build_dit  # noqa: E402
 from dreamzero_jax.training import train_aot, trainer  # noqa: E402
@@ -66,7 +67,8 @@ def main(argv: list[str]) -> None:
                      'model.attention=' + ('cudnn' if on_gpu else 'xla')]
   cfg = load_config(args.config, slice_overrides + ([] if on_gpu else CPU_OVERRIDES) + overrides)
 
-  graphdef, state = trainer.init_train_state(build_dit(cfg.model, rngs=nnx.Rngs(0)), cfg, jax.random.key(0))
+  model = build_dit(settings_lib.from_config(cfg).model, rngs=nnx.Rngs(0))
+  graphdef, state = trainer.init_train_state(model, cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   fill = {jnp.dtype(jnp.float32): rng.standard_normal, jnp.dtype(jnp.bool_): np.ones, jnp.dtype(jnp.int32): np.zeros}
   batch = jax.tree.map(lambda s: jnp.asarray(fill[jnp.dtype(s.dtype)](s.shape), s.dtype),

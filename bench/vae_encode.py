@@ -19,6 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dreamzero_jax import settings as settings_lib  # noqa: E402
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
 from dreamzero_jax.models.vae import FRAMES_PER_LATENT, WanVAE  # noqa: E402
 
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   args = parser.parse_args(rest)
-  cfg = load_config(args.config, overrides)
+  cfg = settings_lib.from_config(load_config(args.config, overrides))
   h, w = cfg.video.height, cfg.video.width
   dtype = jnp.dtype(args.dtype)
 

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from dreamzero_jax import settings as settings_lib  # noqa: E402
 from dreamzero_jax.config import load_config, split_config_args  # noqa: E402
 from dreamzero_jax.models import vae as vae_lib  # noqa: E402
 from dreamzero_jax.training import vae_training  # noqa: E402
@@ -75,7 +76,7 @@ def load_frames(path: str) -> vae_training.EpisodeFrames:
 def seconds_per_update(cfg, frames: vae_training.EpisodeFrames, repeats: int = 5) -> float:
   """Median wall-clock seconds of one update (after two warm-ups), this machine's backend."""
   t = cfg.vae_train
-  graphdef, params = nnx.split(vae_lib.WanVAE(cfg.vae, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(vae_lib.WanVAE(settings_lib.from_config(cfg).vae, rngs=nnx.Rngs(0)))
   params = params.to_pure_dict()
   opt_state = vae_training.make_optimizer(t).init(params)
   update = vae_training.jitted_update(graphdef, t)

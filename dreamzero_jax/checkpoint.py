@@ -55,11 +55,12 @@ def _jsonable(x):
   return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def config_differences(saved: dict, current: ml_collections.ConfigDict,
+def config_differences(saved: dict, current: ml_collections.ConfigDict | dict,
                        fields: tuple[str, ...] = COMPATIBILITY_FIELDS, ignore: tuple[str, ...] = ()) -> list[str]:
   """`field: checkpoint value vs config value` for every field under `fields` (dotted names of
-  values or whole sections) that differs, except those in `ignore`."""
-  now = _jsonable(current.to_dict())
+  values or whole sections) that differs, except those in `ignore`. `current`: a config or its dict
+  (settings.as_dict)."""
+  now = _jsonable(current if isinstance(current, dict) else current.to_dict())
   diffs = []
 
   def walk(prefix, a, b):
@@ -124,7 +125,7 @@ class Checkpointer:
   def read_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
-  def _check_compatible(self, step: int, config: ml_collections.ConfigDict) -> None:
+  def _check_compatible(self, step: int, config: ml_collections.ConfigDict | dict) -> None:
     diffs = config_differences(self.read_config(step), config, ignore=EXECUTION_FIELDS)
     if diffs:
       raise IncompatibleCheckpointError(
@@ -139,7 +140,7 @@ class Checkpointer:
     fields = {k: out['state'].get(k) for k in abstract_state._fields}
     return type(abstract_state)(**fields), out['data'], out['norm_stats']
 
-  def restore_params(self, step: int, abstract_params, config: ml_collections.ConfigDict, abstract_frozen=None):
+  def restore_params(self, step: int, abstract_params, config: ml_collections.ConfigDict | dict, abstract_frozen=None):
     """Returns (served parameters, frozen LoRA base or None, norm_stats), reading no optimiser state.
 
     `abstract_params`: the served tree's shapes, built from the model alone (the DiT's parameters;

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from dreamzero_jax import embodiments, torch_files
+from dreamzero_jax import settings as settings_lib
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.models.weights import clip_keys
 from dreamzero_jax.models.weights import dit_keys
@@ -64,23 +65,23 @@ class Format:
   ignore: Callable[[str], bool] = lambda key: False       # tensors the model does not use
 
 
-def formats(cfg: ml_collections.ConfigDict, embodiment_id: int) -> list[Format]:
+def formats(settings: settings_lib.Settings, embodiment_id: int) -> list[Format]:
   """Every naming scheme we read, most specific first (the first whose signature matches wins)."""
   actions = dreamzero_weights.key_map(embodiment_id)
 
   def with_actions(backbone):
     return lambda key: actions(key) if dreamzero_weights.is_checkpoint_key(key) else backbone(key)
 
-  clip_unused = clip_keys.unused_keys(cfg.image_encoder.num_layers)
+  clip_unused = clip_keys.unused_keys(settings.image_encoder.num_layers)
   return [
       Format('dit', 'diffusers', r'condition_embedder\.|blocks\.\d+\.attn1\.',
              with_actions(dit_keys.diffusers_key_map)),
       Format('dit', 'wan', r'blocks\.\d+\.(self_attn|cross_attn)\.|(action_encoder|state_encoder|action_decoder)\.',
              with_actions(dit_keys.wan_key_map)),
       Format('vae', 'diffusers', r'(post_)?quant_conv\.|(en|de)coder\.(down|up)_blocks\.',
-             vae_keys.diffusers_key_map(cfg.vae)),
+             vae_keys.diffusers_key_map(settings.vae)),
       Format('vae', 'wan', r'(en|de)coder\.(downsamples|upsamples|middle|head)\.',
-             vae_keys.official_key_map(cfg.vae)),
+             vae_keys.official_key_map(settings.vae)),
       Format('image', 'open_clip', r'visual\.transformer\.resblocks\.', clip_keys.transformers_key_map,
              clip_keys.open_clip_to_transformers, clip_unused),
       Format('image', 'wan', r'visual\.transformer\.\d+\.', clip_keys.transformers_key_map,
@@ -305,10 +306,10 @@ def _initialise_rest(params: dict[str, dict[tuple, Slot]], filled: dict[str, dic
         store.write(('dit',) + module + (name,), row, fresh[name][row])
 
 
-def _choose(cfg: ml_collections.ConfigDict, groups: list[Group], components: Iterable[str] | None) -> set[str]:
+def _choose(settings: settings_lib.Settings, groups: list[Group], components: Iterable[str] | None) -> set[str]:
   """The components to convert: those named (each must be in the config and in a source), or those
   the sources hold."""
-  have = set(config_components(cfg))
+  have = set(config_components(settings))
   held = {g.fmt.component for g in groups if g.fmt is not None}
   if components is None:
     chosen = held & have
@@ -351,12 +352,13 @@ def convert(cfg: ml_collections.ConfigDict, sources: Iterable[str], out: str, *,
     embodiment_id = embodiments.get(cfg.data.embodiment).id
   if not 0 <= embodiment_id < cfg.model.num_embodiments:
     raise ValueError(f'--embodiment_id={embodiment_id} outside model.num_embodiments={cfg.model.num_embodiments}')
-  groups = read_sources(sources, formats(cfg, embodiment_id))
-  chosen = _choose(cfg, groups, components)
+  settings = settings_lib.from_config(cfg)
+  groups = read_sources(sources, formats(settings, embodiment_id))
+  chosen = _choose(settings, groups, components)
   # Tensors of components not chosen are left out; unrecognised ones are still refused by name.
   groups = [g for g in groups if g.fmt is None or g.fmt.component in chosen
-            or g.fmt.component not in config_components(cfg)]
-  abstract = abstract_params(cfg, chosen)
+            or g.fmt.component not in config_components(settings)]
+  abstract = abstract_params(settings, chosen)
   params = _component_params(abstract)
   filled = plan(groups, params)
   os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -25,6 +25,7 @@ import threading
 import dreamzero_client as client_lib
 
 from dreamzero_jax import checkpoint
+from dreamzero_jax import settings as settings_lib
 from dreamzero_jax.config import ConfigError, config_from_dict, load_config, split_config_args
 from dreamzero_jax.datasets import pipeline
 from dreamzero_jax.evaluation import closed_loop, latency, offline, tasks as tasks_lib
@@ -99,49 +100,50 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args, overrides = parse(argv)
   try:
-    cfg = load_config(args.config, overrides) if args.config else None
+    settings = settings_lib.from_config(load_config(args.config, overrides)) if args.config else None
     tasks = tasks_lib.seen_and_unseen(args.tasks, args.unseen_tasks) if args.mode == 'closed_loop' else None
     if args.policy != 'model' and args.mode != 'closed_loop':
       raise ValueError(f'--policy {args.policy}: baselines run in --mode closed_loop only')
     if args.policy == 'model':
-      pol = loading.load_policy(args.checkpoint, cfg)
-      cfg = pol.cfg
-    elif cfg is None:
-      cfg = checkpoint_config(args.checkpoint)
+      pol = loading.load_policy(args.checkpoint, settings)
+      settings = pol.settings
+    elif settings is None:
+      settings = settings_lib.from_config(checkpoint_config(args.checkpoint))
     if args.mode == 'offline':
-      batches = iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1))
+      batches = iter(pipeline.make_dataset(settings, train=False, process_index=0, process_count=1))
   except (ConfigError, ValueError, OSError) as e:  # DataError is a ValueError
     print(f'error: {e}', file=sys.stderr)
     return 2
   os.makedirs(args.out, exist_ok=True)
   if args.mode in ('latency', 'offline'):
     if args.mode == 'latency':
-      report = dict(mode='latency', **latency.measure(pol, cfg))
+      report = dict(mode='latency', **latency.measure(pol, settings))
     else:
       report = dict(mode='offline', **offline.evaluate(pol, batches, args.clips))
     with open(os.path.join(args.out, 'report.json'), 'w') as fh:
       json.dump(report, fh, indent=1)
     print(json.dumps(report))
     return 0
-  if cfg.data.embodiment != 'metaworld':
-    print(f'error: closed_loop evaluates Meta-World; this checkpoint is for {cfg.data.embodiment!r}', file=sys.stderr)
+  if settings.data.embodiment != 'metaworld':
+    print(f'error: closed_loop evaluates Meta-World; this checkpoint is for {settings.data.embodiment!r}',
+          file=sys.stderr)
     return 2
   seen, unseen = tasks
   replay = []
   if args.replay > 0:
     try:
-      replay = tasks_lib.spread(tasks_lib.dataset_variations(cfg.data.dir, cfg.data.name), args.replay)
+      replay = tasks_lib.spread(tasks_lib.dataset_variations(settings.data.dir, settings.data.name), args.replay)
     except (ValueError, OSError) as e:
-      print(f'error: --replay reads the training data (data.dir={cfg.data.dir!r}): {e}', file=sys.stderr)
+      print(f'error: --replay reads the training data (data.dir={settings.data.dir!r}): {e}', file=sys.stderr)
       return 2
   if args.policy != 'model':
-    report = closed_loop.evaluate(cfg, closed_loop.baseline(args.policy, cfg.video.action_horizon), seen, unseen, args.episodes,
-                                  args.max_steps, args.out, seed=args.seed, replay=replay)
+    report = closed_loop.evaluate(settings, closed_loop.baseline(args.policy, settings.video.action_horizon), seen,
+                                  unseen, args.episodes, args.max_steps, args.out, seed=args.seed, replay=replay)
     print(f'report: {os.path.join(args.out, "report.json")} ({args.policy} policy)')
     return 0
   backend = loading.PolicyServerBackend(pol)
   with (through_server(backend) if args.via_server else contextlib.nullcontext(closed_loop.in_process(backend))) as factory:
-    report = closed_loop.evaluate(cfg, factory, seen, unseen, args.episodes, args.max_steps, args.out,
+    report = closed_loop.evaluate(settings, factory, seen, unseen, args.episodes, args.max_steps, args.out,
                                   decode=pol.decode_video, encode=pol.encode_video, seed=args.seed,
                                   replay=replay)
   print(f'report: {os.path.join(args.out, "report.json")} ({report["crashed"]} crashed episodes); '

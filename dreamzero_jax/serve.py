@@ -16,6 +16,7 @@ import os
 import sys
 
 from dreamzero_jax import config as config_lib
+from dreamzero_jax import settings as settings_lib
 from dreamzero_jax.inference import rollout, serve_aot
 from dreamzero_jax.serving import loading, roboarena, server
 
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_only:
       if not args.config:
         raise ValueError('--compile_only needs --config')
-      config = rollout.with_serve_mesh(config_lib.load_config(args.config, overrides), args.mesh)
-      print(json.dumps(serve_aot.compile_only(config, args.topology)), flush=True)
+      settings = rollout.with_serve_mesh(settings_lib.from_config(config_lib.load_config(args.config, overrides)),
+                                         args.mesh)
+      print(json.dumps(serve_aot.compile_only(settings, args.topology)), flush=True)
       return 0
     if args.topology:
       raise ValueError('--topology is for --compile_only (a served policy runs on this host\'s devices)')
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f'--max_sessions must be >= 1, got {args.max_sessions}')
     if not 0 <= args.port <= 65535:
       raise ValueError(f'--port: {args.port} is not a TCP port (0-65535)')
-    config = config_lib.load_config(args.config, overrides) if args.config else None
-    server.run(loading.load_backend(args.checkpoint, config, args.norm_stats, args.mesh), args.host, args.port,
+    settings = settings_lib.from_config(config_lib.load_config(args.config, overrides)) if args.config else None
+    server.run(loading.load_backend(args.checkpoint, settings, args.norm_stats, args.mesh), args.host, args.port,
                args.max_sessions, args.protocol)
   except (ValueError, OSError) as e:  # ConfigError is a ValueError; OSError: port in use
     print(f'error: {e}', file=sys.stderr)

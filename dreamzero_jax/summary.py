@@ -12,12 +12,14 @@ import sys
 import numpy as np
 from flax import nnx
 
+from dreamzero_jax import settings
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.models.weights import dit_keys
+from dreamzero_jax.settings import ModelSettings
 
 
-def parameter_table(model_cfg) -> list[tuple[str, tuple, int]]:
+def parameter_table(model_cfg: ModelSettings) -> list[tuple[str, tuple, int]]:
   """(path, shape, count) of every parameter, from abstract shapes."""
   abstract = nnx.eval_shape(lambda: build_dit(model_cfg, rngs=nnx.Rngs(0)))
   rows = []
@@ -27,7 +29,7 @@ def parameter_table(model_cfg) -> list[tuple[str, tuple, int]]:
   return rows
 
 
-def summarize(model_cfg) -> dict[str, int]:
+def summarize(model_cfg: ModelSettings) -> dict[str, int]:
   rows = parameter_table(model_cfg)
   modules = collections.OrderedDict()
   for path, _, n in rows:
@@ -47,12 +49,11 @@ def main(argv=None) -> int:
   parser.add_argument('--config', required=True, help='configs/NAME.py[:ARG]')
   args = parser.parse_args(rest)
   try:
-    cfg = load_config(args.config, overrides)
-    s = summarize(cfg.model)
+    m = settings.from_config(load_config(args.config, overrides)).model
+    s = summarize(m)
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  m = cfg.model
   print(f'config {args.config}: dim={m.dim} layers={m.num_layers} heads={m.num_heads} ffn={m.ffn_dim} '
         f'in={m.in_channels} out={m.out_channels} image_dim={m.image_dim} embodiments={m.num_embodiments}')
   print(f'{"module":<40}{"params":>18}')

@@ -18,7 +18,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from dreamzero_jax import convert, torch_files
+from dreamzero_jax import convert, settings, torch_files
 from dreamzero_jax.checkpoint import IncompatibleCheckpointError
 from dreamzero_jax.config import load_config
 from dreamzero_jax.models.dit import build_dit
@@ -146,12 +146,13 @@ def official(refs):
 
 @pytest.fixture(scope='module')
 def official_params(refs, official):
-  return release.load_converted(official, refs.cfg)
+  return release.load_converted(official, settings.from_config(refs.cfg))
 
 
 def _models(cfg, dit_params, enc_params):
   dit = with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), dit_params)
-  encoders = with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), enc_params)
+  encoders = with_params(nnx.eval_shape(lambda: FrozenEncoders(settings.from_config(cfg), rngs=nnx.Rngs(0))),
+                         enc_params)
   return dit, encoders
 
 
@@ -210,16 +211,16 @@ def test_training_and_serving_use_the_converted_weights(refs, official, official
              'video.max_chunks=2', 'video.height=32', 'video.width=32')
   want_dit, want_enc = official_params
   same = lambda got, want: jax.tree.map(np.testing.assert_array_equal, got, want)
-  same(nnx.state(encoders.build_frozen_encoders(cfg), nnx.Param).to_pure_dict(), want_enc)
+  same(nnx.state(encoders.build_frozen_encoders(settings.from_config(cfg)), nnx.Param).to_pure_dict(), want_enc)
   stats = {'state': dict(q01=[-1.0] * 4, q99=[1.0] * 4), 'action': dict(q01=[-1.0] * 4, q99=[1.0] * 4)}
   workdir = str(tmp_path / 'run')
   assert loop.train(cfg, workdir, data=ListIterator(synthetic_batches(cfg)), norm_stats=stats) == 0
   policy = load_policy(workdir)
-  assert policy.cfg.init.converted == official
+  assert policy.settings.init.converted == official
   same(policy._model_state.to_pure_dict(), want_dit)
   same(policy._enc_state.to_pure_dict(), want_enc)
   # Without it, the encoders are random (and differ from the converted ones).
-  random = nnx.state(encoders.build_frozen_encoders(_cfg()), nnx.Param).to_pure_dict()
+  random = nnx.state(encoders.build_frozen_encoders(settings.from_config(_cfg())), nnx.Param).to_pure_dict()
   assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(random['vae']), jax.tree.leaves(want_enc['vae']))
                  if np.asarray(a).std() > 0)
 
@@ -257,7 +258,7 @@ def test_a_converted_checkpoint_serves_with_norm_stats(refs, official, official_
 def test_diffusers_names_and_sharded_safetensors(refs, official_params):
   out = os.path.join(refs.dir, 'converted_diffusers')
   convert.convert(refs.cfg, refs.diffusers_sources, out)
-  dit_params, enc_params = release.load_converted(out, refs.cfg)
+  dit_params, enc_params = release.load_converted(out, settings.from_config(refs.cfg))
   # The same DiT as the official-names file: equal parameters, hence the reference outputs checked there.
   got, want = release.flatten(dit_params), release.flatten(official_params[0])
   assert got.keys() == want.keys()
@@ -292,7 +293,7 @@ def test_dreamzero_checkpoint_with_prefixes_and_action_modules(refs, official_pa
   save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, source)
   out = os.path.join(refs.dir, 'converted_dreamzero')
   convert.convert(refs.cfg, [source], out, embodiment_id=1)
-  got_dit, got_enc = release.load_converted(out, refs.cfg)
+  got_dit, got_enc = release.load_converted(out, settings.from_config(refs.cfg))
   want_dit, want_enc = official_params
   want_dit, want_enc = release.flatten(want_dit), release.flatten(want_enc)
   for path, value in release.flatten(got_dit).items():
@@ -342,12 +343,12 @@ def test_a_dit_only_release_converts_alone(refs, tmp_path):
   with open(os.path.join(out, release.MANIFEST)) as f:
     assert json.load(f) == {'components': ['dit'], 'embodiment_rows': []}
   cfg = _cfg(*[a[len('--config.'):] for a in absurd])
-  dit_params, enc_params = release.load_converted(out, cfg, parts=('dit',))
+  dit_params, enc_params = release.load_converted(out, settings.from_config(cfg), parts=('dit',))
   assert enc_params is None
   dit = with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), dit_params)
   _check_dit(refs, dit)
   with pytest.raises(IncompatibleCheckpointError, match=r'converted without the VAE, .* \(vae,text,image\)') as err:
-    encoders.build_frozen_encoders(_cfg(f'init.converted={out}'))
+    encoders.build_frozen_encoders(settings.from_config(_cfg(f'init.converted={out}')))
   assert '\n' not in str(err.value)
   # --components picks what to convert out of fuller sources; an unknown name is a one-line error.
   out2 = str(tmp_path / 'vae_only')
@@ -395,8 +396,8 @@ def test_checkpoint_of_another_config_is_refused_and_leaves_nothing(refs, offici
     convert.convert(_cfg('model.ffn_dim=48'), refs.official_sources, out)
   assert not os.path.exists(out) and not glob.glob(out + '.tmp-*')
   with pytest.raises(IncompatibleCheckpointError, match='model.ffn_dim: 64 \\(checkpoint\\) vs 48'):
-    release.load_converted(official, _cfg('model.ffn_dim=48'))
-  release.load_converted(official, _cfg('model.attention="cudnn"', 'model.scan_layers=False'))
+    release.load_converted(official, settings.from_config(_cfg('model.ffn_dim=48')))
+  release.load_converted(official, settings.from_config(_cfg('model.attention="cudnn"', 'model.scan_layers=False')))
 
 
 @TINY_CLIP
@@ -472,7 +473,7 @@ def test_param_store_writes_rows_and_bands_restorable_by_orbax(tmp_path, monkeyp
 
 def test_formats_are_told_apart_by_their_keys():
   cfg = _cfg()
-  fmts = convert.formats(cfg, 0)
+  fmts = convert.formats(settings.from_config(cfg), 0)
 
   def detect(*keys):
     fmt = next(f for f in fmts if any(re.match(f.signature, k) for k in keys))

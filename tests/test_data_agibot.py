@@ -10,6 +10,7 @@ pa = pytest.importorskip('pyarrow')
 import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from dreamzero_jax import settings
 from dreamzero_jax.datasets import episodes, pipeline  # pylint: disable=g-import-not-at-top
 from tests.helpers import run_datasets_cli as run_cli  # pylint: disable=g-import-not-at-top
 
@@ -92,7 +93,7 @@ def test_agibot_builds_and_fills_the_grid(tmp_path):
       'data.state_dim=20', 'data.relative_action_dims=()', 'model.num_embodiments=3', 'video.action_horizon=12',
       'video.frames_per_chunk=4',
       'video.max_chunks=1', 'video.height=32', 'video.width=32'])
-  batch = next(iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1)))
+  batch = next(iter(pipeline.make_dataset(settings.from_config(cfg), train=False, process_index=0, process_count=1)))
   pixels = (batch['video'][0] + 1.0) * 127.5
   for (rows, cols), cam in (((slice(0, 16), slice(0, 16)), 'top_head'),
                             ((slice(16, 32), slice(0, 16)), 'hand_left'),

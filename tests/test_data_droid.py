@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dreamzero_jax import config as config_lib
+from dreamzero_jax import settings
 from dreamzero_jax.datasets import episodes, normalization, pipeline
 from tests.helpers import run_datasets_cli as run_cli
 
@@ -151,7 +152,7 @@ def test_converted_episodes_keep_arrays_and_bytes(droid_dir):
 
 def test_canvas_quadrants_stride_and_relative_actions(droid_dir):
   cfg = _config(droid_dir)
-  member = pipeline.open_member(cfg, 'droid', 1.0, train=False)
+  member = pipeline.open_member(settings.from_config(cfg), 'droid', 1.0, train=False)
   lay = member.loader.spec.layout
   stats = member.loader.stats
   start, k = 5, 2
@@ -192,13 +193,13 @@ def test_cli_inspect_shapes(droid_dir):
 
 def test_stats_with_wrong_dims_fail_naming_the_field(droid_dir, tmp_path):
   cfg = _config(droid_dir)
-  path = pipeline.stats_path(cfg, 'droid')
+  path = pipeline.stats_path(settings.from_config(cfg).data, 'droid')
   stats = normalization.compute_stats(episodes.open_dataset(droid_dir, 'droid').lowdim, 24, 7)
   stats['action']['q01'] = stats['action']['q01'][:7]
   normalization.save_stats(stats, path)
   try:
     with pytest.raises(episodes.DataError, match=r'action\.q01 has 7 dims'):
-      pipeline.open_member(cfg, 'droid', 1.0, train=False)
+      pipeline.open_member(settings.from_config(cfg), 'droid', 1.0, train=False)
   finally:
     os.remove(path)
 
@@ -257,7 +258,7 @@ def test_generic_rlds_spec_builds_video_only_data(tmp_path):
   r = _build_video_only_rlds(tmp_path, 'my_robot', 'language_instruction', str(tmp_path / 'out'))
   assert r.returncode == 0, r.stderr
   cfg = _config(str(tmp_path / 'out'), 'data.name=my_robot')
-  batch = next(iter(pipeline.make_dataset(cfg, train=True, process_index=0, process_count=1)))
+  batch = next(iter(pipeline.make_dataset(settings.from_config(cfg), train=True, process_index=0, process_count=1)))
   assert not batch['has_real_action'].any() and not batch['action_mask'].any()
   assert (batch['actions'] == 0).all() and batch['state_mask'][:, :, :8].all()
   assert batch['instruction'].tolist() == [b'put the marker in the cup'] * 2
@@ -269,7 +270,7 @@ def test_mixture_draws_from_both_datasets(droid_dir, tmp_path):
   assert _build_video_only_rlds(tmp_path, 'other', 'language_instruction_2', str(tmp_path)).returncode == 0
   cfg = _config(str(tmp_path), 'train.batch_size=8')
   cfg.data.mixture = 'droid:1,other:1'
-  batch = next(iter(pipeline.make_dataset(cfg, process_index=0, process_count=1)))
+  batch = next(iter(pipeline.make_dataset(settings.from_config(cfg), process_index=0, process_count=1)))
   assert batch['has_real_action'].any() and not batch['has_real_action'].all()
 
 
@@ -328,17 +329,17 @@ def test_stats_rerun_after_a_horizon_change_recomputes(droid_dir):
     ratio = np.array(after['action']['q99'][:7]) / np.array(before['action']['q99'][:7])
     assert (ratio < 0.6).all() and (ratio > 0.4).all()
     cfg = _config(droid_dir, 'video.action_horizon=12', 'video.frames_per_chunk=4')
-    assert pipeline.open_member(cfg, 'droid', 1.0, train=False).loader.stats == after
+    assert pipeline.open_member(settings.from_config(cfg), 'droid', 1.0, train=False).loader.stats == after
   finally:
     os.remove(path)
 
 
 def test_training_samples_draw_among_instruction_phrasings(droid_dir):
-  member = pipeline.open_member(_config(droid_dir), 'droid', 1.0, train=True)
+  member = pipeline.open_member(settings.from_config(_config(droid_dir)), 'droid', 1.0, train=True)
   rec = member.loader.dataset.source[0]
   seen = {member.loader.clip(rec, 0, 0, 1, np.random.default_rng(i))['instruction'].item()
           for i in range(12)}
   assert seen == {b'put the marker in the cup', b'marker into cup'}
-  member = pipeline.open_member(_config(droid_dir), 'droid', 1.0, train=False)
+  member = pipeline.open_member(settings.from_config(_config(droid_dir)), 'droid', 1.0, train=False)
   assert member.loader.clip(rec, 0, 0, 1, np.random.default_rng(3))['instruction'].item() == \
       b'put the marker in the cup'

@@ -12,6 +12,7 @@ pytest.importorskip('pyarrow')
 from PIL import Image  # pylint: disable=g-import-not-at-top
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from dreamzero_jax import settings
 from dreamzero_jax import embodiments
 from dreamzero_jax.datasets import episodes, normalization, pipeline  # pylint: disable=g-import-not-at-top
 from tests import lerobot_fixtures as lr  # pylint: disable=g-import-not-at-top
@@ -51,7 +52,7 @@ def _check_exact_episodes(ds):
 
 
 def _check_relative_actions(cfg, relative):
-  member = pipeline.open_member(cfg, 'twoarm', 1.0, train=False)
+  member = pipeline.open_member(settings.from_config(cfg), 'twoarm', 1.0, train=False)
   record = member.loader.dataset.source[1]
   out = member.loader.clip(record, 1, 5, 1, np.random.default_rng(0))
   anchor = lr.state(1, 5)

@@ -14,6 +14,7 @@ os.environ.setdefault('MUJOCO_GL', 'egl')   # before MuJoCo's first import, or i
 pytest.importorskip('metaworld')
 
 from dreamzero_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from dreamzero_jax import settings
 from dreamzero_jax.datasets import episodes, normalization, pipeline  # pylint: disable=g-import-not-at-top
 from dreamzero_jax.training import loop  # pylint: disable=g-import-not-at-top
 from tests.helpers import build_metaworld, run_datasets_cli as run_cli  # pylint: disable=g-import-not-at-top
@@ -59,7 +60,7 @@ def test_inspect_prints_contract_batches(mw_dir):
 
 def test_grid_canvas_has_black_bottom_right(mw_dir):
   cfg = _config(mw_dir)
-  batch = next(iter(pipeline.make_dataset(cfg, train=False, process_index=0, process_count=1)))
+  batch = next(iter(pipeline.make_dataset(settings.from_config(cfg), train=False, process_index=0, process_count=1)))
   real = batch['chunk_mask'][0].sum() * 8 + 1
   assert (batch['video'][0, :real, 32:, 32:] == -1.0).all()
   assert (batch['video'][0, :real, :32, :32] > -1.0).any()
@@ -76,12 +77,12 @@ def test_training_batches_pass_the_contract_check_of_the_loop(mw_dir):
 
 def test_resume_restores_the_exact_batches(mw_dir):
   cfg = _config(mw_dir)
-  it = iter(pipeline.make_dataset(cfg, process_index=0, process_count=1))
+  it = iter(pipeline.make_dataset(settings.from_config(cfg), process_index=0, process_count=1))
   for _ in range(2):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(3)]
-  resumed = iter(pipeline.make_dataset(cfg, process_index=0, process_count=1))
+  resumed = iter(pipeline.make_dataset(settings.from_config(cfg), process_index=0, process_count=1))
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
@@ -91,16 +92,17 @@ def test_resume_restores_the_exact_batches(mw_dir):
 
 def test_hosts_see_disjoint_clips(mw_dir):
   cfg = _config(mw_dir, 'train.batch_size=2')
-  firsts = [next(iter(pipeline.make_dataset(cfg, train=False, process_index=i, process_count=2)))
+  firsts = [next(iter(pipeline.make_dataset(settings.from_config(cfg), train=False, process_index=i, process_count=2)))
             for i in range(2)]
   assert not np.array_equal(firsts[0]['video'], firsts[1]['video'])
 
 
 def test_config_mismatches_fail_naming_the_field(mw_dir):
   with pytest.raises(episodes.DataError, match=r'^data\.cameras: .topview.'):
-    pipeline.make_dataset(_config(mw_dir, "data.cameras=('topview',)"), process_index=0, process_count=1)
+    pipeline.make_dataset(settings.from_config(_config(mw_dir, "data.cameras=('topview',)")), process_index=0,
+                          process_count=1)
   with pytest.raises(episodes.DataError, match=r'^data\.action_dim: config says 7'):
-    pipeline.make_dataset(_config(mw_dir, 'data.action_dim=7'), process_index=0, process_count=1)
+    pipeline.make_dataset(settings.from_config(_config(mw_dir, 'data.action_dim=7')), process_index=0, process_count=1)
   r = run_cli('inspect', '--config', 'configs/tiny.py', f'--config.data.dir={mw_dir}',
               '--config.video.action_horizon=4')
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
@@ -237,7 +239,8 @@ def test_skipping_unreadable_records_gives_up_with_a_clear_error(mw_dir, tmp_pat
   shard = os.path.join(version, 'metaworld-train.array_record-00000-of-00001')
   os.truncate(shard, 20000)
   start = time.monotonic()
-  it = iter(pipeline.make_dataset(_config(root, 'data.on_corrupt=skip'), process_index=0, process_count=1))
+  it = iter(pipeline.make_dataset(settings.from_config(_config(root, 'data.on_corrupt=skip')), process_index=0,
+                                  process_count=1))
   with pytest.raises(episodes.DataError, match=r'giving up \(data\.on_corrupt=skip\): 2 unreadable records'):
     next(it)
   assert time.monotonic() - start < 30

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dreamzero_jax import config as config_lib
-from dreamzero_jax import embodiments
+from dreamzero_jax import embodiments, settings
 from dreamzero_jax.datasets import episodes, normalization
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def test_prompts_reach_the_text_encoder_templated():
   it): an instruction is encoded in its embodiment's template, the negative prompt as given."""
   from flax import nnx
   from dreamzero_jax.models import encoders
-  cfg = _config('tiny.py', 'text_encoder.tokenizer=', 'model.text_len=512')
+  cfg = settings.from_config(_config('tiny.py', 'text_encoder.tokenizer=', 'model.text_len=512'))
   enc = encoders.BatchEncoder(encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(0)), cfg).prompts
   metaworld = embodiments.get('metaworld').id
   got = np.asarray(enc.text([INSTRUCTION.encode()], [metaworld], negative_prompt='bad'))

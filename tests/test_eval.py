@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip('metaworld')
 
+from dreamzero_jax import settings  # noqa: E402
 from dreamzero_jax.config import load_config  # noqa: E402
 from dreamzero_jax.evaluation import closed_loop  # noqa: E402
 from dreamzero_jax.serving import loading  # noqa: E402
@@ -29,7 +30,7 @@ def workdir(tmp_path_factory):
 
 def test_server_and_in_process_rollouts_take_identical_actions(workdir):
   backend = loading.load_backend(workdir)
-  cfg = backend.policy.cfg
+  cfg = backend.policy.settings
   with eval_cli.through_server(backend) as server_factory:
     via_server = closed_loop.run_episode(server_factory('a'), cfg, 'reach-v3', 'reach the goal position', 3, 20)
   in_proc = closed_loop.run_episode(closed_loop.in_process(backend)('b'), cfg, 'reach-v3', 'reach the goal position', 3,
@@ -44,7 +45,7 @@ def test_closed_loop_episode_runs_with_fp8_weights(workdir):
   closed-loop episode; its first chunk's actions stay near the unquantised policy's."""
   first_chunk = {}
   for quantization in ('none', 'fp8'):
-    cfg = load_config('configs/tiny.py', OVERRIDES + [f'model.quantization={quantization}'])
+    cfg = settings.from_config(load_config('configs/tiny.py', OVERRIDES + [f'model.quantization={quantization}']))
     backend = loading.load_backend(workdir, cfg)
     rec = closed_loop.run_episode(closed_loop.in_process(backend)('a'), cfg, 'reach-v3', 'reach the goal position', 3,
                                   cfg.video.action_horizon * 2)
@@ -85,7 +86,7 @@ def test_jerk_is_the_mean_squared_third_difference_of_executed_actions():
 
 
 def test_a_crashed_episode_is_a_recorded_failure(workdir):
-  cfg = loading.load_policy(workdir).cfg
+  cfg = loading.load_policy(workdir).settings
 
   def nan_policy(obs):
     return np.full((cfg.video.action_horizon, 4), np.nan, np.float32), None
@@ -97,7 +98,7 @@ def test_a_crashed_episode_is_a_recorded_failure(workdir):
 def test_offline_metrics_on_held_out_clips(workdir):
   from dreamzero_jax.evaluation import offline
   policy = loading.load_policy(workdir)
-  batches = synthetic_batches(policy.cfg, n=2)
+  batches = synthetic_batches(policy.settings, n=2)
   report = offline.evaluate(policy, iter(batches), max_clips=3)
   assert report['clips'] == 3
   assert np.isfinite(report['action_mse']) and report['action_mse'] > 0

@@ -4,12 +4,18 @@ Every module of the package (and the TFDS builders under data/, the data layer) 
 function bodies included, and its imports must: form no cycle; never reach a top-level script or
 `configs/` (configs import the package, not the other way); never go up the layers (training and
 inference share a rank and import neither each other); and sit at module level, except the optional
-heavy extras of ALLOWED_IN_FUNCTIONS. Dynamic imports (importlib) are not seen.
+heavy extras of ALLOWED_IN_FUNCTIONS. Dynamic imports (importlib) are not seen. Below the entry points,
+models/, kernels/, datasets/, inference/ and serving/ take the typed slices of dreamzero_jax/settings.py,
+never the ml_collections config (SETTINGS_ONLY; `_whole_config_uses` says what is seen).
 """
 import ast
+import dataclasses
 import fnmatch
 import os
 import sys
+import typing
+
+from dreamzero_jax import settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ('dreamzero_jax', 'data')   # the package, and the TFDS builders (the data layer)
@@ -19,7 +25,7 @@ SOURCES = ('dreamzero_jax', 'data')   # the package, and the TFDS builders (the 
 LAYERS = (
     ('foundations', 0, ('dreamzero_jax', 'dreamzero_jax.config', 'dreamzero_jax.flow', 'dreamzero_jax.sharding',
                         'dreamzero_jax.checkpoint', 'dreamzero_jax.torch_files', 'dreamzero_jax.embodiments',
-                        'dreamzero_jax.errors', 'dreamzero_jax.checks')),
+                        'dreamzero_jax.errors', 'dreamzero_jax.checks', 'dreamzero_jax.settings')),
     # models.encoders: the frozen encoders turn a data batch into the DiT's inputs (LatentBatch); training
     # and inference both run them, so they sit below both (and below the data layer: they read a batch's
     # arrays, never a dataset).
@@ -294,3 +300,99 @@ def test_serving_and_the_vae_objective_import_without_the_dataset_readers():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=True).stdout
   assert out.strip().splitlines()[-1] == '[]'
+
+
+# ---- typed settings below the entry points ---------------------------------------------------------
+# The layers under the entry points take the typed slices of dreamzero_jax/settings.py, never the
+# ml_collections config (STYLE.md "Layers"; the entry points convert once). The datasets CLI is an
+# entry point and may keep the config.
+SETTINGS_ONLY = ('dreamzero_jax.models*', 'dreamzero_jax.kernels*', 'dreamzero_jax.datasets*',
+                 'dreamzero_jax.inference*', 'dreamzero_jax.serving*')
+SETTINGS_ENTRY_POINTS = ('dreamzero_jax.datasets.__main__',)
+# The config's keys SECTION -> its fields: the slices of settings.Settings.
+SECTIONS = {name: frozenset(f.name for f in dataclasses.fields(kind))
+            for name, kind in typing.get_type_hints(settings.Settings).items() if dataclasses.is_dataclass(kind)}
+
+
+def _typed(annotation) -> bool:
+  """An annotation of a type other than a ConfigDict (settings.Settings, a RolloutSpec, ...)."""
+  return annotation is not None and 'ConfigDict' not in ast.unparse(annotation)
+
+
+def _whole_config_uses(module: str) -> list[str]:
+  """Where `module` imports ml_collections or takes the whole config: a parameter annotated ConfigDict,
+  or an attribute chain NAME.SECTION.FIELD (SECTION.FIELD a key of the config, e.g. `cfg.data.cameras`)
+  whose NAME is not `self` nor a parameter or variable annotated with another type (the typed
+  aggregate settings.Settings, which a Policy or a loader may take; a RolloutSpec's `spec.sampler.x`).
+  A heuristic: `self.cfg.data.x`, a section passed on whole (`f(cfg.data)`) or a config parameter
+  annotated as something else is not seen."""
+  path = MODULES[module]
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  out = []
+  where = lambda node: f'{os.path.relpath(path, ROOT)}:{node.lineno}'
+
+  def visit(node, typed: frozenset):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+      args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+      for arg in args:
+        if arg.annotation is not None and 'ConfigDict' in ast.unparse(arg.annotation):
+          out.append(f'{where(arg)}: parameter {arg.arg!r} is a ConfigDict')
+      local = {a.arg for a in args if _typed(a.annotation)}
+      local |= {n.target.id for n in ast.walk(node) if isinstance(n, ast.AnnAssign)
+                and isinstance(n.target, ast.Name) and _typed(n.annotation)}
+      typed = typed | local
+    elif isinstance(node, ast.Import) and any(a.name.split('.')[0] == 'ml_collections' for a in node.names):
+      out.append(f'{where(node)}: imports ml_collections')
+    elif isinstance(node, ast.ImportFrom) and (node.module or '').split('.')[0] == 'ml_collections':
+      out.append(f'{where(node)}: imports ml_collections')
+    elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+          and isinstance(node.value.value, ast.Name) and node.attr in SECTIONS.get(node.value.attr, ())
+          and node.value.value.id not in typed | {'self'}):
+      out.append(f'{where(node)}: {node.value.value.id}.{node.value.attr}.{node.attr} reads the whole config')
+    for child in ast.iter_child_nodes(node):
+      visit(child, typed)
+
+  visit(tree, frozenset())
+  return out
+
+
+def _settings_violations() -> dict[str, list[str]]:
+  return {m: why for m in sorted(MODULES)
+          if any(fnmatch.fnmatch(m, p) for p in SETTINGS_ONLY) and m not in SETTINGS_ENTRY_POINTS
+          and (why := _whole_config_uses(m))}
+
+
+def test_the_layers_below_the_entry_points_take_settings_not_the_config():
+  violations = _settings_violations()
+  assert not violations, 'the whole config below the entry points (take settings.py slices):\n' + '\n'.join(
+      f'  {m}\n' + '\n'.join(f'    {why}' for why in v) for m, v in violations.items())
+
+
+def test_the_settings_checker_sees_a_config_import_parameter_and_section_chain(tmp_path, monkeypatch):
+  """A planted ml_collections import, ConfigDict parameter and `cfg.data.cameras` are found; the typed
+  aggregate, a typed spec, chains that name no config key, the datasets CLI and training (not in
+  SETTINGS_ONLY) pass."""
+  package = tmp_path / 'dreamzero_jax'
+  for folder in ('inference', 'datasets', 'training'):
+    (package / folder).mkdir(parents=True)
+    (package / folder / '__init__.py').write_text('')
+  (package / '__init__.py').write_text('')
+  (package / 'inference' / 'bad.py').write_text(
+      'import ml_collections\n'
+      'def f(cfg: ml_collections.ConfigDict):\n  return cfg\n'
+      'def g(cfg):\n  return cfg.data.cameras\n')
+  (package / 'inference' / 'good.py').write_text(
+      'from dreamzero_jax.settings import Settings\n'
+      'def f(settings: Settings, data):\n  return settings.data.cameras, data.cameras, lambda: settings.model.dim\n'
+      'def g(x, spec: RolloutSpec):\n  settings: Settings = x\n  return settings.video.height, spec.sampler.kind\n'
+      'def h(enc):\n  return enc.vae.encode, enc.model.dim_of\n')
+  (package / 'datasets' / '__main__.py').write_text('import ml_collections\ndef f(cfg):\n  return cfg.data.dir\n')
+  (package / 'training' / 'loop.py').write_text('import ml_collections\ndef f(cfg):\n  return cfg.train.steps\n')
+  this = sys.modules[__name__]
+  monkeypatch.setattr(this, 'ROOT', str(tmp_path))
+  monkeypatch.setattr(this, 'MODULES', _modules())
+  violations = _settings_violations()
+  assert list(violations) == ['dreamzero_jax.inference.bad']
+  assert [why.split(': ', 1)[1] for why in violations['dreamzero_jax.inference.bad']] == [
+      'imports ml_collections', "parameter 'cfg' is a ConfigDict", 'cfg.data.cameras reads the whole config']

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dreamzero_jax import settings
 from dreamzero_jax.config import load_config
 from dreamzero_jax.inference.policy import Policy
 from dreamzero_jax.models import encoders
@@ -16,8 +17,9 @@ from tests import helpers
 
 
 def _policy(overrides=()):
-  cfg = load_config('configs/tiny.py', ['video.height=32', 'video.width=32', 'video.max_chunks=2',
-                                        'sampler.num_steps=2', 'sampler.dit_step_mask="11"', *overrides])
+  cfg = settings.from_config(load_config('configs/tiny.py', [
+      'video.height=32', 'video.width=32', 'video.max_chunks=2', 'sampler.num_steps=2', 'sampler.dit_step_mask="11"',
+      *overrides]))
   model = build_dit(cfg.model, rngs=nnx.Rngs(0))
   # A trained head is not zero: randomise the zero-initialised output layers so outputs react, and
   # give the action decoder's last layer trained-like (not 0.02-init) weights for the same reason.

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip('metaworld')
 
 from configs import metaworld  # noqa: E402
-from dreamzero_jax import checkpoint, quickstart  # noqa: E402
+from dreamzero_jax import checkpoint, quickstart, settings  # noqa: E402
 from dreamzero_jax.config import config_from_dict  # noqa: E402
 from dreamzero_jax.serving import loading  # noqa: E402
 
@@ -40,7 +40,8 @@ def test_quickstart_runs_every_stage_and_prints_the_json_line(tmp_path, capsys):
   # other weights under the path it names are refused.
   cfg = config_from_dict(saved)
   cfg.init.vae_sha256 = ''
-  assert loading.load_policy(os.path.join(out, 'train'), cfg).cfg.init.vae_sha256 == saved['init']['vae_sha256']
+  served = loading.load_policy(os.path.join(out, 'train'), settings.from_config(cfg))
+  assert served.settings.init.vae_sha256 == saved['init']['vae_sha256']
   other = str(tmp_path / 'other_vae')
   shutil.copytree(vae_dir, other)
   with np.load(os.path.join(vae_dir, checkpoint.WEIGHTS_FILE), allow_pickle=False) as z:
@@ -49,7 +50,7 @@ def test_quickstart_runs_every_stage_and_prints_the_json_line(tmp_path, capsys):
   np.savez(os.path.join(other, checkpoint.WEIGHTS_FILE), **arrays)
   cfg.init.vae = other
   with pytest.raises(ValueError, match=r'incompatible config: init\.vae_sha256: '):
-    loading.load_policy(os.path.join(out, 'train'), cfg)
+    loading.load_policy(os.path.join(out, 'train'), settings.from_config(cfg))
   for name in ('results.md', 'results.json', 'training_curve.png', 'success.png'):
     assert os.path.isfile(os.path.join(out, name)), name
   table = open(os.path.join(out, 'results.md')).read()

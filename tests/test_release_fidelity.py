@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 
 from dreamzero_jax import embodiments
+from dreamzero_jax import settings
 from dreamzero_jax.config import load_config
 from dreamzero_jax.datasets import normalization
 from dreamzero_jax.inference import postprocess, rollout, samplers
@@ -102,7 +103,7 @@ def _chunk_setup():
   assert set(droid) == set(cfg.sampler)
   cfg.sampler.update({k: v for k, v in droid.items() if k != 'negative_prompt'})
   assert cfg.train.num_train_timesteps == load_config(DROID).train.num_train_timesteps
-  spec = rollout.RolloutSpec.from_config(cfg)
+  spec = rollout.RolloutSpec.from_config(settings.from_config(cfg))
   assert spec.batch == 2   # CFG: the prompt and the negative prompt in one forward
   m = cfg.model
   model = random_dit(cfg)
@@ -158,13 +159,13 @@ _chunk_noise = jax.jit(rollout.chunk_noise, static_argnums=0)
 
 
 def test_release_noise_is_the_same_every_chunk_and_ours_is_fresh():
-  droid = rollout.RolloutSpec.from_config(load_config(DROID))
+  droid = rollout.RolloutSpec.from_config(settings.from_config(load_config(DROID)))
   a, b = _chunk_noise(droid, jax.random.key(0)), _chunk_noise(droid, jax.random.key(5))
   seeded = _chunk_noise(droid, jax.random.key(1140))
   for k in ('video', 'action'):
     np.testing.assert_array_equal(a[k], b[k])
     np.testing.assert_array_equal(a[k], seeded[k])   # the seed, whatever the chunk's key
-  tiny = rollout.RolloutSpec.from_config(load_config('configs/tiny.py'))
+  tiny = rollout.RolloutSpec.from_config(settings.from_config(load_config('configs/tiny.py')))
   a, b = _chunk_noise(tiny, jax.random.key(0)), _chunk_noise(tiny, jax.random.key(5))
   assert float(jnp.abs(a['video'] - b['video']).max()) > 0.1
 
@@ -175,7 +176,7 @@ def test_per_call_vae_encode_equals_a_fresh_official_encode_of_first_plus_call_f
   size = 16
   cfg = load_config('configs/tiny.py', [f'video.height={size}', f'video.width={size}',
                                         'serve.observation_encode=per_call'])
-  spec = rollout.RolloutSpec.from_config(cfg)
+  spec = rollout.RolloutSpec.from_config(settings.from_config(cfg))
   call = np.random.default_rng(7).uniform(-1, 1, (1, cfg.video.frames_per_chunk, size, size, 3)).astype(np.float32)
   stream = ours.model.init_encode_cache(1, size, size)   # the episode's stream: unused and passed through
   latents, passed = rollout.encode_observed(spec, nnx.split(ours.model), stream, jnp.asarray(call))

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from dreamzero_jax import settings
 from dreamzero_jax.config import load_config
 from dreamzero_jax.inference import serve_aot
 from tests.helpers import ROOT
@@ -19,7 +20,7 @@ def readme_total_gib(quantization: str) -> float:
 @pytest.mark.parametrize('quantization', ['fp8', 'none'])
 def test_14b_droid_control_step_memory_stays_at_the_readme_figure(quantization):
   cfg = load_config(os.path.join(ROOT, 'configs/dreamzero_14b_droid.py'), [f'model.quantization={quantization}'])
-  report = serve_aot.compile_only(cfg)
+  report = serve_aot.compile_only(settings.from_config(cfg))
   assert report['cfg_batch'] == 2 and report['cache_tokens'] == 7920
   assert report['total_gib'] <= 1.02 * readme_total_gib(quantization), report
   if quantization == 'fp8':

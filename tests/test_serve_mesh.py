@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from dreamzero_jax import settings
 from dreamzero_jax.config import load_config
 from dreamzero_jax.inference import rollout
 from tests import helpers
@@ -40,7 +41,7 @@ def test_a_bad_mesh_is_refused_naming_the_field(mesh, message):
   cfg = load_config('configs/tiny.py', [*TINY, 'model.num_heads=4', f'serve.mesh={mesh!r}'] if mesh == 'tensor=4'
                     else [*TINY, f'serve.mesh={mesh!r}'])
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
-    rollout.device_mesh(rollout.RolloutSpec.from_config(cfg))
+    rollout.device_mesh(rollout.RolloutSpec.from_config(settings.from_config(cfg)))
 
 
 def test_serve_flag_error_is_one_line():
@@ -84,7 +85,7 @@ def _policy(overrides, mesh):
 
   from dreamzero_jax.inference.policy import Policy
   from dreamzero_jax.models import encoders
-  cfg = load_config('configs/tiny.py', [*overrides, f'serve.mesh={mesh!r}'])
+  cfg = settings.from_config(load_config('configs/tiny.py', [*overrides, f'serve.mesh={mesh!r}']))
   return Policy(cfg, helpers.random_dit(cfg), encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)), helpers.STATS)
 
 
@@ -103,14 +104,14 @@ def _control_step_check(case: str) -> dict:
     policy = _policy(overrides, serve_mesh)
     ep = policy.reset('reach the goal', _frames(1)[0], np.zeros(4))
     dit, vae, _ = policy.networks
-    frames = jnp.asarray(_frames(policy.cfg.video.frames_per_chunk, seed=1))[None]
+    frames = jnp.asarray(_frames(policy.settings.video.frames_per_chunk, seed=1))[None]
     cache, _, video, actions, _ = rollout.control_step(
         policy.spec, dit, vae, ep.cache, ep.cross_kv, ep.vae_cache, ep.i2v_cond, frames, jnp.int32(0),
         policy.normalised_state(np.full(4, 0.1)), jnp.int32(policy.embodiment.id), jax.random.key(0))
     outs.append(dict(actions=actions, video=video, k=cache.k, v=cache.v))
     ffn = policy.networks[0][1]['blocks']['ffn1']['kernel'].get_value()
   one, sharded = outs
-  m = policy.cfg.model
+  m = policy.settings.model
   return dict(case=case, tensor=policy.mesh.shape['tensor'], num_heads=m.num_heads, ffn_dim=m.ffn_dim,
               # Each output's largest difference relative to its largest entry (fp32 summation order).
               rel_diff={k: float(np.abs(np.asarray(sharded[k]) - np.asarray(one[k])).max() /

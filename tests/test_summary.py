@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from dreamzero_jax import settings
 from dreamzero_jax.config import load_config
 from dreamzero_jax.summary import summarize
 
@@ -35,7 +36,7 @@ def test_14b_cli_prints_the_wan21_i2v_14b_count():
                                            out_channels=48, ffn_dim=14336, num_layers=30)),
 ])
 def test_backbone_count_matches_diffusers(config, reference):
-  assert summarize(load_config(config).model)['wan_backbone'] == _diffusers_count(**reference)
+  assert summarize(settings.from_config(load_config(config)).model)['wan_backbone'] == _diffusers_count(**reference)
 
 
 def test_unknown_override_is_a_one_line_error():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dreamzero_jax import checkpoint, embodiments
+from dreamzero_jax import checkpoint, embodiments, settings
 from dreamzero_jax.config import load_config
 from dreamzero_jax.datasets import episodes
 from dreamzero_jax.models import encoders
@@ -141,9 +141,9 @@ def _encode_with(vae, video):
 def test_init_vae_replaces_the_frozen_vae(trained):
   cfg, _, result = trained
   video = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, 9, 32, 32, 3)), jnp.float32)
-  random_latents = _encode_with(encoders.build_frozen_encoders(cfg).vae, video)
+  random_latents = _encode_with(encoders.build_frozen_encoders(settings.from_config(cfg)).vae, video)
   cfg = _config(cfg.data.dir, f'init.vae={result["path"]}')
-  loaded = _encode_with(encoders.build_frozen_encoders(cfg).vae, video)
+  loaded = _encode_with(encoders.build_frozen_encoders(settings.from_config(cfg)).vae, video)
   graphdef, params = nnx.split(vae_lib.WanVAE(cfg.vae, rngs=nnx.Rngs(0)))
   params = checkpoint.load_weights(result['path'], params.to_pure_dict())   # the trained module's weights
   np.testing.assert_array_equal(loaded, vae_training.encode(graphdef, params, video))
@@ -154,7 +154,7 @@ def test_init_vae_of_another_config_or_non_finite_is_refused(trained, tmp_path):
   cfg, _, result = trained
   other = _config(cfg.data.dir, 'vae.base_dim=16', f'init.vae={result["path"]}')
   with pytest.raises(ValueError) as e:
-    encoders.build_frozen_encoders(other)
+    encoders.build_frozen_encoders(settings.from_config(other))
   assert str(e.value).startswith('init.vae: ') and 'vae.base_dim: 8 (checkpoint) vs 16 (config)' in str(e.value)
   assert '\n' not in str(e.value)
   # Nor does the trainer continue (or answer with) a run of another vae config.
@@ -171,7 +171,7 @@ def test_init_vae_of_another_config_or_non_finite_is_refused(trained, tmp_path):
     json.dump(checkpoint.read_weights_meta(result['path']), f)
   cfg_bad = _config(cfg.data.dir, f'init.vae={bad}')
   with pytest.raises(ValueError, match=r'^init\.vae: .*decoder/conv_out/bias: non-finite'):
-    encoders.build_frozen_encoders(cfg_bad)
+    encoders.build_frozen_encoders(settings.from_config(cfg_bad))
   with pytest.raises(ValueError, match='not saved, non-finite values in decoder/conv_out/bias'):
     checkpoint.save_arrays(str(tmp_path / 'x.npz'), {'decoder': {'conv_out': {'bias': arrays['decoder/conv_out/bias']}}})
   assert not os.path.exists(tmp_path / 'x.npz')
@@ -182,11 +182,11 @@ def test_init_vae_other_weights_than_the_recorded_digest_are_refused(trained):
   digest = checkpoint.weights_digest(result['path'])
   assert len(digest) == 64
   same = _config(cfg.data.dir, f'init.vae={result["path"]}', f'init.vae_sha256={digest}')
-  encoders.build_frozen_encoders(same)
+  encoders.build_frozen_encoders(settings.from_config(same))
   other = _config(cfg.data.dir, f'init.vae={result["path"]}', 'init.vae_sha256=' + 'ab' * 32)
   with pytest.raises(ValueError, match=r'^init\.vae: .* holds other weights \(sha256 [0-9a-f]{12}\.\.\.\) than the '
                                        r'model was trained with \(init\.vae_sha256 abababababab\.\.\.\)$'):
-    encoders.build_frozen_encoders(other)
+    encoders.build_frozen_encoders(settings.from_config(other))
 
 
 def test_short_training_clips_on_given_frames_keep_the_heldout_clip(tmp_path):
@@ -212,8 +212,8 @@ def test_short_training_clips_on_given_frames_keep_the_heldout_clip(tmp_path):
 def test_a_vae_of_other_compression_than_the_video_config_is_refused():
   cfg = _config('', 'vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)')
   with pytest.raises(ValueError, match=r'^video\.vae_spatial=8: .* compresses 4x'):
-    nnx.eval_shape(lambda: encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(0)))
-  nnx.eval_shape(lambda: encoders.FrozenEncoders(load_config(
+    nnx.eval_shape(lambda: encoders.FrozenEncoders(settings.from_config(cfg), rngs=nnx.Rngs(0)))
+  nnx.eval_shape(lambda: encoders.FrozenEncoders(settings.from_config(load_config(
       os.path.join(helpers.ROOT, 'configs/tiny.py'),
-      [*OVERRIDES, 'vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)', 'video.vae_spatial=4']),
+      [*OVERRIDES, 'vae.dim_mult=(1, 2, 2)', 'vae.temporal_downsample=(True, True)', 'video.vae_spatial=4'])),
       rngs=nnx.Rngs(0)))

@@ -27,6 +27,7 @@ from absl import flags
 
 from dreamzero_jax import config as config_lib
 from dreamzero_jax import embodiments
+from dreamzero_jax import settings as settings_lib
 from dreamzero_jax.datasets import episodes, lerobot_embodiment, normalization, pipeline
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,30 +87,30 @@ def _embodiment(args) -> None:
     sys.stdout.write(text)
 
 
-def _stats(cfg, from_official: str = '', out: str = '') -> None:
+def _stats(settings: settings_lib.Settings, from_official: str = '', out: str = '') -> None:
   """Recomputes every dataset's statistics under the config's settings (saved ones are replaced, even
   when they were made for other settings), or imports the release's file for the config's embodiment."""
   if from_official:
-    e = embodiments.get(cfg.data.embodiment)
-    stats = normalization.from_official(from_official, e, cfg.video.action_horizon,
-                                        embodiments.relative_dims(cfg.data.relative_action_dims,
+    e = embodiments.get(settings.data.embodiment)
+    stats = normalization.from_official(from_official, e, settings.video.action_horizon,
+                                        embodiments.relative_dims(settings.data.relative_action_dims,
                                                                   e.action_dim, e.state_dim))
-    normalization.check_stats(stats, e.state_dim, e.action_dim, cfg.video.action_horizon,
+    normalization.check_stats(stats, e.state_dim, e.action_dim, settings.video.action_horizon,
                               stats['settings']['relative_action_dims'], from_official)
     if not out:
-      if not cfg.data.dir:
+      if not settings.data.dir:
         raise episodes.DataError('--out: required when data.dir is not set')
-      out = pipeline.stats_path(cfg, cfg.data.name)
+      out = pipeline.stats_path(settings.data, settings.data.name)
     normalization.save_stats(stats, out)
     print(json.dumps({'stats': out, 'from_official': os.path.abspath(from_official)}))
     return
   if out:
     raise episodes.DataError('--out: only with --from_official (recomputed statistics go beside each dataset)')
-  for name, _ in pipeline.mixture(cfg):
-    member = pipeline.open_member(cfg, name, 1.0, train=False, with_stats=False)
-    stats = normalization.compute_stats(member.loader.dataset.lowdim, cfg.video.action_horizon,
+  for name, _ in pipeline.mixture(settings.data):
+    member = pipeline.open_member(settings, name, 1.0, train=False, with_stats=False)
+    stats = normalization.compute_stats(member.loader.dataset.lowdim, settings.video.action_horizon,
                                         member.loader.spec.relative_action_dims)
-    path = pipeline.stats_path(cfg, name)
+    path = pipeline.stats_path(settings.data, name)
     normalization.save_stats(stats, path)
     print(json.dumps({'stats': path, 'episodes': len(member.loader.dataset.lowdim)}))
 
@@ -126,9 +127,9 @@ def describe(batch: dict[str, np.ndarray]) -> dict[str, dict]:
   return out
 
 
-def _inspect(cfg, batches: int, train: bool) -> None:
+def _inspect(settings: settings_lib.Settings, batches: int, train: bool) -> None:
   # A one-host view of the data: no accelerator runtime is started for it.
-  it = iter(pipeline.make_dataset(cfg, train=train, process_index=0, process_count=1))
+  it = iter(pipeline.make_dataset(settings, train=train, process_index=0, process_count=1))
   for _ in range(batches):
     print(json.dumps(describe(next(it))), flush=True)
 
@@ -179,12 +180,12 @@ def main(argv: Sequence[str]) -> int:
         raise config_lib.ConfigError(f'{args.command} takes no --config overrides')
       (_build if args.command == 'build' else _embodiment)(args)
       return 0
-    cfg = config_lib.load_config(args.config, overrides)
+    settings = settings_lib.from_config(config_lib.load_config(args.config, overrides))
     if args.command == 'stats':
-      _stats(cfg, args.from_official, args.out)
+      _stats(settings, args.from_official, args.out)
     else:
       flags.FLAGS.mark_as_parsed()   # grain's worker processes read absl flags; this program parses its own
-      _inspect(cfg, args.batches, train=not args.eval)
+      _inspect(settings, args.batches, train=not args.eval)
   except (episodes.DataError, config_lib.ConfigError, ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -24,12 +24,12 @@ from typing import Any
 import chex
 import grain
 import jax
-import ml_collections
 import numpy as np
 
 from dreamzero_jax import checks, embodiments
 from dreamzero_jax.datasets import canvas, chunks, episodes, normalization
 from dreamzero_jax.datasets.episodes import DataError
+from dreamzero_jax.settings import DataSettings, Settings
 
 # The contract's dtypes, by kind (chex.assert_type: float = any floating, int = any integer).
 BATCH_TYPES = dict(video=float, actions=float, action_mask=bool, state=float, state_mask=bool, chunk_mask=bool,
@@ -169,7 +169,7 @@ class ClipLoader(grain.transforms.RandomMap):
     return out
 
 
-def augment(data_cfg) -> canvas.Augment:
+def augment(data_cfg: DataSettings) -> canvas.Augment:
   """The view preprocessing of data.augment_*: the crop also applies at evaluation and serving."""
   aug = canvas.Augment(data_cfg.augment_crop_scale, data_cfg.augment_brightness, data_cfg.augment_contrast,
                        data_cfg.augment_saturation, data_cfg.augment_hue)
@@ -188,11 +188,11 @@ class Member:
   weight: float
 
 
-def mixture(config) -> list[tuple[str, float]]:
+def mixture(data_cfg: DataSettings) -> list[tuple[str, float]]:
   """(dataset name, weight) per member of data.mixture ('name:w,name:w'), or data.name alone."""
-  text = config.data.mixture
+  text = data_cfg.mixture
   if not text:
-    return [(config.data.name, 1.0)]
+    return [(data_cfg.name, 1.0)]
   out = []
   for part in text.split(','):
     name, _, weight = part.strip().rpartition(':')
@@ -211,19 +211,19 @@ def dataset_embodiment(dataset: episodes.StoredDataset) -> embodiments.Embodimen
   return embodiments.load_file(path) if os.path.isfile(path) else embodiments.get(dataset.spec.embodiment)
 
 
-def open_member(config: ml_collections.ConfigDict, name: str, weight: float, train: bool,
+def open_member(settings: Settings, name: str, weight: float, train: bool,
                 with_stats: bool = True) -> Member:
   """Opens dataset `name` under data.dir and checks it against the config; with_stats=False skips
   its saved statistics (for `datasets stats`, which replaces them)."""
-  if not config.data.dir:
-    raise DataError('data.dir: not set (pass --config.data.dir=DIR)')
-  dataset = episodes.open_dataset(config.data.dir, name)
+  if not settings.data.dir:
+    raise DataError('data.dir: not set (pass --settings.data.dir=DIR)')
+  dataset = episodes.open_dataset(settings.data.dir, name)
   ds_spec = dataset.spec
-  primary = name == config.data.name
-  emb = embodiments.get(config.data.embodiment) if primary else dataset_embodiment(dataset)
+  primary = name == settings.data.name
+  emb = embodiments.get(settings.data.embodiment) if primary else dataset_embodiment(dataset)
   if emb.name != ds_spec.embodiment:
     raise DataError(f'data.embodiment: config says {emb.name!r}, {dataset.path} holds {ds_spec.embodiment!r}')
-  d = config.data if primary else dataclasses.asdict(emb)
+  d = dataclasses.asdict(settings.data if primary else emb)
   cameras = tuple(d['cameras'])
   for cam in cameras:
     if cam not in ds_spec.cameras:
@@ -239,13 +239,13 @@ def open_member(config: ml_collections.ConfigDict, name: str, weight: float, tra
     relative = embodiments.relative_dims(d['relative_action_dims'], ds_spec.action_dim, ds_spec.state_dim)
   except ValueError as e:
     raise DataError(str(e)) from None
-  m = config.model
+  m = settings.model
   if ds_spec.action_dim > m.action_dim or ds_spec.state_dim > m.state_dim:
     raise DataError(f'model.action_dim/state_dim: {m.action_dim}/{m.state_dim} cannot hold '
                     f'{name} ({ds_spec.action_dim}/{ds_spec.state_dim})')
   if emb.id >= m.num_embodiments:
     raise DataError(f'model.num_embodiments: {m.num_embodiments} has no row for {emb.name} (id {emb.id})')
-  v = config.video
+  v = settings.video
   if v.height % 2 or v.width % 4:
     raise DataError(f'video.height/width: {v.height}x{v.width} must split into 2x2 views (and a doubled wrist)')
   try:
@@ -260,12 +260,12 @@ def open_member(config: ml_collections.ConfigDict, name: str, weight: float, tra
       state_dim=ds_spec.state_dim, action_dim=ds_spec.action_dim,
       relative_action_dims=relative, model_state_dim=m.state_dim,
       model_action_dim=m.action_dim, embodiment_id=emb.id,
-      augment=augment(config.data),
-      on_corrupt=config.data.on_corrupt, max_corrupt=config.data.max_corrupt)
+      augment=augment(settings.data),
+      on_corrupt=settings.data.on_corrupt, max_corrupt=settings.data.max_corrupt)
   if spec.on_corrupt not in ('fail', 'skip'):
     raise DataError(f"data.on_corrupt: {spec.on_corrupt!r} (expected 'fail' or 'skip')")
   canvas.placements(spec.canvas_layout, len(cameras), v.height, v.width)  # layout errors now
-  index = chunks.clip_index(dataset.lowdim, layout, config.data.idle_threshold, config.data.anchor_stride)
+  index = chunks.clip_index(dataset.lowdim, layout, settings.data.idle_threshold, settings.data.anchor_stride)
   if not len(index):
     raise DataError(f'{dataset.path}: no episode is long enough for one chunk of '
                     f'{v.action_horizon} actions (plus its final frame)')
@@ -279,7 +279,7 @@ def distinct_clips(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return distinct, inverse.reshape(-1)
 
 
-def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
+def make_dataset(settings: Settings, *, train: bool = True,
                  process_index: int | None = None, process_count: int | None = None,
                  latent_rows: list[tuple[np.ndarray, np.ndarray]] | None = None) -> grain.IterDataset:
   """Batches for this host: its shard of every member, mixed by weight, batched per host.
@@ -294,12 +294,12 @@ def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
   if process_index is None or process_count is None:
     process_index, process_count = jax.process_index(), jax.process_count()
   # One optimiser update's examples (micro-batches of train.batch_size x train.grad_accum_steps).
-  batch_size = config.train.batch_size * config.train.grad_accum_steps
+  batch_size = settings.train.batch_size * settings.train.grad_accum_steps
   if batch_size % process_count:
     raise DataError(f'train.batch_size: {batch_size} examples per update do not split over {process_count} hosts')
   datasets, weights = [], []
-  for i, (name, weight) in enumerate(mixture(config)):
-    member = open_member(config, name, weight, train)
+  for i, (name, weight) in enumerate(mixture(settings.data)):
+    member = open_member(settings, name, weight, train)
     index = member.index
     if latent_rows is not None:
       rows, valid = latent_rows[i]
@@ -311,15 +311,15 @@ def make_dataset(config: ml_collections.ConfigDict, *, train: bool = True,
         raise DataError(f'data.latent_cache: no clip of {name} could be encoded')
     ds = grain.MapDataset.source(index)[process_index::process_count]
     if train:
-      ds = ds.shuffle(seed=config.data.seed + i).repeat()
-    datasets.append(ds.random_map(member.loader, seed=config.data.seed + i))
+      ds = ds.shuffle(seed=settings.data.seed + i).repeat()
+    datasets.append(ds.random_map(member.loader, seed=settings.data.seed + i))
     weights.append(weight)
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
   it = ds.to_iter_dataset().batch(batch_size // process_count, drop_remainder=train)
-  if config.data.num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  if settings.data.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.data.num_workers))
   return it
 
 
-def stats_path(config: ml_collections.ConfigDict, name: str) -> str:
-  return os.path.join(episodes.version_dir(config.data.dir, name), normalization.STATS_FILE)
+def stats_path(data_cfg: DataSettings, name: str) -> str:
+  return os.path.join(episodes.version_dir(data_cfg.dir, name), normalization.STATS_FILE)

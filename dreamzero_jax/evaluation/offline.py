@@ -19,7 +19,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(policy, batches, max_clips: int) -> dict:
-  cfg = policy.cfg
+  cfg = policy.settings
   ha, lf = cfg.video.action_horizon, policy.lf
   e = policy.embodiment
   errors, psnrs = [], []

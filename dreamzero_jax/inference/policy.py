@@ -21,7 +21,6 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -32,6 +31,7 @@ from dreamzero_jax.models import dit as dit_lib
 from dreamzero_jax.models import encoders as encoders_lib
 from dreamzero_jax.models import kv_cache
 from dreamzero_jax.models.dit import DreamZeroDiT
+from dreamzero_jax.settings import Settings
 
 
 @dataclasses.dataclass
@@ -57,20 +57,20 @@ class Policy:
   episode) keep their weights in host memory and visit the device only to encode.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, model: DreamZeroDiT, encoders: encoders_lib.FrozenEncoders,
+  def __init__(self, settings: Settings, model: DreamZeroDiT, encoders: encoders_lib.FrozenEncoders,
                norm_stats: dict):
-    self.cfg = cfg
-    self.spec = spec = rollout.RolloutSpec.from_config(cfg)
+    self.settings = settings
+    self.spec = spec = rollout.RolloutSpec.from_config(settings)
     self.lf, self.num_frames, self.latent_hw = spec.lf, spec.num_frames, spec.latent_hw
     self.tokens_per_frame, self.capacity = spec.tokens_per_frame, spec.capacity
     self.with_uncond, self.batch, self.i2v = spec.with_uncond, spec.batch, spec.i2v
-    self.embodiment = embodiments.get(cfg.data.embodiment)
-    self.relative_dims = embodiments.relative_dims(cfg.data.relative_action_dims, self.embodiment.action_dim,
+    self.embodiment = embodiments.get(settings.data.embodiment)
+    self.relative_dims = embodiments.relative_dims(settings.data.relative_action_dims, self.embodiment.action_dim,
                                                    self.embodiment.state_dim)
     self.stats = norm_stats
     self.mesh = rollout.device_mesh(spec)
-    self._prompt_encoder = encoders_lib.PromptEncoder(encoders.text, cfg, host=True)
-    self._model_def, model_state = nnx.split(dit_lib.for_inference(model, cfg.model.quantization))
+    self._prompt_encoder = encoders_lib.PromptEncoder(encoders.text, settings, host=True)
+    self._model_def, model_state = nnx.split(dit_lib.for_inference(model, settings.model.quantization))
     self._vae_def, vae_state = nnx.split(encoders.vae)
     # The DiT split over the mesh by its logical axes (serve.mesh), the VAE replicated on each
     # device; CLIP in host memory.
@@ -100,13 +100,13 @@ class Policy:
   def _text(self, instruction: str) -> jax.Array:
     """The instruction in this embodiment's prompt template (+ the negative prompt with CFG)."""
     return self._prompt_encoder.text([instruction], [self.embodiment.id],
-                                     self.cfg.sampler.negative_prompt if self.with_uncond else None)
+                                     self.settings.sampler.negative_prompt if self.with_uncond else None)
 
   def _check_inputs(self, field: str, frames: np.ndarray, num_frames: int | None,
                     robot_state: np.ndarray) -> None:
     """`field` (canvas frames [num_frames, H, W, 3], or one [H, W, 3] for None) and the raw robot
     state [embodiment's state_dim] against the config; a mismatch is a one-line ValueError naming it."""
-    v = self.cfg.video
+    v = self.settings.video
     frames, robot_state = (x if hasattr(x, 'shape') else np.asarray(x) for x in (frames, robot_state))
     checks.check(field, chex.assert_shape, frames, (v.height, v.width, 3) if num_frames is None else
                  (num_frames, v.height, v.width, 3))
@@ -130,16 +130,16 @@ class Policy:
   def normalised_state(self, robot_state: np.ndarray) -> jax.Array:
     """Raw robot state -> normalised and zero-padded to the model's state width [1, 1, state_dim]."""
     s = normalization.normalize(np.asarray(robot_state, np.float32), self.stats['state'])
-    out = np.zeros((1, 1, self.cfg.model.state_dim), np.float32)
+    out = np.zeros((1, 1, self.settings.model.state_dim), np.float32)
     out[0, 0, :s.shape[-1]] = s
     return jnp.asarray(out)
 
   def observe(self, ep: Episode, frames: np.ndarray, robot_state: np.ndarray) -> Episode:
     """Writes the REAL frames [frames_per_chunk, H, W, 3] observed while chunk ep.chunk - 1 ran."""
-    self._check_inputs('observed frames', frames, self.cfg.video.frames_per_chunk, robot_state)
+    self._check_inputs('observed frames', frames, self.settings.video.frames_per_chunk, robot_state)
     if ep.written >= ep.chunk:
       raise ValueError('no predicted chunk is waiting for its observations: call step first')
-    if ep.chunk == self.cfg.video.max_chunks:
+    if ep.chunk == self.settings.video.max_chunks:
       # The context window is full: restart it from the newest real frame as frame 0.
       ep = self.reset(ep.instruction, frames[-1], robot_state, seed=int(jax.random.randint(ep.rng, (), 0, 2**30)))
       return ep
@@ -173,4 +173,4 @@ class Policy:
   def postprocess(self, actions: np.ndarray, anchor_state: np.ndarray) -> np.ndarray:
     """Normalised padded actions -> raw robot actions (postprocess.robot_actions)."""
     return postprocess.robot_actions(actions, anchor_state, self.stats['action'], self.embodiment.action_dim,
-                                     self.relative_dims, self.cfg.postprocess)
+                                     self.relative_dims, self.settings.postprocess)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import ml_collections
 import numpy as np
 
 from dreamzero_jax.datasets import normalization
+from dreamzero_jax.settings import PostprocessSettings
 
 
 def robot_actions(actions: np.ndarray, anchor_state: np.ndarray, action_stats: dict, action_dim: int,
-                  relative_dims: int | Sequence[int], cfg_postprocess: ml_collections.ConfigDict) -> np.ndarray:
+                  relative_dims: int | Sequence[int], cfg_postprocess: PostprocessSettings) -> np.ndarray:
   """Normalised padded actions [horizon, >= action_dim] -> raw robot actions [horizon, action_dim]:
   unnormalise, absolute relative dims, then `postprocess.smooth` and `postprocess.gripper_dims`."""
   p = cfg_postprocess

@@ -31,7 +31,6 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -41,6 +40,7 @@ from dreamzero_jax.inference import samplers
 from dreamzero_jax.models import clip
 from dreamzero_jax.models import encoders as encoders_lib
 from dreamzero_jax.models import kv_cache
+from dreamzero_jax.settings import SamplerSettings, Settings
 
 OBSERVATION_ENCODES = ('per_call', 'streaming')
 
@@ -68,7 +68,7 @@ class RolloutSpec:
   num_heads: int
   head_dim: int
   cache_dtype: str
-  sampler: samplers.SamplerSettings
+  sampler: SamplerSettings
   num_train_timesteps: int
   cfg_parallel: bool
   observation_encode: str     # serve.observation_encode
@@ -77,25 +77,24 @@ class RolloutSpec:
   topology: str = ''           # '' = this host's devices; a TPU topology for ahead-of-time compiles
 
   @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict) -> 'RolloutSpec':
-    v, m = cfg.video, cfg.model
+  def from_config(cls, settings: Settings) -> 'RolloutSpec':
+    v, m, serve = settings.video, settings.model, settings.serve
     lf = v.frames_per_chunk // v.vae_temporal
     latent_hw = (v.height // v.vae_spatial, v.width // v.vae_spatial)
     tokens_per_frame = (latent_hw[0] // m.patch_size[1]) * (latent_hw[1] // m.patch_size[2])
-    with_uncond = samplers.uses_uncond(cfg.sampler)
-    if cfg.serve.observation_encode not in OBSERVATION_ENCODES:
-      raise ValueError(f'serve.observation_encode={cfg.serve.observation_encode!r}: expected one of '
+    with_uncond = samplers.uses_uncond(settings.sampler)
+    if serve.observation_encode not in OBSERVATION_ENCODES:
+      raise ValueError(f'serve.observation_encode={serve.observation_encode!r}: expected one of '
                        f'{OBSERVATION_ENCODES}')
     return cls(lf=lf, num_frames=1 + v.max_chunks * v.frames_per_chunk, latent_hw=latent_hw,
                tokens_per_frame=tokens_per_frame, capacity=(1 + v.max_chunks * lf) * tokens_per_frame,
-               with_uncond=with_uncond, batch=2 if with_uncond else 1, i2v=encoders_lib.uses_i2v_condition(cfg),
+               with_uncond=with_uncond, batch=2 if with_uncond else 1, i2v=encoders_lib.uses_i2v_condition(settings),
                latent_channels=v.latent_channels, action_horizon=v.action_horizon, action_dim=m.action_dim,
                state_dim=m.state_dim, num_layers=m.num_layers, num_heads=m.num_heads,
                head_dim=m.dim // m.num_heads, cache_dtype=jnp.dtype(kv_cache.cache_dtype(m)).name,
-               sampler=samplers.SamplerSettings.from_config(cfg.sampler),
-               num_train_timesteps=cfg.train.num_train_timesteps, cfg_parallel=bool(cfg.sampler.cfg_parallel),
-               observation_encode=str(cfg.serve.observation_encode), mesh_shape=serve_mesh_shape(cfg, with_uncond),
-               rules=sharding.config_rules(cfg))
+               sampler=settings.sampler, num_train_timesteps=settings.train.num_train_timesteps,
+               cfg_parallel=settings.sampler.cfg_parallel, observation_encode=serve.observation_encode,
+               mesh_shape=serve_mesh_shape(settings, with_uncond), rules=settings.mesh.rules)
 
 
 SERVE_MESH_AXES = ('data', 'tensor')
@@ -106,33 +105,34 @@ def parse_serve_mesh(text: str, field: str = 'serve.mesh') -> dict[str, int]:
   return sharding.parse_axis_sizes(text, field, SERVE_MESH_AXES)
 
 
-def with_serve_mesh(cfg: ml_collections.ConfigDict, mesh: str | None) -> ml_collections.ConfigDict:
-  """cfg with serve.mesh = `mesh` (`serve --mesh`, checked here so a bad value names the flag), or
-  cfg as it was for None."""
-  if mesh is not None:
-    parse_serve_mesh(mesh, '--mesh')
-    cfg.serve.mesh = mesh
-  return cfg
+def with_serve_mesh(settings: Settings, mesh: str | None) -> Settings:
+  """The settings with serve.mesh = `mesh` (`serve --mesh`, checked here so a bad value names the
+  flag), or as they were for None."""
+  if mesh is None:
+    return settings
+  parse_serve_mesh(mesh, '--mesh')
+  return dataclasses.replace(settings, serve=dataclasses.replace(settings.serve, mesh=mesh))
 
 
-def serve_mesh_shape(cfg: ml_collections.ConfigDict, with_uncond: bool) -> tuple[int, ...]:
+def serve_mesh_shape(settings: Settings, with_uncond: bool) -> tuple[int, ...]:
   """serve.mesh as a shape over sharding.MESH_AXES, checked against the model and the sampler."""
-  sizes = parse_serve_mesh(cfg.serve.mesh)
-  if cfg.sampler.cfg_parallel:
+  text, cfg_parallel = settings.serve.mesh, settings.sampler.cfg_parallel
+  sizes = parse_serve_mesh(text)
+  if cfg_parallel:
     if sizes.get('data', 2) != 2:
-      raise ValueError(f'serve.mesh={cfg.serve.mesh!r}: sampler.cfg_parallel puts the CFG branches on data=2')
+      raise ValueError(f'serve.mesh={text!r}: sampler.cfg_parallel puts the CFG branches on data=2')
     sizes['data'] = 2
   if sizes.get('data', 1) > 2:
-    raise ValueError(f'serve.mesh={cfg.serve.mesh!r}: data splits the 2 CFG branches, so data is 1 or 2')
+    raise ValueError(f'serve.mesh={text!r}: data splits the 2 CFG branches, so data is 1 or 2')
   if sizes.get('data', 1) == 2 and not with_uncond:
-    what = 'sampler.cfg_parallel' if cfg.sampler.cfg_parallel else f'serve.mesh={cfg.serve.mesh!r}'
+    what = 'sampler.cfg_parallel' if cfg_parallel else f'serve.mesh={text!r}'
     raise ValueError(f'{what} runs the CFG branches on two devices, but this sampler has no unconditional '
                      'branch (sampler.cfg_scale is 1 or sampler.num_steps is 1)')
-  tensor, m = sizes.get('tensor', 1), cfg.model
+  tensor, m = sizes.get('tensor', 1), settings.model
   for name, width in (('model.num_heads', m.num_heads), ('model.ffn_dim', m.ffn_dim)):
     if width % tensor:
       # fit_spec would quietly replicate what does not divide: every device would hold it whole.
-      raise ValueError(f'serve.mesh={cfg.serve.mesh!r}: tensor={tensor} does not divide {name}={width}')
+      raise ValueError(f'serve.mesh={text!r}: tensor={tensor} does not divide {name}={width}')
   return tuple(sizes.get(axis, 1) for axis in sharding.MESH_AXES)
 
 

@@ -13,10 +13,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from dreamzero_jax import flow
+from dreamzero_jax.settings import SamplerSettings
 
 SAMPLER_KINDS = ('euler', 'unipc')
 # Which guided velocity the dynamic skip rule compares: the release's video, or the actions.
@@ -171,36 +171,14 @@ def sampler_from_sigmas(kind: str, sigmas: np.ndarray, num_train_timesteps: int,
   return Sampler('unipc', sigmas, num_train_timesteps, timesteps, corrector, predictor)
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-  """The `sampler.*` fields the denoising loop reads, hashable (a jit static argument); every
-  function here that takes `cfg_sampler` accepts this or the config section itself."""
-  kind: str
-  num_steps: int
-  shift: float
-  cfg_scale: float
-  dit_step_mask: str
-  dynamic_skip: bool
-  dynamic_skip_velocity: str
-  integer_timesteps: bool
-  noise_seed: int
-
-  @classmethod
-  def from_config(cls, cfg_sampler: ml_collections.ConfigDict) -> 'SamplerSettings':
-    return cls(str(cfg_sampler.kind), int(cfg_sampler.num_steps), float(cfg_sampler.shift),
-               float(cfg_sampler.cfg_scale), str(cfg_sampler.dit_step_mask), bool(cfg_sampler.dynamic_skip),
-               str(cfg_sampler.dynamic_skip_velocity), bool(cfg_sampler.integer_timesteps),
-               int(cfg_sampler.noise_seed))
-
-
-def make_sampler(cfg_sampler: ml_collections.ConfigDict, num_train_timesteps: int) -> Sampler:
+def make_sampler(cfg_sampler: SamplerSettings, num_train_timesteps: int) -> Sampler:
   """The `sampler.kind` solver over `sampler.num_steps` levels shifted by `sampler.shift`, feeding
   the DiT integer timesteps with `sampler.integer_timesteps`."""
   sigmas = flow.sampling_sigmas(cfg_sampler.num_steps, cfg_sampler.shift, num_train_timesteps)
   return sampler_from_sigmas(cfg_sampler.kind, sigmas, num_train_timesteps, cfg_sampler.integer_timesteps)
 
 
-def dit_step_mask(cfg_sampler: ml_collections.ConfigDict) -> np.ndarray:
+def dit_step_mask(cfg_sampler: SamplerSettings) -> np.ndarray:
   """The fixed DiT-evaluation mask as bools; '' means evaluate at every step."""
   text, n = cfg_sampler.dit_step_mask, cfg_sampler.num_steps
   if not text:
@@ -220,7 +198,7 @@ def guided_velocity(cond: Pytree, uncond_video: jax.Array | None, cfg_scale: flo
   return {**cond, 'video': video}
 
 
-def uses_uncond(cfg_sampler: ml_collections.ConfigDict) -> bool:
+def uses_uncond(cfg_sampler: SamplerSettings) -> bool:
   """Whether the unconditional branch is needed: not without guidance, and not in one step.
 
   With a single step the actions (conditional only) are final before the video could matter.
@@ -266,7 +244,7 @@ def _dynamic_decision(skip: _DynamicSkip, rule: Sequence[tuple[float, int]]):
   return run, skip._replace(countdown=countdown)
 
 
-def sample(velocity_fn: Callable, x_init: Pytree, cfg_sampler: ml_collections.ConfigDict,
+def sample(velocity_fn: Callable, x_init: Pytree, cfg_sampler: SamplerSettings,
            num_train_timesteps: int,
            dynamic_rule: Sequence[tuple[float, int]] = DYNAMIC_SKIP_RULE
            ) -> tuple[Pytree, SampleInfo]:

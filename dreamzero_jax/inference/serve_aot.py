@@ -28,7 +28,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -38,6 +37,7 @@ from dreamzero_jax.kernels import registry
 from dreamzero_jax.models import attention
 from dreamzero_jax.models import dit as dit_lib
 from dreamzero_jax.models import encoders as encoders_lib
+from dreamzero_jax.settings import Settings
 
 GIB = 1024 ** 3
 CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
@@ -64,15 +64,15 @@ def _bytes_per_device(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def compile_only(cfg: ml_collections.ConfigDict, topology: str = '') -> dict:
-  """Compiles the control step for cfg over its serving mesh (serve.mesh; one device by default) on
+def compile_only(settings: Settings, topology: str = '') -> dict:
+  """Compiles the control step for the settings over its serving mesh (serve.mesh; one device by default) on
   this host's backend, or with `topology` (e.g. 'v5e:2x4', needs libtpu) for that TPU slice's
   compile-only devices; returns the per-device report."""
-  spec = dataclasses.replace(rollout.RolloutSpec.from_config(cfg), topology=topology)
+  spec = dataclasses.replace(rollout.RolloutSpec.from_config(settings), topology=topology)
   mesh = rollout.device_mesh(spec)
-  m, v = cfg.model, cfg.video
+  m, v = settings.model, settings.video
   model = nnx.eval_shape(lambda: dit_lib.for_inference(dit_lib.build_dit(m, rngs=nnx.Rngs(0)), m.quantization))
-  frozen = nnx.eval_shape(lambda: encoders_lib.FrozenEncoders(cfg, rngs=nnx.Rngs(1)))
+  frozen = nnx.eval_shape(lambda: encoders_lib.FrozenEncoders(settings, rngs=nnx.Rngs(1)))
   graphdef, mstate = nnx.split(model)
   vae_def, vae_state = nnx.split(frozen.vae)
   image = nnx.split(frozen.image) if frozen.image is not None else None
@@ -107,7 +107,7 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str = '') -> dict:
   mem = compiled.memory_analysis()
   # The sampler's lax.cond runs the DiT on the steps of sampler.dit_step_mask (all of them, an upper
   # bound, under dynamic skipping, which decides at run time).
-  dit_share = 1.0 if cfg.sampler.dynamic_skip else float(samplers.dit_step_mask(cfg.sampler).mean())
+  dit_share = 1.0 if settings.sampler.dynamic_skip else float(samplers.dit_step_mask(settings.sampler).mean())
   cost = hlo_cost.program_cost(compiled.as_text(), taken=dit_share)
   xla_cost = compiled.cost_analysis()
   xla_cost = xla_cost[0] if isinstance(xla_cost, (list, tuple)) else xla_cost
@@ -124,8 +124,8 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str = '') -> dict:
       kv_cache_dtype=str(cache.k.dtype), kv_cache_gib=_gib(2 * cache.k.size * cache.k.dtype.itemsize),
       kv_cache_gib_per_device=_gib(_bytes_per_device((cache.k, cache.v))),
       cross_kv_gib=_gib(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cross_kv))),
-      cfg_batch=spec.batch, sampler=f'{cfg.sampler.kind} {cfg.sampler.num_steps} steps, dit_step_mask '
-                                   f'{cfg.sampler.dit_step_mask or "all"}, cfg {cfg.sampler.cfg_scale}',
+      cfg_batch=spec.batch, sampler=f'{settings.sampler.kind} {settings.sampler.num_steps} steps, dit_step_mask '
+                                   f'{settings.sampler.dit_step_mask or "all"}, cfg {settings.sampler.cfg_scale}',
       new_tokens=spec.lf * spec.tokens_per_frame + v.action_horizon + 1, cache_tokens=spec.capacity,
       argument_gib=_gib(mem.argument_size_in_bytes), temp_gib=_gib(mem.temp_size_in_bytes),
       output_gib=_gib(mem.output_size_in_bytes), alias_gib=_gib(mem.alias_size_in_bytes),

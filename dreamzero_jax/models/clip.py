@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from dreamzero_jax.models import layers
+from dreamzero_jax.settings import ImageEncoderSettings
 
 # OpenAI CLIP pixel statistics (RGB, on [0, 1] pixels), used by open-clip ViT-H/14 and by the
 # official Wan2.1 CLIP transforms.
@@ -101,7 +101,7 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], num_heads: int, eps: float) ->
 class CLIPVision(nnx.Module):
   """Normalised images [B, S, S, 3] -> penultimate-layer hidden states [B, (S/p)^2 + 1, width]."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
+  def __init__(self, cfg: ImageEncoderSettings, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, eps: float = 1e-5):
     if cfg.image_size % cfg.patch_size or cfg.width % cfg.num_heads:
       raise ValueError(f'image_encoder: image_size {cfg.image_size} must be a multiple of '

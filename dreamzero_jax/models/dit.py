@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -31,6 +30,7 @@ from dreamzero_jax.kernels.modulation import TimeGroups
 from dreamzero_jax.models import attention, embodiment, kv_cache, layers, masks, rope
 from dreamzero_jax.models.layers import (Dense, Fp8Dense, LayerNorm, RMSNorm, gelu_exact, gelu_tanh, normal,
                                          param, zeros)
+from dreamzero_jax.settings import ModelSettings
 
 REMAT_POLICIES = {
     'none': None,
@@ -77,8 +77,8 @@ class DiTConfig:
     return self.dim // self.num_heads
 
   @classmethod
-  def from_config(cls, model: ml_collections.ConfigDict) -> 'DiTConfig':
-    kw = {f.name: model[f.name] for f in dataclasses.fields(cls)}
+  def from_config(cls, model: ModelSettings) -> 'DiTConfig':
+    kw = {f.name: getattr(model, f.name) for f in dataclasses.fields(cls)}
     kw['patch_size'] = tuple(kw['patch_size'])
     kw['dtype'] = jnp.dtype(kw['dtype'])
     kw['param_dtype'] = jnp.dtype(kw['param_dtype'])
@@ -512,7 +512,7 @@ def for_inference(model: DreamZeroDiT, quantization: str) -> DreamZeroDiT:
   return model
 
 
-def build_dit(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DreamZeroDiT:
-  cfg = DiTConfig.from_config(model_cfg)
+def build_dit(model: ModelSettings, *, rngs: nnx.Rngs) -> DreamZeroDiT:
+  cfg = DiTConfig.from_config(model)
   with layers.param_dtype(cfg.param_dtype):
     return DreamZeroDiT(cfg, rngs=rngs)

@@ -7,11 +7,11 @@ Nothing here is ever optimised: the train step only sees its outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -20,6 +20,7 @@ from dreamzero_jax.models import clip, text_cache, umt5, vae
 from dreamzero_jax.models.dit import build_dit
 from dreamzero_jax.models.vae import I2V_MASK_CHANNELS
 from dreamzero_jax.models.weights import release
+from dreamzero_jax.settings import Settings, as_dict
 
 
 class ByteTokenizer:
@@ -43,38 +44,39 @@ class ByteTokenizer:
     return ids, lengths
 
 
-def make_tokenizer(cfg: ml_collections.ConfigDict):
-  if cfg.text_encoder.tokenizer:
-    return umt5.UMT5Tokenizer(cfg.text_encoder.tokenizer, cfg.model.text_len)
-  return ByteTokenizer(cfg.text_encoder.vocab_size, cfg.model.text_len)
+def make_tokenizer(settings: Settings):
+  if settings.text_encoder.tokenizer:
+    return umt5.UMT5Tokenizer(settings.text_encoder.tokenizer, settings.model.text_len)
+  return ByteTokenizer(settings.text_encoder.vocab_size, settings.model.text_len)
 
 
-def uses_i2v_condition(cfg: ml_collections.ConfigDict) -> bool:
-  extra = cfg.model.in_channels - cfg.video.latent_channels
-  if extra not in (0, I2V_MASK_CHANNELS + cfg.video.latent_channels):
-    raise ValueError(f'model.in_channels={cfg.model.in_channels}: expected {cfg.video.latent_channels} (T2V) or '
-                     f'{2 * cfg.video.latent_channels + I2V_MASK_CHANNELS} (I2V) for video.latent_channels='
-                     f'{cfg.video.latent_channels}')
+def uses_i2v_condition(settings: Settings) -> bool:
+  m, v = settings.model, settings.video
+  extra = m.in_channels - v.latent_channels
+  if extra not in (0, I2V_MASK_CHANNELS + v.latent_channels):
+    raise ValueError(f'model.in_channels={m.in_channels}: expected {v.latent_channels} (T2V) or '
+                     f'{2 * v.latent_channels + I2V_MASK_CHANNELS} (I2V) for video.latent_channels='
+                     f'{v.latent_channels}')
   return extra > 0
 
 
 class FrozenEncoders(nnx.Module):
   """VAE + umT5 + (for I2V with an image branch) CLIP, built from the config."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    if cfg.text_encoder.dim != cfg.model.text_dim:
-      raise ValueError(f'text_encoder.dim={cfg.text_encoder.dim} must equal model.text_dim={cfg.model.text_dim}')
-    if cfg.vae.z_dim != cfg.video.latent_channels:
-      raise ValueError(f'vae.z_dim={cfg.vae.z_dim} must equal video.latent_channels={cfg.video.latent_channels}')
-    self.vae = vae.WanVAE(cfg.vae, rngs=rngs)
-    if self.vae.spatial_factor != cfg.video.vae_spatial:
-      raise ValueError(f'video.vae_spatial={cfg.video.vae_spatial}: the vae config (kind {cfg.vae.kind}, dim_mult '
-                       f'{tuple(cfg.vae.dim_mult)}) compresses {self.vae.spatial_factor}x')
-    self.text = umt5.UMT5Encoder(cfg.text_encoder, rngs=rngs)
-    if cfg.model.image_dim and cfg.image_encoder.width != cfg.model.image_dim:
-      raise ValueError(f'image_encoder.width={cfg.image_encoder.width} must equal model.image_dim='
-                       f'{cfg.model.image_dim}')
-    self.image = clip.CLIPVision(cfg.image_encoder, rngs=rngs) if cfg.model.image_dim else None
+  def __init__(self, settings: Settings, *, rngs: nnx.Rngs):
+    m, v, text, image = settings.model, settings.video, settings.text_encoder, settings.image_encoder
+    if text.dim != m.text_dim:
+      raise ValueError(f'text_encoder.dim={text.dim} must equal model.text_dim={m.text_dim}')
+    if settings.vae.z_dim != v.latent_channels:
+      raise ValueError(f'vae.z_dim={settings.vae.z_dim} must equal video.latent_channels={v.latent_channels}')
+    self.vae = vae.WanVAE(settings.vae, rngs=rngs)
+    if self.vae.spatial_factor != v.vae_spatial:
+      raise ValueError(f'video.vae_spatial={v.vae_spatial}: the vae config (kind {settings.vae.kind}, dim_mult '
+                       f'{tuple(settings.vae.dim_mult)}) compresses {self.vae.spatial_factor}x')
+    self.text = umt5.UMT5Encoder(text, rngs=rngs)
+    if m.image_dim and image.width != m.image_dim:
+      raise ValueError(f'image_encoder.width={image.width} must equal model.image_dim={m.image_dim}')
+    self.image = clip.CLIPVision(image, rngs=rngs) if m.image_dim else None
 
 
 def with_params(abstract: nnx.Module, params: dict) -> nnx.Module:
@@ -84,75 +86,74 @@ def with_params(abstract: nnx.Module, params: dict) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
-def build_frozen_encoders(cfg: ml_collections.ConfigDict) -> FrozenEncoders:
-  """The frozen VAE / umT5 / CLIP: the weights of cfg.init.converted (a `convert` output), or
-  random ones drawn at cfg.seed + 1 when it is '' (toy configs and tests); then the VAE's replaced
-  by cfg.init.vae's (a VAE trained by `python -m dreamzero_jax.training.vae_training`) when that is set."""
-  if not cfg.init.converted:
-    encoders = FrozenEncoders(cfg, rngs=nnx.Rngs(cfg.seed + 1))
+def build_frozen_encoders(settings: Settings) -> FrozenEncoders:
+  """The frozen VAE / umT5 / CLIP: the weights of settings.init.converted (a `convert` output), or
+  random ones drawn at settings.seed + 1 when it is '' (toy configs and tests); then the VAE's replaced
+  by settings.init.vae's (a VAE trained by `python -m dreamzero_jax.training.vae_training`) when that is set."""
+  if not settings.init.converted:
+    encoders = FrozenEncoders(settings, rngs=nnx.Rngs(settings.seed + 1))
   else:
-    _, params = release.load_converted(cfg.init.converted, cfg, parts=('encoders',))
-    encoders = with_params(nnx.eval_shape(lambda: FrozenEncoders(cfg, rngs=nnx.Rngs(0))), params)
-  if cfg.init.vae:
+    _, params = release.load_converted(settings.init.converted, settings, parts=('encoders',))
+    encoders = with_params(nnx.eval_shape(lambda: FrozenEncoders(settings, rngs=nnx.Rngs(0))), params)
+  if settings.init.vae:
     state = nnx.state(encoders.vae)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, trained_vae_params(cfg)))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, trained_vae_params(settings)))
     nnx.update(encoders.vae, state)
   return encoders
 
 
-def with_vae_digest(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """cfg with init.vae_sha256 set to the digest of init.vae's weights where it names a VAE and no
+def with_vae_digest(settings: Settings) -> Settings:
+  """settings with init.vae_sha256 set to the digest of init.vae's weights where it names a VAE and no
   digest: what a DiT trained on it records, so evaluating or resuming the run with a config that
   names the path is checked against the weights actually there."""
-  if not cfg.init.vae or cfg.init.vae_sha256:
-    return cfg
-  cfg = cfg.copy_and_resolve_references()
+  if not settings.init.vae or settings.init.vae_sha256:
+    return settings
   try:
-    cfg.init.vae_sha256 = checkpoint.weights_digest(cfg.init.vae)
+    digest = checkpoint.weights_digest(settings.init.vae)
   except (OSError, ValueError) as e:
     raise ValueError(f'init.vae: {e}') from None
-  return cfg
+  return dataclasses.replace(settings, init=dataclasses.replace(settings.init, vae_sha256=digest))
 
 
-def trained_vae_params(cfg: ml_collections.ConfigDict) -> dict:
-  """The VAE parameters (pure dict of numpy arrays) in cfg.init.vae, refused (ValueError naming
+def trained_vae_params(settings: Settings) -> dict:
+  """The VAE parameters (pure dict of numpy arrays) in settings.init.vae, refused (ValueError naming
   init.vae) when they were trained for another vae config or hold NaN or inf."""
-  directory = cfg.init.vae
+  directory = settings.init.vae
   try:
     meta = checkpoint.read_weights_meta(directory)
   except (OSError, ValueError) as e:
     raise ValueError(f'init.vae: {e}') from None
-  diffs = checkpoint.config_differences(meta.get('config', {}), cfg, ('vae',))
+  diffs = checkpoint.config_differences(meta.get('config', {}), as_dict(settings), ('vae',))
   if diffs:
     raise ValueError(f'init.vae: {directory} was trained for another vae config: ' + '; '.join(diffs))
-  abstract = nnx.state(nnx.eval_shape(lambda: vae.WanVAE(cfg.vae, rngs=nnx.Rngs(0)))).to_pure_dict()
+  abstract = nnx.state(nnx.eval_shape(lambda: vae.WanVAE(settings.vae, rngs=nnx.Rngs(0)))).to_pure_dict()
   try:
-    digest = checkpoint.weights_digest(directory) if cfg.init.vae_sha256 else None
-    if digest is not None and digest != cfg.init.vae_sha256:
+    digest = checkpoint.weights_digest(directory) if settings.init.vae_sha256 else None
+    if digest is not None and digest != settings.init.vae_sha256:
       raise ValueError(f'{directory} holds other weights (sha256 {digest[:12]}...) than the model was trained '
-                       f'with (init.vae_sha256 {cfg.init.vae_sha256[:12]}...)')
+                       f'with (init.vae_sha256 {settings.init.vae_sha256[:12]}...)')
     return checkpoint.load_weights(directory, abstract)
   except (OSError, ValueError) as e:
     raise ValueError(f'init.vae: {e}') from None
 
 
-def initial_dit_params(cfg: ml_collections.ConfigDict) -> dict:
-  """The DiT parameters (pure dict) a fresh run starts from: cfg.init.converted's weights as host
-  numpy arrays (placed by the caller, e.g. straight into a pod's shards), or random at cfg.seed."""
-  if not cfg.init.converted:
-    return nnx.state(build_dit(cfg.model, rngs=nnx.Rngs(cfg.seed))).to_pure_dict()
-  params, _ = release.load_converted(cfg.init.converted, cfg, parts=('dit',))
+def initial_dit_params(settings: Settings) -> dict:
+  """The DiT parameters (pure dict) a fresh run starts from: settings.init.converted's weights as host
+  numpy arrays (placed by the caller, e.g. straight into a pod's shards), or random at settings.seed."""
+  if not settings.init.converted:
+    return nnx.state(build_dit(settings.model, rngs=nnx.Rngs(settings.seed))).to_pure_dict()
+  params, _ = release.load_converted(settings.init.converted, settings, parts=('dit',))
   return params
 
 
-def initial_dit_shapes(cfg: ml_collections.ConfigDict) -> dict:
+def initial_dit_shapes(settings: Settings) -> dict:
   """The DiT's parameters (pure dict) at random initialisation; under jax.eval_shape, their shapes."""
-  return nnx.state(build_dit(cfg.model, rngs=nnx.Rngs(0))).to_pure_dict()
+  return nnx.state(build_dit(settings.model, rngs=nnx.Rngs(0))).to_pure_dict()
 
 
-def initial_dit(cfg: ml_collections.ConfigDict):
+def initial_dit(settings: Settings):
   """The DiT module of initial_dit_params on the default device."""
-  return with_params(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))), initial_dit_params(cfg))
+  return with_params(nnx.eval_shape(lambda: build_dit(settings.model, rngs=nnx.Rngs(0))), initial_dit_params(settings))
 
 
 class PromptEncoder:
@@ -165,18 +166,18 @@ class PromptEncoder:
   control); host=False keeps them on the device (training meets new prompts every step).
   """
 
-  def __init__(self, text: umt5.UMT5Encoder, cfg: ml_collections.ConfigDict, host: bool = False):
+  def __init__(self, text: umt5.UMT5Encoder, settings: Settings, host: bool = False):
     graphdef, state = nnx.split(text)
     self.state = jax.device_get(state) if host else state
     encode_fn = jax.jit(lambda state, ids, lengths: nnx.merge(graphdef, state)(ids, lengths))
-    tokenizer = make_tokenizer(cfg)
+    tokenizer = make_tokenizer(settings)
 
     def encode(prompts):
       ids, lengths = tokenizer(prompts)
       return np.asarray(encode_fn(self.state, ids, lengths)), lengths
 
     self.prompts = text_cache.PromptCache(encode)
-    self.templates = embodiments.prompt_templates(cfg.data)
+    self.templates = embodiments.prompt_templates(settings.data)
 
   def text(self, instructions: Sequence[str | bytes], embodiment_ids: Sequence[int],
            negative_prompt: str | None = None) -> jax.Array:
@@ -213,8 +214,8 @@ class BatchEncoder:
   and CLIP features from `cache` (training/latent_cache.py), which `pixels` filled.
   """
 
-  def __init__(self, encoders: FrozenEncoders, cfg: ml_collections.ConfigDict, cache=None):
-    self.i2v = uses_i2v_condition(cfg)
+  def __init__(self, encoders: FrozenEncoders, settings: Settings, cache=None):
+    self.i2v = uses_i2v_condition(settings)
     self.cache = cache
     graphdef, state = nnx.split(encoders)
     self._state = state
@@ -227,7 +228,7 @@ class BatchEncoder:
       return jax.lax.stop_gradient((latents, i2v_cond, image))
 
     self._pixels = jax.jit(pixels)
-    self.prompts = PromptEncoder(encoders.text, cfg)
+    self.prompts = PromptEncoder(encoders.text, settings)
 
   def pixels(self, video) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Video [B, T, H, W, 3] in [-1, 1] -> (VAE latents, I2V condition or None, CLIP features or None)."""

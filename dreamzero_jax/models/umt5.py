@@ -16,12 +16,12 @@ from typing import Callable, Sequence
 import ftfy
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import sentencepiece
 from flax import nnx
 
 from dreamzero_jax.models import layers
+from dreamzero_jax.settings import TextEncoderSettings
 
 # Per-layer parameters, all stacked on a leading 'layers' axis: name -> logical axes.
 _LAYER_AXES = {
@@ -89,7 +89,7 @@ def _layer(x: jax.Array, p: dict[str, jax.Array], buckets: np.ndarray, valid: ja
 class UMT5Encoder(nnx.Module):
   """umT5 encoder: token ids [B, L] and true lengths [B] -> embeddings [B, L, dim], zero past length."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=jnp.float32,
+  def __init__(self, cfg: TextEncoderSettings, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, eps: float = 1e-6):
     if cfg.dim % cfg.num_heads:
       raise ValueError(f'text_encoder.dim {cfg.dim} is not a multiple of num_heads {cfg.num_heads}')

@@ -17,11 +17,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from dreamzero_jax.models import layers
+from dreamzero_jax.settings import VAESettings
 
 # Published per-channel statistics of Wan2.1 VAE latents: latents = (mu - mean) / std.
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -298,7 +298,7 @@ class Stage(nnx.Module):
 class Encoder(nnx.Module):
   """Pixels (patchified in Wan2.2) [B, T, H, W, C] -> [B, F, h, w, 2z] (mu, log-variance)."""
 
-  def __init__(self, cfg_vae: ml_collections.ConfigDict, in_channels: int, residual: bool, *,
+  def __init__(self, cfg_vae: VAESettings, in_channels: int, residual: bool, *,
                rngs: nnx.Rngs):
     mult = tuple(cfg_vae.dim_mult)
     dims = [cfg_vae.base_dim * m for m in (1, *mult)]
@@ -334,7 +334,7 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
   """Latents [B, F, h, w, z] (after post_quant_conv) -> pixels [B, 1 + 4 (F - 1), H, W, C]."""
 
-  def __init__(self, cfg_vae: ml_collections.ConfigDict, base_dim: int, out_channels: int,
+  def __init__(self, cfg_vae: VAESettings, base_dim: int, out_channels: int,
                residual: bool, *, rngs: nnx.Rngs):
     mult = tuple(cfg_vae.dim_mult)
     dims = [base_dim * m for m in (mult[-1], *mult[::-1])]
@@ -391,7 +391,7 @@ def _unpatchify(x: jax.Array, p: int) -> jax.Array:
 class WanVAE(nnx.Module):
   """The Wan VAE: encode (streaming or whole clip) to normalised mu, decode, and the I2V y."""
 
-  def __init__(self, cfg_vae: ml_collections.ConfigDict, *, dtype: Any = jnp.float32,
+  def __init__(self, cfg_vae: VAESettings, *, dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
     if cfg_vae.kind not in _KINDS:
       raise ValueError(f'vae.kind={cfg_vae.kind!r} is not supported (supported: {list(_KINDS)})')

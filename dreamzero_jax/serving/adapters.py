@@ -37,30 +37,30 @@ class PolicyServerBackend:
 
   def __init__(self, policy: Policy):
     self.policy = policy
-    cfg = policy.cfg
-    self.cameras = [f'observation/{c}' for c in cfg.data.cameras]
-    self.state_fields = state_fields(cfg.data.embodiment, policy.embodiment.state_dim)
-    cam_h, cam_w = cfg.serve.camera_height, cfg.serve.camera_width
-    spec = {k: {'shape': [cfg.video.frames_per_chunk, cam_h, cam_w, 3], 'dtype': 'uint8'} for k in self.cameras}
+    data, video, serve = policy.settings.data, policy.settings.video, policy.settings.serve
+    self.cameras = [f'observation/{c}' for c in data.cameras]
+    self.state_fields = state_fields(data.embodiment, policy.embodiment.state_dim)
+    cam_h, cam_w = serve.camera_height, serve.camera_width
+    spec = {k: {'shape': [video.frames_per_chunk, cam_h, cam_w, 3], 'dtype': 'uint8'} for k in self.cameras}
     spec.update({k: {'shape': [n], 'dtype': 'float32'} for k, n in self.state_fields.items()})
     e = policy.embodiment
-    self._metadata = dict(observation_spec=spec, action_shape=[cfg.video.action_horizon, e.action_dim],
-                          action_horizon=cfg.video.action_horizon, control_hz=cfg.data.control_hz,
+    self._metadata = dict(observation_spec=spec, action_shape=[video.action_horizon, e.action_dim],
+                          action_horizon=video.action_horizon, control_hz=data.control_hz,
                           embodiment=e.name, protocol_version=protocol.PROTOCOL_VERSION)
     aliases = e.camera_aliases.get(roboarena.NAME, {})
-    if aliases and set(aliases.values()) == set(cfg.data.cameras):
+    if aliases and set(aliases.values()) == set(data.cameras):
       self._metadata[roboarena.NAME] = dict(
           cameras={f'observation/{theirs}': f'observation/{ours}' for theirs, ours in aliases.items()},
-          frames_per_call=cfg.serve.roboarena_frames)
+          frames_per_call=serve.roboarena_frames)
 
   @property
   def metadata(self):
     return self._metadata
 
   def _canvas(self, observation) -> np.ndarray:
-    cfg = self.policy.cfg
-    return canvas.compose_arrays([observation[k] for k in self.cameras], cfg.data.canvas_layout,
-                                 cfg.video.height, cfg.video.width, cfg.data.augment_crop_scale)
+    data, video = self.policy.settings.data, self.policy.settings.video
+    return canvas.compose_arrays([observation[k] for k in self.cameras], data.canvas_layout,
+                                 video.height, video.width, data.augment_crop_scale)
 
   def _state(self, observation) -> np.ndarray:
     return np.concatenate([np.asarray(observation[k], np.float32).reshape(-1) for k in self.state_fields])
@@ -80,7 +80,7 @@ class PolicyServerBackend:
               for k, e in self._metadata['observation_spec'].items()}
     first = blank(1)
     _, ep, _ = self.infer(self.new_session('warm up', first), first)
-    self.infer(ep, blank(self.policy.cfg.video.frames_per_chunk))
+    self.infer(ep, blank(self.policy.settings.video.frames_per_chunk))
 
   def infer_with_video(self, session_state, observation):
     """infer() plus the predicted video latents of the chunk (for evaluation videos)."""

@@ -29,6 +29,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from dreamzero_jax import settings as settings_lib
 from dreamzero_jax.datasets import pipeline
 from dreamzero_jax.datasets.episodes import DataError
 
@@ -66,7 +67,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _members(cfg):
-  return [pipeline.open_member(cfg, name, weight, train=False) for name, weight in pipeline.mixture(cfg)]
+  settings = settings_lib.from_config(cfg)
+  return [pipeline.open_member(settings, name, weight, train=False)
+          for name, weight in pipeline.mixture(settings.data)]
 
 
 def fingerprint(cfg: ml_collections.ConfigDict, encoders, members, distinct: list[np.ndarray]) -> str:

@@ -20,6 +20,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from dreamzero_jax import checkpoint
+from dreamzero_jax import settings as settings_lib
 from dreamzero_jax.datasets import normalization, pipeline
 from dreamzero_jax.models import encoders
 from dreamzero_jax.training import latent_cache, train_aot, trainer
@@ -107,9 +108,9 @@ def check_resumed_stats(saved: dict, dataset: dict, workdir: str, step: int) -> 
                      'norm_stats.json, or train in a new workdir')
 
 
-def _norm_stats(cfg) -> dict:
+def _norm_stats(settings: settings_lib.Settings) -> dict:
   """The statistics that normalise the primary dataset (saved with it, or computed as the pipeline does)."""
-  return pipeline.open_member(cfg, cfg.data.name, 1.0, train=True).loader.stats
+  return pipeline.open_member(settings, settings.data.name, 1.0, train=True).loader.stats
 
 
 def _compiled_step(cfg, graphdef, abstract_state):
@@ -122,14 +123,15 @@ def _compiled_step(cfg, graphdef, abstract_state):
 def start_params(cfg: ml_collections.ConfigDict) -> dict:
   """The DiT parameters a fresh run starts from (host arrays): init.pretrained's newest checkpoint
   (a run of the same model), else encoders.initial_dit_params (init.converted or random)."""
+  settings = settings_lib.from_config(cfg)
   if not cfg.init.pretrained:
-    return encoders.initial_dit_params(cfg)
+    return encoders.initial_dit_params(settings)
   ckpt = checkpoint.Checkpointer(cfg.init.pretrained, async_save=False)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise checkpoint.IncompatibleCheckpointError(f'init.pretrained: {cfg.init.pretrained} holds no checkpoint')
-    abstract = jax.eval_shape(lambda: encoders.initial_dit_shapes(cfg))
+    abstract = jax.eval_shape(lambda: encoders.initial_dit_shapes(settings))
     params = ckpt.restore_model_params(step, abstract, cfg)
   finally:
     ckpt.close()
@@ -149,19 +151,23 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
   last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
   deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
   os.makedirs(workdir, exist_ok=True)
-  frozen = encoders.build_frozen_encoders(cfg)
+  settings = settings_lib.from_config(cfg)
+  frozen = encoders.build_frozen_encoders(settings)
   # The checkpoint's config records the trained VAE's digest: evaluation and serving refuse
   # other weights under that path, and resuming on another VAE is refused as incompatible.
-  cfg = encoders.with_vae_digest(cfg)
-  encode = encoders.BatchEncoder(frozen, cfg)
+  settings = encoders.with_vae_digest(settings)
+  if settings.init.vae_sha256 != cfg.init.vae_sha256:
+    cfg = cfg.copy_and_resolve_references()
+    cfg.init.vae_sha256 = settings.init.vae_sha256
+  encode = encoders.BatchEncoder(frozen, settings)
   if data is None:
     rows = None
     if cfg.data.latent_cache:
       encode.cache = latent_cache.build_or_load(cfg, workdir, encode, frozen)
       rows = encode.cache.member_rows
       print(f'latent cache: {len(encode.cache.valid)} clips in {encode.cache.path}')
-    data = iter(pipeline.make_dataset(cfg, train=True, latent_rows=rows))
-    norm_stats = _norm_stats(cfg)
+    data = iter(pipeline.make_dataset(settings, train=True, latent_rows=rows))
+    norm_stats = _norm_stats(settings)
   graphdef, abstract = trainer.abstract_train_state(cfg)
   dit_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
       jax.eval_shape(lambda s: trainer.full_params(s, cfg.train), abstract)))

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from dreamzero_jax import settings as settings_lib
 from dreamzero_jax import sharding
 from dreamzero_jax.models.dit import DreamZeroDiT, build_dit
 from dreamzero_jax.models.lora import Params, init_lora, merge_lora
@@ -82,8 +83,9 @@ def state_from_params(params: Params, cfg: ml_collections.ConfigDict, rng: jax.A
 
 def abstract_train_state(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, TrainState]:
   """The graph and the TrainState's shapes, without materialising parameters (for restores)."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0))))
-  state = jax.eval_shape(lambda: init_train_state(build_dit(cfg.model, rngs=nnx.Rngs(0)), cfg,
+  model = settings_lib.from_config(cfg).model
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_dit(model, rngs=nnx.Rngs(0))))
+  state = jax.eval_shape(lambda: init_train_state(build_dit(model, rngs=nnx.Rngs(0)), cfg,
                                                   jax.random.key(0))[1])
   return graphdef, state
 
@@ -158,7 +160,8 @@ def make_update(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict):
 
 def abstract_model(cfg: ml_collections.ConfigDict) -> nnx.Module:
   """The DiT with ShapeDtypeStruct leaves: shapes and logical axes, no memory (instant for 14B)."""
-  return nnx.eval_shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))
+  model = settings_lib.from_config(cfg).model
+  return nnx.eval_shape(lambda: build_dit(model, rngs=nnx.Rngs(0)))
 
 
 def train_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh, abstract_state: TrainState,

@@ -46,6 +46,7 @@ import optax
 from flax import nnx
 
 from dreamzero_jax import checkpoint
+from dreamzero_jax import settings as settings_lib
 from dreamzero_jax.config import ConfigError, load_config, split_config_args
 from dreamzero_jax.datasets import canvas
 from dreamzero_jax.errors import DataError
@@ -76,7 +77,7 @@ def episode_frames(cfg: ml_collections.ConfigDict) -> EpisodeFrames:
   """The canvases of cfg.data.name's episodes; the last vae_train.heldout_fraction (at least one)
   held out."""
   from dreamzero_jax.datasets import pipeline  # here: the objective and update import without TFDS/Grain
-  member = pipeline.open_member(cfg, cfg.data.name, 1.0, train=False)
+  member = pipeline.open_member(settings_lib.from_config(cfg), cfg.data.name, 1.0, train=False)
   dataset, spec = member.loader.dataset, member.loader.spec
   count = len(dataset.lowdim)
   held = max(1, round(cfg.vae_train.heldout_fraction * count))
@@ -308,7 +309,7 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = 
   if done:
     return done
   frames = frames or episode_frames(cfg)
-  graphdef, params = nnx.split(vae_lib.WanVAE(cfg.vae, rngs=nnx.Rngs(cfg.seed + 1)))
+  graphdef, params = nnx.split(vae_lib.WanVAE(settings_lib.from_config(cfg).vae, rngs=nnx.Rngs(cfg.seed + 1)))
   params = params.to_pure_dict()
   opt_state = make_optimizer(t).init(params)
   step = 0

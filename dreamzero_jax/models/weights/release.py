@@ -13,7 +13,6 @@ import os
 from typing import Any, Iterable
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -22,6 +21,7 @@ from dreamzero_jax import checkpoint
 from dreamzero_jax.checkpoint import IncompatibleCheckpointError
 from dreamzero_jax.models import clip, umt5, vae
 from dreamzero_jax.models.dit import build_dit
+from dreamzero_jax.settings import Settings, as_dict
 
 # Component -> (where its parameters live in the output tree, what to call it in messages).
 COMPONENTS = {
@@ -39,23 +39,23 @@ SECTIONS = {'dit': 'model', 'vae': 'vae', 'text': 'text_encoder', 'image': 'imag
 MANIFEST = 'manifest.json'
 
 
-def config_components(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The components a model of this config has (no CLIP without an image branch)."""
-  return ('dit', 'vae', 'text') + (('image',) if cfg.model.image_dim else ())
+def config_components(settings: Settings) -> tuple[str, ...]:
+  """The components a model of these settings has (no CLIP without an image branch)."""
+  return ('dit', 'vae', 'text') + (('image',) if settings.model.image_dim else ())
 
 
-def abstract_params(cfg: ml_collections.ConfigDict, components: Iterable[str] | None = None) -> dict[str, dict]:
+def abstract_params(settings: Settings, components: Iterable[str] | None = None) -> dict[str, dict]:
   """{'dit': ..., 'encoders': {'vae', 'text', 'image'}}: the nnx.Param pure dicts of `components`
   (default: all the config has) as ShapeDtypeStructs (nothing allocated). The encoders are built one
   by one, so an absent component's config is never read."""
-  components = set(config_components(cfg) if components is None else components)
+  components = set(config_components(settings) if components is None else components)
   shape = lambda make: nnx.state(nnx.eval_shape(make), nnx.Param).to_pure_dict()
   out: dict[str, dict] = {}
   if 'dit' in components:
-    out['dit'] = shape(lambda: build_dit(cfg.model, rngs=nnx.Rngs(0)))
-  makers = {'vae': lambda: vae.WanVAE(cfg.vae, rngs=nnx.Rngs(0)),
-            'text': lambda: umt5.UMT5Encoder(cfg.text_encoder, rngs=nnx.Rngs(0)),
-            'image': lambda: clip.CLIPVision(cfg.image_encoder, rngs=nnx.Rngs(0))}
+    out['dit'] = shape(lambda: build_dit(settings.model, rngs=nnx.Rngs(0)))
+  makers = {'vae': lambda: vae.WanVAE(settings.vae, rngs=nnx.Rngs(0)),
+            'text': lambda: umt5.UMT5Encoder(settings.text_encoder, rngs=nnx.Rngs(0)),
+            'image': lambda: clip.CLIPVision(settings.image_encoder, rngs=nnx.Rngs(0))}
   encoders = {name: shape(make) for name, make in makers.items() if name in components}
   if encoders:
     out['encoders'] = encoders
@@ -83,7 +83,7 @@ def read_manifest(directory: str) -> dict:
     return json.load(f)
 
 
-def load_converted(directory: str, cfg: ml_collections.ConfigDict,
+def load_converted(directory: str, settings: Settings,
                    parts: tuple[str, ...] = ('dit', 'encoders')) -> tuple[dict | None, dict | None]:
   """(DiT params, encoder params) as nnx.Param pure dicts of numpy arrays, from a `convert` output.
 
@@ -96,7 +96,7 @@ def load_converted(directory: str, cfg: ml_collections.ConfigDict,
   present = set(read_manifest(directory)['components'])
   wanted = set()
   for part in parts:
-    wanted |= {'dit'} if part == 'dit' else set(config_components(cfg)) - {'dit'}
+    wanted |= {'dit'} if part == 'dit' else set(config_components(settings)) - {'dit'}
   absent = [name for name in COMPONENTS if name in wanted - present]
   if absent:
     raise IncompatibleCheckpointError(
@@ -104,11 +104,11 @@ def load_converted(directory: str, cfg: ml_collections.ConfigDict,
         f'({",".join(absent)}): convert a source that holds them '
         f'(python -m dreamzero_jax.convert --components {",".join(absent)} ...)')
   with open(config_path) as f:
-    diffs = checkpoint.config_differences(json.load(f), cfg, tuple(SECTIONS[c] for c in sorted(wanted)),
+    diffs = checkpoint.config_differences(json.load(f), as_dict(settings), tuple(SECTIONS[c] for c in sorted(wanted)),
                                           ignore=RUNTIME_FIELDS)
   if diffs:
     raise IncompatibleCheckpointError(f'{directory} was converted for another config: ' + '; '.join(diffs))
-  abstract = abstract_params(cfg, wanted)
+  abstract = abstract_params(settings, wanted)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
   restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
       os.path.join(os.path.abspath(directory), 'params'),

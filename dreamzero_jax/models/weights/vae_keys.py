@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-import ml_collections
 import numpy as np
 
 from dreamzero_jax.models.weights.common import Target, torch_conv
+from dreamzero_jax.settings import VAESettings
 
 KINDS = ('wan2.1', 'wan2.2')   # the vae.kind values whose checkpoint layouts these maps place
 
@@ -56,7 +56,7 @@ def _stage_entry(part: str, stage: int, index: int, rest: str, stage_len: int,
   return _module(path + ('resnets', index), rest, residual)
 
 
-def _stage_lengths(cfg_vae: ml_collections.ConfigDict) -> dict[str, int]:
+def _stage_lengths(cfg_vae: VAESettings) -> dict[str, int]:
   return {'encoder': cfg_vae.num_res_blocks + 1, 'decoder': cfg_vae.num_res_blocks + 2}
 
 
@@ -71,7 +71,7 @@ def _shared_key(part: str, rest: str, residual: dict[str, str], names: dict[str,
   return None
 
 
-def official_key_map(cfg_vae: ml_collections.ConfigDict) -> Callable[[str], Target | None]:
+def official_key_map(cfg_vae: VAESettings) -> Callable[[str], Target | None]:
   """Key map for the official Wan checkpoints (modules.vae2_1 / vae2_2 WanVAE_ names)."""
   if cfg_vae.kind not in KINDS:
     raise ValueError(f'no official key map for vae.kind={cfg_vae.kind!r}')
@@ -99,7 +99,7 @@ def official_key_map(cfg_vae: ml_collections.ConfigDict) -> Callable[[str], Targ
   return key_map
 
 
-def diffusers_key_map(cfg_vae: ml_collections.ConfigDict) -> Callable[[str], Target | None]:
+def diffusers_key_map(cfg_vae: VAESettings) -> Callable[[str], Target | None]:
   """Key map for diffusers AutoencoderKLWan state_dict names."""
   if cfg_vae.kind not in KINDS:
     raise ValueError(f'no diffusers key map for vae.kind={cfg_vae.kind!r}')
