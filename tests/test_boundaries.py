@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dreamzero_jax import checks
+from dreamzero_jax import checks, settings
 from dreamzero_jax.config import load_config
 from dreamzero_jax.inference import rollout
 from dreamzero_jax.inference.policy import Episode, Policy
@@ -65,13 +65,13 @@ def test_objective_refuses_a_latent_batch_off_its_contract_even_under_jit():
 
 @pytest.fixture(scope='module')
 def policy():
-  cfg = load_config('configs/tiny.py', SMALL)
+  cfg = settings.from_config(load_config('configs/tiny.py', SMALL))
   return Policy(cfg, build_dit(cfg.model, rngs=nnx.Rngs(0)), encoders.FrozenEncoders(cfg, rngs=nnx.Rngs(1)),
                 helpers.STATS)
 
 
 def test_policy_refuses_observations_off_the_config(policy):
-  v = policy.cfg.video
+  v = policy.settings.video
   frame, state = np.zeros((v.height, v.width, 3), np.float32), np.zeros(policy.embodiment.state_dim)
   _refused('first_frame', policy.reset, 'reach', frame[:, :-1], state,
            what=r'has shape \(32, 31, 3\) but expected \(32, 32, 3\)')
@@ -87,7 +87,7 @@ def test_policy_refuses_observations_off_the_config(policy):
 
 def test_rollout_functions_refuse_pytrees_off_the_spec():
   """Each chunk function checks its pytrees while it is traced (the networks are not even read)."""
-  spec = rollout.RolloutSpec.from_config(load_config('configs/tiny.py', SMALL))
+  spec = rollout.RolloutSpec.from_config(settings.from_config(load_config('configs/tiny.py', SMALL)))
   none = (None, None)
   cache = kv_cache.empty_cache(spec.num_layers, spec.batch, spec.capacity, spec.num_heads, spec.head_dim)
   cross_kv = (jnp.zeros((spec.num_layers, spec.batch, 8, spec.num_heads, spec.head_dim)),) * 2
