@@ -18,7 +18,7 @@ Rule = tuple[str, Any]   # a logical axis -> None, a mesh axis, or a tuple of me
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-  """`model.*`: the DiT and DreamZero's action/state modules (defaults.py documents each field)."""
+  """`model.*`: the DiT and DreamZero's action/state modules (config.py documents each field)."""
   dim: int
   num_layers: int
   num_heads: int
@@ -208,7 +208,7 @@ class InitSettings:
 
 @dataclasses.dataclass(frozen=True)
 class VAETrainSettings:
-  """`vae_train.*`: training the VAE on the dataset's canvases (training/vae.py)."""
+  """`vae_train.*`: training the VAE on the dataset's canvases (training/vae_training.py)."""
   steps: int
   batch_size: int
   image_batch: int
