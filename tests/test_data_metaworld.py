@@ -69,7 +69,7 @@ def test_grid_canvas_has_black_bottom_right(mw_dir):
 
 def test_training_batches_pass_the_contract_check_of_the_loop(mw_dir):
   cfg = _config(mw_dir)
-  batch = next(iter(pipeline.make_dataset(cfg, process_index=0, process_count=1)))
+  batch = next(iter(pipeline.make_dataset(settings.from_config(cfg), process_index=0, process_count=1)))
   loop.check_data_batch(batch, cfg)   # every field's shape and dtype kind (pipeline.check_batch)
   with pytest.raises(ValueError, match=r"^batch\['chunk_mask'\]: has type int64 but expected bool$"):
     loop.check_data_batch(dict(batch, chunk_mask=batch['chunk_mask'].astype(np.int64)), cfg)

@@ -103,6 +103,9 @@ def test_sharded_loop_on_four_devices_resumes_and_matches_one_device(tmp_path):
                _restored_params(str(tmp_path / 'sharded'), cfg), _params(str(tmp_path / 'single')))
 
 
+# ~36 s on 2 cores: under -m slow for CI time. CI keeps its parts: LoRA training (test_train_step's
+# test_lora_trains_only_its_factors), LoRA+EMA serving (test_load_policy), resume (the 2 -> 4 test above).
+@pytest.mark.slow
 def test_lora_with_ema_trains_and_resumes_keeping_the_base_frozen(tmp_path):
   cfg = load_config('configs/tiny.py', CFG_OVERRIDES + ['train.steps=2', 'train.lora_rank=2', 'train.ema_decay=0.9'])
   batches = synthetic_batches(cfg)
