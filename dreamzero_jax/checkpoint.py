@@ -13,6 +13,8 @@ one and an incompatible checkpoint is refused naming every differing field.
 Small pytrees (the VAE trained here, its optimiser) are also kept as plain .npz files read without
 pickle (`save_arrays` / `load_arrays`), and a weights directory (`save_weights` / `load_weights`)
 pairs one with a JSON of what made it; both are written whole or not at all, never non-finite.
+A run's served parameters exported to a weights directory (`export_model_params`) are what another
+run starts from (init.pretrained, `load_model_params`) without the workdir's optimiser state.
 """
 from __future__ import annotations
 
@@ -299,3 +301,47 @@ def weights_digest(directory: str) -> str:
 def load_weights(directory: str, target):
   """The parameters of a weights directory in the structure of `target` (see load_arrays)."""
   return load_arrays(os.path.join(directory, WEIGHTS_FILE), target)
+
+
+# ---- a model's parameters to start another run from (init.pretrained) -----------------------------
+
+def export_model_params(workdir: str, directory: str, abstract_params, config) -> int:
+  """Writes the newest checkpoint's `params` item of `workdir` (restore_model_params) as a weights
+  directory, its meta the checkpoint's config and step: what init.pretrained starts a run from,
+  a fraction of the workdir's bytes (no optimiser state). Returns the step."""
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise IncompatibleCheckpointError(f'{workdir} holds no checkpoint to export')
+    params = ckpt.restore_model_params(step, abstract_params, config)
+    saved = ckpt.read_config(step)
+  finally:
+    ckpt.close()
+  save_weights(directory, jax.tree.map(np.asarray, params), dict(config=saved, step=int(step)))
+  return int(step)
+
+
+def load_model_params(path: str, abstract_params, config):
+  """init.pretrained's parameters: a weights directory written by export_model_params, or a train
+  workdir's newest checkpoint; refused (IncompatibleCheckpointError naming init.pretrained) when
+  they belong to another model, are missing, or hold another shape or non-finite values."""
+  if os.path.isfile(os.path.join(path, META_FILE)):
+    diffs = config_differences(read_weights_meta(path).get('config', {}), config, fields=('model',),
+                               ignore=EXECUTION_FIELDS)
+    if diffs:
+      raise IncompatibleCheckpointError(f'init.pretrained: {path} holds another model: ' + '; '.join(diffs))
+    try:
+      return load_weights(path, abstract_params)
+    except ValueError as e:
+      raise IncompatibleCheckpointError(f'init.pretrained: {e}') from None
+  if not os.path.isdir(path):
+    raise IncompatibleCheckpointError(f'init.pretrained: {path} is neither a weights directory nor a train workdir')
+  ckpt = Checkpointer(path, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise IncompatibleCheckpointError(f'init.pretrained: {path} holds no checkpoint')
+    return ckpt.restore_model_params(step, abstract_params, config)
+  finally:
+    ckpt.close()

@@ -164,9 +164,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # the frozen VAE's weights, random or converted, wherever it runs; '' = keep them.
   # init.vae_sha256: the digest of init.vae's parameters the DiT was trained with (training records
   # it; loading other weights under that path, or resuming on them, is refused); '' = unchecked.
-  # init.pretrained: a train.py workdir of the same model (e.g. a video-only pretraining run) whose
-  # newest parameters (EMA when kept) a fresh run starts the DiT from, with a fresh optimiser;
-  # '' = init.converted or random.
+  # init.pretrained: the DiT parameters of the same model a fresh run starts from, with a fresh
+  # optimiser: a train.py workdir (e.g. a video-only pretraining run; its newest parameters, EMA when
+  # kept) or a weights directory exported from one (checkpoint.export_model_params); '' =
+  # init.converted or random.
   c.init = ml_collections.ConfigDict(dict(converted='', vae='', vae_sha256='', pretrained=''))
 
   # Training the VAE on the dataset's canvases (dreamzero_jax/training/vae_training.py, docs/small_scale.md)

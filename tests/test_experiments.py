@@ -179,7 +179,9 @@ def test_pretraining_fine_tuning_video_demos_and_seeds_end_to_end(tmp_path, monk
     ckpt = checkpoint.Checkpointer(os.path.join(out, 'arms', run, 'train'), async_save=False)
     cfgs.append(ckpt.read_config(ckpt.latest_step()))
     ckpt.close()
-  assert cfgs[0]['init']['pretrained'] == cfgs[1]['init']['pretrained'] == os.path.join(out, 'pretrain', 'train')
+  # ... the pretraining's parameters exported as a weights directory (no optimiser state).
+  assert cfgs[0]['init']['pretrained'] == cfgs[1]['init']['pretrained'] == os.path.join(out, 'pretrain', 'weights')
+  assert summary['pretrain']['weights'] == 'pretrain/weights'
   assert (cfgs[0]['seed'], cfgs[1]['seed']) == (0, 1)
   row = {r['name']: r for r in summary['claims']}['videodemos_lift_unseen']
   assert row['verdict'] == 'pending' and row['a']['seeds'] == 2 and row['a']['value'] is not None
@@ -193,3 +195,39 @@ def test_pretraining_fine_tuning_video_demos_and_seeds_end_to_end(tmp_path, monk
   monkeypatch.setattr(claims.loop, 'train', must_not_run)
   monkeypatch.setattr(claims.eval_cli, 'main', must_not_run)
   assert experiments_cli.main(argv) == 0
+
+  # DIR committed and cloned elsewhere (a fresh machine: no data, no checkpoints): nothing to redo.
+  import subprocess
+  git = lambda *a, cwd=out: subprocess.run(['git', *a], cwd=cwd, check=True, capture_output=True)  # noqa: E731
+  git('init', '-q')
+  git('add', '.')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'suite')
+  clone = str(tmp_path / 'clone')
+  git('clone', '-q', out, clone, cwd=str(tmp_path))
+  assert not os.path.exists(os.path.join(clone, 'data', 'diverse'))
+  assert not os.path.exists(os.path.join(clone, 'pretrain', 'train', 'checkpoints'))
+  assert os.path.exists(os.path.join(clone, 'pretrain', 'weights', 'params.npz'))
+  monkeypatch.setattr(claims.datasets_cli, 'main', must_not_run)
+  moved = [clone if a == out else a for a in argv]
+  assert experiments_cli.main(moved) == 0
+  again = json.load(open(os.path.join(clone, 'claims.json')))
+  assert again['arms'] == runs and again['pretrain']['status'] == 'finished'
+  assert again['data']['videodemos']['video_only_frames'] == data['video_only_frames']
+  # A rebuild is the same data (the build is deterministic; checked against the kept digest) ...
+  monkeypatch.undo()
+  suite = claims.Suite(*claims.parse(moved[1:]), moved[1:])
+  assert suite.build_data('diverse') == 0
+  # ... and a rebuild that differs is refused, not mixed into the results.
+  record = suite.data_record('diverse')
+  kept = json.load(open(record))
+  json.dump(dict(kept, digest='0' * 64), open(record, 'w'))
+  os.remove(os.path.join(clone, 'data', 'diverse', 'built.json'))
+  assert suite.build_data('diverse') == 1
+
+  # init.pretrained refuses the weights of another model, naming the field.
+  from dreamzero_jax.config import load_config
+  from dreamzero_jax.training import loop
+  cfg = load_config('configs/metaworld_cpu.py', [o.removeprefix('--config.') for o in TINY]
+                    + [f"init.pretrained={os.path.join(clone, 'pretrain', 'weights')!r}", 'model.dim=64'])
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match='init.pretrained: .* holds another model: model.dim'):
+    loop.start_params(cfg)

@@ -17,7 +17,8 @@ video-only pretraining (DIR/pretrain/train: the action loss off, on video-only e
 the ML45 train tasks), then per arm and seed the training (DIR/arms/ARM[-seedK]/train; each run
 trains at most `--budget_minutes`, a rerun resumes) and the closed-loop evaluations
 (.../eval/EVAL/report.json: the seen tasks on variations the data never held, and unseen tasks, by
-default the held-out ML45 test tasks). An arm whose reports all exist is finished and skipped. Every
+default the held-out ML45 test tasks). An arm whose reports all exist is finished and skipped. DIR is
+made to be committed and continued on another machine (GITIGNORE; docs/claims.md, "Across machines"). Every
 run rewrites DIR/claims.json, DIR/claims.md and DIR/figures/*.png from the reports there: per claim
 our numbers with 95% intervals over seeds and episodes beside the paper's and a verdict (VERDICT_RULE).
 
@@ -30,11 +31,13 @@ splits the work over several runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import sys
 
+import jax
 import numpy as np
 
 from dreamzero_jax import checkpoint
@@ -46,6 +49,8 @@ from dreamzero_jax.evaluation import results, tasks as tasks_lib
 from dreamzero_jax.experiments.arms import (ARMS, BASELINE_COLORS, BASELINES, BOOTSTRAP_SEED, CLAIMS, EVALS,
                                             FIGURES, LATENCY, METRICS, SPLITS, VERDICT_RULE, eval_metrics, judge,
                                             label)
+from dreamzero_jax.models import encoders
+from dreamzero_jax.settings import from_config
 from dreamzero_jax.training import loop
 from dreamzero_jax.training import vae_training
 
@@ -60,6 +65,17 @@ DATA_SEED = 0          # the expert episodes' build seed (variations 0.., reset 
 EVAL_SEED = 1000       # eval.py's default: seen-task episodes in variations the data never held
 # Seconds per unit on an idle 2-core CPU (the module docstring), for the estimate printed at start.
 SECONDS = dict(episode=3.0, vae_update=0.37, step=0.2, wide_step=0.6, eval_episode=4.8)
+# DIR/.gitignore: what a rerun rebuilds (the data, from its build seed) or no longer needs once a stage is
+# done (checkpoints with their optimiser state, GIFs). The rest of DIR is what the suite keeps: its
+# settings, each data setting's record and digest, the VAE's and the pretrained DiT's weights, every
+# report, training log and figure, so DIR can be committed and the run continued on another machine.
+GITIGNORE = '''# Written by `python -m dreamzero_jax.experiments claims` (docs/claims.md, "Outputs and resuming").
+data/*/
+vae/*/vae_state.npz
+pretrain/train/checkpoints/
+arms/*/train/checkpoints/
+*.gif
+'''
 
 
 def parse(argv):
@@ -179,8 +195,15 @@ class Suite:
     return [(n, k) for k in range(self.args.seeds) for n in names if k < self.seeds_of(n)]
 
   def needed_data(self) -> list[str]:
-    needed = ['diverse', *(ARMS[a].data for a in self.arms)]   # the baselines' config: diverse
-    if any(ARMS[a].pretrained for a in self.arms):
+    """The data settings the work left needs: the diverse data for the VAE and the baselines (their
+    config), each unfinished run's, the pretraining data until the pretrained DiT is exported."""
+    needed = []
+    if ((self.args.vae == 'trained' and not os.path.exists(self.path('vae', f'{VAE_SETTING}.json')))
+        or not all(os.path.exists(self.baseline_path(kind)) for kind in BASELINES)):
+      needed.append(VAE_SETTING)
+    unfinished = [name for name, seed in self.runs(self.arms) if not self.finished(name, seed)]
+    needed += [ARMS[name].data for name in unfinished]
+    if any(ARMS[name].pretrained for name in unfinished) and not self.pretrained():
       needed.append('pretrain')
     return list(dict.fromkeys(needed))
 
@@ -193,10 +216,13 @@ class Suite:
       diffs = [f'{k}: {saved.get(k)!r} before, {v!r} now' for k, v in self.settings.items() if saved.get(k) != v]
       if diffs:
         raise ConfigError(f'{self.out} was run with other settings ({"; ".join(diffs)}): use them, or a new --out')
-      return
-    os.makedirs(self.out, exist_ok=True)
-    with open(path, 'w') as fh:
-      json.dump(self.settings, fh, indent=1)
+    else:
+      os.makedirs(self.out, exist_ok=True)
+      with open(path, 'w') as fh:
+        json.dump(self.settings, fh, indent=1)
+    if not os.path.exists(self.path('.gitignore')):
+      with open(self.path('.gitignore'), 'w') as fh:
+        fh.write(GITIGNORE)
 
   # ---- stages ------------------------------------------------------------------------------------
 
@@ -205,6 +231,7 @@ class Suite:
     data_dir, args = self.path('data', setting), self.args
     marker = os.path.join(data_dir, 'built.json')
     if os.path.exists(marker):
+      self.write_data_record(setting)
       return 0
     if os.path.isdir(data_dir):
       shutil.rmtree(data_dir)
@@ -216,10 +243,38 @@ class Suite:
       argv += ['--video_only_tasks', ','.join(video_only), '--video_only_episodes', str(video_episodes)]
     print(f'[data] {setting}: {len(tasks)} tasks ({len(video_only)} video-only) in {data_dir}', flush=True)
     code = datasets_cli.main(argv)
-    if code == 0:
-      with open(marker, 'w') as fh:
-        json.dump(dict(argv=argv), fh)
-    return code
+    if code:
+      return code
+    digest, record = data_digest(data_dir), self.data_record(setting)
+    if os.path.exists(record):   # rebuilt on another machine: it must be the data the earlier runs had
+      with open(record) as fh:
+        want = json.load(fh)['digest']
+      if digest != want:
+        print(f'error: {data_dir} was rebuilt with other contents (digest {digest[:12]}... where the runs '
+              f'recorded in {record} had {want[:12]}...): the results would mix two datasets', file=sys.stderr)
+        return 1
+    with open(marker, 'w') as fh:
+      json.dump(dict(argv=argv), fh)
+    self.write_data_record(setting, digest)
+    return 0
+
+  def write_data_record(self, setting: str, digest: str | None = None) -> None:
+    """data_record's file, once, from the built data."""
+    record, data_dir = self.data_record(setting), self.path('data', setting)
+    if os.path.exists(record):
+      return
+    with open(os.path.join(data_dir, 'built.json')) as fh:
+      argv = json.load(fh)['argv']
+    tmp = record + '.tmp'
+    with open(tmp, 'w') as fh:
+      json.dump(dict(argv=[os.path.relpath(a, self.out) if a == data_dir else a for a in argv],
+                     digest=digest or data_digest(data_dir), **self.stored_summary(setting)), fh, indent=1)
+    os.replace(tmp, record)
+
+  def data_record(self, setting: str) -> str:
+    """DIR/data/SETTING.json: the build's flags, the digest of its episodes and their counts, kept
+    when the data itself is not (a rebuild is checked against the digest)."""
+    return self.path('data', f'{setting}.json')
 
   def data_summary(self, setting: str) -> dict:
     """A data setting's folder and, once built, its episodes and minutes of video-only demonstrations."""
@@ -227,14 +282,21 @@ class Suite:
     out = dict(dir=os.path.relpath(self.path('data', setting), self.out), tasks=len(tasks),
                episodes_per_task=episodes, variations_per_task=variations or 'all distinct',
                video_only_tasks=list(video_only))
-    if os.path.exists(self.path('data', setting, 'built.json')):
-      stored = episodes_lib.open_dataset(self.path('data', setting), 'metaworld')
-      lengths = np.diff(stored.lowdim.offsets)
-      video = ~stored.lowdim.has_action
-      out.update(episodes=int(len(lengths)), video_only_episodes=int(video.sum()),
-                 video_only_frames=int(lengths[video].sum()),
-                 video_only_minutes=round(float(lengths[video].sum()) / stored.spec.control_hz / 60, 3))
+    if os.path.exists(self.data_record(setting)):
+      with open(self.data_record(setting)) as fh:
+        record = json.load(fh)
+      out.update({k: record[k] for k in ('episodes', 'video_only_episodes', 'video_only_frames',
+                                         'video_only_minutes')}, digest=record['digest'])
     return out
+
+  def stored_summary(self, setting: str) -> dict:
+    """The built data's episodes and minutes of video-only demonstrations."""
+    stored = episodes_lib.open_dataset(self.path('data', setting), 'metaworld')
+    lengths = np.diff(stored.lowdim.offsets)
+    video = ~stored.lowdim.has_action
+    return dict(episodes=int(len(lengths)), video_only_episodes=int(video.sum()),
+                video_only_frames=int(lengths[video].sum()),
+                video_only_minutes=round(float(lengths[video].sum()) / stored.spec.control_hz / 60, 3))
 
   def vae_override(self) -> list[str]:
     """`init.vae=PATH` of the trained VAE every arm uses (trained here once, on VAE_SETTING's frames), or
@@ -248,12 +310,26 @@ class Suite:
       print(f'[vae] {setting}: training the VAE in {self.path("vae", setting)}', flush=True)
       result = vae_training.train_vae(cfg, self.path('vae', setting))
       with open(record, 'w') as fh:
-        json.dump(dict(psnr_db=float(result['psnr_db']), path=result['path']), fh)
-    with open(record) as fh:
-      return [f'init.vae={json.load(fh)["path"]!r}']
+        json.dump(dict(psnr_db=float(result['psnr_db']), path=os.path.relpath(result['path'], self.out)), fh)
+    # The weights' place in DIR, not the path the record was written with (DIR may have moved).
+    return [f'init.vae={self.path("vae", setting, vae_training.VAE_DIR)!r}']
 
   def pretrain_dir(self) -> str:
     return self.path('pretrain', 'train')
+
+  def pretrain_weights(self) -> str:
+    """The pretrained DiT the pretrained arms start from: the pretraining's newest parameters exported
+    as a weights directory (checkpoint.export_model_params) once it has trained to the end."""
+    return self.path('pretrain', 'weights')
+
+  def pretrain_step(self) -> int | None:
+    """The pretraining's step: its exported weights' once finished, else its workdir's newest."""
+    if os.path.isfile(os.path.join(self.pretrain_weights(), checkpoint.META_FILE)):
+      return int(checkpoint.read_weights_meta(self.pretrain_weights())['step'])
+    return latest_step(self.pretrain_dir())
+
+  def pretrained(self) -> bool:
+    return os.path.isfile(os.path.join(self.pretrain_weights(), checkpoint.META_FILE))
 
   def pretrain_overrides(self) -> list[str]:
     """The video-only pretraining: the base model and recipe on the pretraining data, action loss off."""
@@ -267,7 +343,7 @@ class Suite:
     out = [f'data.dir={self.path("data", arm.data)!r}', *self.vae_override(), *self.overrides,
            *[f'{k}={v!r}' for k, v in arm.changes.items()]]
     if arm.pretrained:
-      out.append(f'init.pretrained={self.pretrain_dir()!r}')
+      out.append(f'init.pretrained={self.pretrain_weights()!r}')
     if seed:   # the initialisation and training noise, and the data order
       out += [f'seed={self.base.seed + seed}', f'data.seed={self.base.data.seed + seed}']
     return out
@@ -307,10 +383,31 @@ class Suite:
     return code, done
 
   def pretrain(self) -> tuple[int, bool]:
-    return self.train('pretrain', load_config(self.args.config, self.pretrain_overrides()), self.pretrain_dir())
+    """(exit code, finished) of the pretraining; once trained to the end its parameters are exported
+    (pretrain_weights) and its workdir is no longer needed."""
+    if self.pretrained():
+      return 0, True
+    cfg = load_config(self.args.config, self.pretrain_overrides())
+    code, done = self.train('pretrain', cfg, self.pretrain_dir())
+    if done:
+      abstract = jax.eval_shape(lambda: encoders.initial_dit_shapes(from_config(cfg)))
+      step = checkpoint.export_model_params(self.pretrain_dir(), self.pretrain_weights(), abstract, cfg)
+      print(f'[pretrain] step {step} exported to {self.pretrain_weights()}', flush=True)
+    return code, done
 
   def report_path(self, name: str, eval_name: str, seed: int = 0) -> str:
     return self.path('arms', run_name(name, seed), 'eval', eval_name, 'report.json')
+
+  def trained_record(self, name: str, seed: int = 0) -> str:
+    return self.path('arms', run_name(name, seed), 'trained.json')
+
+  def run_step(self, name: str, seed: int = 0) -> int | None:
+    """A run's training step: its newest checkpoint's, else the one recorded when it finished training."""
+    step = latest_step(self.path('arms', run_name(name, seed), 'train'))
+    if step is None and os.path.exists(self.trained_record(name, seed)):
+      with open(self.trained_record(name, seed)) as fh:
+        step = json.load(fh)['step']
+    return step
 
   def finished(self, name: str, seed: int = 0) -> bool:
     return all(os.path.exists(self.report_path(name, e, seed)) for e in ARMS[name].evals)
@@ -326,6 +423,8 @@ class Suite:
     code, done = self.train(f'{run}: {ARMS[name].what}', load_config(self.args.config, overrides), train_dir)
     if code or not done:
       return code
+    with open(self.trained_record(name, seed), 'w') as fh:   # its step, kept when the checkpoints are not
+      json.dump(dict(step=latest_step(train_dir)), fh)
     for eval_name in ARMS[name].evals:
       report = self.report_path(name, eval_name, seed)
       if os.path.exists(report):
@@ -352,11 +451,11 @@ class Suite:
       out['vae'] = self.base.vae_train.steps * s['vae_update']
     out['baselines'] = sum(eval_s for kind in BASELINES if not os.path.exists(self.baseline_path(kind)))
     if 'pretrain' in self.needed_data():
-      out['pretraining'] = (self.pretrain_steps - (latest_step(self.pretrain_dir()) or 0)) * s['step']
+      out['pretraining'] = (self.pretrain_steps - (self.pretrain_step() or 0)) * s['step']
     for name, seed in self.runs(self.arms):
       if not self.finished(name, seed):
         rate = s['wide_step'] if 'model.dim' in ARMS[name].changes else s['step']
-        done = latest_step(self.path('arms', run_name(name, seed), 'train')) or 0
+        done = self.run_step(name, seed) or 0
         out['arms'] += max(self.base.train.steps - done, 0) * rate + len(ARMS[name].evals) * eval_s
     return {k: round(v / 60, 1) for k, v in out.items()}
 
@@ -386,7 +485,7 @@ class Suite:
         evals[eval_name] = dict(sampler=EVALS[eval_name][1], report=os.path.relpath(path, self.out),
                                 seconds=report.get('seconds'), crashed=report.get('crashed'),
                                 metrics=eval_metrics([report]))
-    step = latest_step(self.path('arms', run_name(name, seed), 'train'))
+    step = self.run_step(name, seed)
     if len(evals) == len(arm.evals):
       status = 'finished'
     else:
@@ -418,7 +517,7 @@ class Suite:
     if os.path.exists(self.path('vae', f'{VAE_SETTING}.json')):
       with open(self.path('vae', f'{VAE_SETTING}.json')) as fh:
         vae[VAE_SETTING] = json.load(fh)
-    pretrain_step = latest_step(self.pretrain_dir())
+    pretrain_step = self.pretrain_step()
     summary = dict(
         command=['python', '-m', 'dreamzero_jax.experiments', 'claims', *self.argv], settings=self.settings,
         seeds=dict(train=self.base.seed, data_pipeline=self.base.data.seed, data_build=DATA_SEED, eval=EVAL_SEED,
@@ -427,8 +526,9 @@ class Suite:
         pretrain_tasks=self.pretrain_tasks,
         data={s: self.data_summary(s) for s in self.data_settings},
         vae=vae, pretrain=dict(dir=os.path.relpath(self.pretrain_dir(), self.out), step=pretrain_step,
+                               weights=os.path.relpath(self.pretrain_weights(), self.out),
                                steps=self.pretrain_steps, status='not started' if pretrain_step is None else
-                               'finished' if pretrain_step >= self.pretrain_steps else 'training'),
+                               'finished' if self.pretrained() else 'training'),
         verdict_rule=VERDICT_RULE, claims=rows, arms=runs, baselines=baselines,
         figures=[os.path.relpath(f, self.out) for f in figures])
     with open(self.path('claims.json'), 'w') as fh:
@@ -522,6 +622,19 @@ class Suite:
                      + ' | '.join(cells) + ' |')
     lines += ['', '## Figures', ''] + [f'- [{f}]({f})' for f in summary['figures']] + ['']
     return '\n'.join(lines)
+
+
+def data_digest(data_dir: str) -> str:
+  """SHA-256 of a built dataset's episodes (every low-dimensional array of lowdim.npz: the states,
+  actions, lengths, instructions and flags the simulator produced; the frames render from the same
+  states). The file's own bytes are not used: the .npz holds write times."""
+  lowdim = episodes_lib.open_dataset(data_dir, 'metaworld').lowdim
+  digest = hashlib.sha256()
+  for field in sorted(vars(lowdim)):
+    value = np.ascontiguousarray(getattr(lowdim, field))
+    digest.update(f'{field}:{value.dtype.str}:{value.shape}'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
 
 
 def latest_step(train_dir: str) -> int | None:

@@ -121,21 +121,14 @@ def _compiled_step(cfg, graphdef, abstract_state):
 
 
 def start_params(cfg: ml_collections.ConfigDict) -> dict:
-  """The DiT parameters a fresh run starts from (host arrays): init.pretrained's newest checkpoint
-  (a run of the same model), else encoders.initial_dit_params (init.converted or random)."""
+  """The DiT parameters a fresh run starts from (host arrays): init.pretrained's (a weights directory
+  of checkpoint.export_model_params, or a train workdir's newest checkpoint; the same model), else
+  encoders.initial_dit_params (init.converted or random)."""
   settings = settings_lib.from_config(cfg)
   if not cfg.init.pretrained:
     return encoders.initial_dit_params(settings)
-  ckpt = checkpoint.Checkpointer(cfg.init.pretrained, async_save=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise checkpoint.IncompatibleCheckpointError(f'init.pretrained: {cfg.init.pretrained} holds no checkpoint')
-    abstract = jax.eval_shape(lambda: encoders.initial_dit_shapes(settings))
-    params = ckpt.restore_model_params(step, abstract, cfg)
-  finally:
-    ckpt.close()
-  return jax.tree.map(np.asarray, params)
+  abstract = jax.eval_shape(lambda: encoders.initial_dit_shapes(settings))
+  return jax.tree.map(np.asarray, checkpoint.load_model_params(cfg.init.pretrained, abstract, cfg))
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats: dict | None = None,
