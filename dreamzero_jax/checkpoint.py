@@ -305,21 +305,25 @@ def load_weights(directory: str, target):
 
 # ---- a model's parameters to start another run from (init.pretrained) -----------------------------
 
-def export_model_params(workdir: str, directory: str, abstract_params, config) -> int:
-  """Writes the newest checkpoint's `params` item of `workdir` (restore_model_params) as a weights
-  directory, its meta the checkpoint's config and step: what init.pretrained starts a run from,
-  a fraction of the workdir's bytes (no optimiser state). Returns the step."""
+def _newest_model_params(workdir: str, abstract_params, config, what: str):
+  """(step, params item, stored config) of `workdir`'s newest checkpoint (restore_model_params)."""
   ckpt = Checkpointer(workdir, async_save=False)
   try:
     step = ckpt.latest_step()
     if step is None:
-      raise IncompatibleCheckpointError(f'{workdir} holds no checkpoint to export')
-    params = ckpt.restore_model_params(step, abstract_params, config)
-    saved = ckpt.read_config(step)
+      raise IncompatibleCheckpointError(f'{what}{workdir} holds no checkpoint')
+    return int(step), ckpt.restore_model_params(step, abstract_params, config), ckpt.read_config(step)
   finally:
     ckpt.close()
-  save_weights(directory, jax.tree.map(np.asarray, params), dict(config=saved, step=int(step)))
-  return int(step)
+
+
+def export_model_params(workdir: str, directory: str, abstract_params, config) -> int:
+  """Writes the newest checkpoint's `params` item of `workdir` (restore_model_params) as a weights
+  directory, its meta the checkpoint's config and step: what init.pretrained starts a run from,
+  a fraction of the workdir's bytes (no optimiser state). Returns the step."""
+  step, params, saved = _newest_model_params(workdir, abstract_params, config, 'nothing to export: ')
+  save_weights(directory, jax.tree.map(np.asarray, params), dict(config=saved, step=step))
+  return step
 
 
 def load_model_params(path: str, abstract_params, config):
@@ -337,11 +341,4 @@ def load_model_params(path: str, abstract_params, config):
       raise IncompatibleCheckpointError(f'init.pretrained: {e}') from None
   if not os.path.isdir(path):
     raise IncompatibleCheckpointError(f'init.pretrained: {path} is neither a weights directory nor a train workdir')
-  ckpt = Checkpointer(path, async_save=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise IncompatibleCheckpointError(f'init.pretrained: {path} holds no checkpoint')
-    return ckpt.restore_model_params(step, abstract_params, config)
-  finally:
-    ckpt.close()
+  return _newest_model_params(path, abstract_params, config, 'init.pretrained: ')[1]

@@ -206,6 +206,9 @@ def test_pretraining_fine_tuning_video_demos_and_seeds_end_to_end(tmp_path, monk
   git('clone', '-q', out, clone, cwd=str(tmp_path))
   assert not os.path.exists(os.path.join(clone, 'data', 'diverse'))
   assert not os.path.exists(os.path.join(clone, 'pretrain', 'train', 'checkpoints'))
+  for run in ('pretrain', os.path.join('arms', 'wam_pretrained_videodemos')):   # rebuildable caches stay out
+    assert os.path.isdir(os.path.join(out, run, 'train', 'latent_cache'))
+    assert not {'latent_cache', 'tb', 'checkpoints'} & set(os.listdir(os.path.join(clone, run, 'train')))
   assert os.path.exists(os.path.join(clone, 'pretrain', 'weights', 'params.npz'))
   monkeypatch.setattr(claims.datasets_cli, 'main', must_not_run)
   moved = [clone if a == out else a for a in argv]

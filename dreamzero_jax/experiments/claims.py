@@ -74,6 +74,10 @@ data/*/
 vae/*/vae_state.npz
 pretrain/train/checkpoints/
 arms/*/train/checkpoints/
+*/train/latent_cache/
+arms/*/train/latent_cache/
+*/train/tb/
+arms/*/train/tb/
 *.gif
 '''
 
@@ -245,7 +249,8 @@ class Suite:
     code = datasets_cli.main(argv)
     if code:
       return code
-    digest, record = data_digest(data_dir), self.data_record(setting)
+    stored = episodes_lib.open_dataset(data_dir, 'metaworld')
+    digest, record = data_digest(stored.lowdim), self.data_record(setting)
     if os.path.exists(record):   # rebuilt on another machine: it must be the data the earlier runs had
       with open(record) as fh:
         want = json.load(fh)['digest']
@@ -255,20 +260,21 @@ class Suite:
         return 1
     with open(marker, 'w') as fh:
       json.dump(dict(argv=argv), fh)
-    self.write_data_record(setting, digest)
+    self.write_data_record(setting, stored)
     return 0
 
-  def write_data_record(self, setting: str, digest: str | None = None) -> None:
-    """data_record's file, once, from the built data."""
+  def write_data_record(self, setting: str, stored: episodes_lib.StoredDataset | None = None) -> None:
+    """data_record's file, once, from the built data (`stored`: it opened)."""
     record, data_dir = self.data_record(setting), self.path('data', setting)
     if os.path.exists(record):
       return
+    stored = stored or episodes_lib.open_dataset(data_dir, 'metaworld')
     with open(os.path.join(data_dir, 'built.json')) as fh:
       argv = json.load(fh)['argv']
     tmp = record + '.tmp'
     with open(tmp, 'w') as fh:
       json.dump(dict(argv=[os.path.relpath(a, self.out) if a == data_dir else a for a in argv],
-                     digest=digest or data_digest(data_dir), **self.stored_summary(setting)), fh, indent=1)
+                     digest=data_digest(stored.lowdim), **stored_summary(stored)), fh, indent=1)
     os.replace(tmp, record)
 
   def data_record(self, setting: str) -> str:
@@ -288,15 +294,6 @@ class Suite:
       out.update({k: record[k] for k in ('episodes', 'video_only_episodes', 'video_only_frames',
                                          'video_only_minutes')}, digest=record['digest'])
     return out
-
-  def stored_summary(self, setting: str) -> dict:
-    """The built data's episodes and minutes of video-only demonstrations."""
-    stored = episodes_lib.open_dataset(self.path('data', setting), 'metaworld')
-    lengths = np.diff(stored.lowdim.offsets)
-    video = ~stored.lowdim.has_action
-    return dict(episodes=int(len(lengths)), video_only_episodes=int(video.sum()),
-                video_only_frames=int(lengths[video].sum()),
-                video_only_minutes=round(float(lengths[video].sum()) / stored.spec.control_hz / 60, 3))
 
   def vae_override(self) -> list[str]:
     """`init.vae=PATH` of the trained VAE every arm uses (trained here once, on VAE_SETTING's frames), or
@@ -324,7 +321,7 @@ class Suite:
 
   def pretrain_step(self) -> int | None:
     """The pretraining's step: its exported weights' once finished, else its workdir's newest."""
-    if os.path.isfile(os.path.join(self.pretrain_weights(), checkpoint.META_FILE)):
+    if self.pretrained():
       return int(checkpoint.read_weights_meta(self.pretrain_weights())['step'])
     return latest_step(self.pretrain_dir())
 
@@ -624,11 +621,19 @@ class Suite:
     return '\n'.join(lines)
 
 
-def data_digest(data_dir: str) -> str:
-  """SHA-256 of a built dataset's episodes (every low-dimensional array of lowdim.npz: the states,
+def stored_summary(stored: episodes_lib.StoredDataset) -> dict:
+  """A built dataset's episodes and minutes of video-only demonstrations."""
+  lengths = np.diff(stored.lowdim.offsets)
+  video = ~stored.lowdim.has_action
+  return dict(episodes=int(len(lengths)), video_only_episodes=int(video.sum()),
+              video_only_frames=int(lengths[video].sum()),
+              video_only_minutes=round(float(lengths[video].sum()) / stored.spec.control_hz / 60, 3))
+
+
+def data_digest(lowdim) -> str:
+  """SHA-256 of a built dataset's episodes (every low-dimensional array of its lowdim.npz: the states,
   actions, lengths, instructions and flags the simulator produced; the frames render from the same
   states). The file's own bytes are not used: the .npz holds write times."""
-  lowdim = episodes_lib.open_dataset(data_dir, 'metaworld').lowdim
   digest = hashlib.sha256()
   for field in sorted(vars(lowdim)):
     value = np.ascontiguousarray(getattr(lowdim, field))
