@@ -342,3 +342,24 @@ def load_model_params(path: str, abstract_params, config):
   if not os.path.isdir(path):
     raise IncompatibleCheckpointError(f'init.pretrained: {path} is neither a weights directory nor a train workdir')
   return _newest_model_params(path, abstract_params, config, 'init.pretrained: ')[1]
+
+
+def trim_metrics_log(path: str, step: int) -> None:
+  """Rewrites a JSON-lines metrics log (atomically) without its records past `step` and without a
+  line a crash left half-written: a run resuming from the checkpoint of `step` (0: starting
+  afresh) logs the later steps again, and the log keeps one curve."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and isinstance(record.get('step'), int) and record['step'] <= step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)

@@ -1,4 +1,5 @@
 """train.py's loop: exact resume, incompatible-checkpoint refusal, NaN stop, batch checks."""
+import json
 import os
 import subprocess
 import sys
@@ -27,18 +28,35 @@ def _params(workdir):
   return raw['state']['params']
 
 
+def _logged_steps(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
 def test_resume_from_step_2_to_4_equals_4_uninterrupted_steps(tmp_path):
-  cfg = load_config('configs/tiny.py', CFG_OVERRIDES)
+  cfg = load_config('configs/tiny.py', CFG_OVERRIDES + ['train.log_every=1'])
   batches = synthetic_batches(cfg)
-  assert loop.train(cfg, str(tmp_path / 'full'), data=ListIterator(batches)) == 0
+  full_dir, resumed_dir = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  # A log left by an earlier run in this folder whose checkpoints are gone: starting afresh drops it.
+  os.makedirs(full_dir)
+  with open(os.path.join(full_dir, 'metrics.jsonl'), 'w') as f:
+    f.write(json.dumps({'step': 1, 'loss': -1.0}) + '\n')
+  assert loop.train(cfg, full_dir, data=ListIterator(batches)) == 0
 
-  assert loop.train(cfg, str(tmp_path / 'resumed'), data=ListIterator(batches), stop_at=2) == 0
+  assert loop.train(cfg, resumed_dir, data=ListIterator(batches), stop_at=2) == 0
+  # As if that run had gone on past its checkpoint and crashed mid-line: step 3 is trained again.
+  with open(os.path.join(resumed_dir, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps({'step': 3, 'loss': -1.0}) + '\n{"step": 4, "lo')
   # A fresh process would rebuild the iterator from scratch; the checkpoint moves it to batch 2.
-  assert loop.train(cfg, str(tmp_path / 'resumed'), data=ListIterator(batches)) == 0
+  assert loop.train(cfg, resumed_dir, data=ListIterator(batches)) == 0
 
-  full, resumed = _params(str(tmp_path / 'full')), _params(str(tmp_path / 'resumed'))
+  full, resumed = _params(full_dir), _params(resumed_dir)
   jax.tree.map(np.testing.assert_array_equal, resumed, full)
-  assert os.path.exists(tmp_path / 'full' / 'metrics.jsonl')
+  # One curve in each log, the same one: every step once, no record from the runs they replaced.
+  full_log, resumed_log = _logged_steps(full_dir), _logged_steps(resumed_dir)
+  assert [r['step'] for r in full_log] == [r['step'] for r in resumed_log] == [1, 2, 3, 4]
+  assert all(r['loss'] > 0 for r in full_log + resumed_log)
+  np.testing.assert_allclose([r['loss'] for r in resumed_log], [r['loss'] for r in full_log], rtol=1e-6)
   assert any(f.startswith('events') for f in os.listdir(tmp_path / 'full' / 'tb'))
 
 

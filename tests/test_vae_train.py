@@ -70,6 +70,9 @@ def trained(data_dir, tmp_path_factory):
   cfg = _config(data_dir)
   workdir = str(tmp_path_factory.mktemp('vae_run'))
   assert vae_training.train_vae(cfg, workdir, steps=2)['steps'] == 2
+  # As if the run had logged step 3 and died before saving it: the resumed run logs step 3 again.
+  with open(os.path.join(workdir, vae_training.METRICS_FILE), 'a') as f:
+    f.write(json.dumps({'step': 3, 'loss': -1.0}) + '\n')
   return cfg, workdir, vae_training.train_vae(cfg, workdir)
 
 
@@ -80,7 +83,9 @@ def _metrics(workdir):
 
 def test_training_raises_the_psnr_and_resumes_at_the_saved_step(trained, capsys):
   cfg, workdir, result = trained
-  assert [r['step'] for r in _metrics(workdir)] == list(range(1, STEPS + 1))   # 1-2, then 3-4 resumed
+  records = _metrics(workdir)
+  assert [r['step'] for r in records] == list(range(1, STEPS + 1))   # 1-2, then 3-4 resumed
+  assert all(r['loss'] > 0 for r in records)
   state = np.load(os.path.join(workdir, vae_training.STATE_FILE), allow_pickle=False)
   assert int(state['step']) == STEPS
   meta = checkpoint.read_weights_meta(result['path'])

@@ -122,8 +122,8 @@ def _title(ax, text: str) -> None:
 
 
 def loss_rows(metrics_path: str) -> list[dict]:
-  """A metrics.jsonl's records by step, the last record of each step: a resumed run appends the steps
-  after its checkpoint again (and a run stopped before its first checkpoint, all of them)."""
+  """A metrics.jsonl's records by step, the last record of each step (training trims the log to the
+  step it resumes from; a log written before it did may hold a step twice)."""
   last = {}
   with open(metrics_path) as fh:
     for line in fh:

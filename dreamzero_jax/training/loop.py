@@ -64,13 +64,20 @@ def check_data_batch(batch: dict, cfg) -> None:
 
 class Logger:
   """Console progress bar, TensorBoard and metrics.jsonl; only process 0 of a multi-host job
-  writes (the others keep a silent bar)."""
+  writes (the others keep a silent bar).
 
-  def __init__(self, workdir: str, total: int):
+  metrics.jsonl holds one curve: records past `start_step` (the step the run resumes from, 0 for
+  a fresh start) came from a run whose later steps are being trained again, and are dropped."""
+
+  def __init__(self, workdir: str, total: int, start_step: int = 0):
     self.primary = jax.process_index() == 0
     self.writer = SummaryWriter(os.path.join(workdir, 'tb')) if self.primary else None
     self.bar = tqdm.tqdm(total=total, dynamic_ncols=True, desc='train', disable=not self.primary)
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if self.primary else None
+    self.jsonl = None
+    if self.primary:
+      path = os.path.join(workdir, 'metrics.jsonl')
+      checkpoint.trim_metrics_log(path, start_step)
+      self.jsonl = open(path, 'a')
 
   def log(self, step: int, metrics: dict) -> None:
     if not self.primary:
@@ -189,7 +196,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, data=None, norm_stats
         jax.device_put(params, base), key)
   flops, peak = train_flops(cfg, dit_params), peak_flops()
   tokens = trainer.update_batch_size(cfg.train) * train_aot.sequence_length(cfg)[0]
-  logger = Logger(workdir, cfg.train.steps)
+  logger = Logger(workdir, cfg.train.steps, start_step=int(state.step))
   logger.bar.update(int(state.step))
   try:
     while int(state.step) < last:

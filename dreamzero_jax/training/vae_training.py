@@ -329,7 +329,9 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, steps: int | None = 
   deadline = started + 60.0 * max_minutes if max_minutes else None
   os.makedirs(workdir, exist_ok=True)
   eval_seconds = 0.0   # spent on eval_every evaluations, reported apart from training time
-  with open(os.path.join(workdir, METRICS_FILE), 'a') as log:
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  checkpoint.trim_metrics_log(metrics_path, step)
+  with open(metrics_path, 'a') as log:
     while step < steps and not (deadline and time.time() > deadline):
       video = sample_clips(frames.train, t.batch_size, train_clip_frames(cfg), frames.stride,
                            np.random.default_rng([cfg.seed, step]))
