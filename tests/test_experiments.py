@@ -156,7 +156,20 @@ def test_pretraining_fine_tuning_video_demos_and_seeds_end_to_end(tmp_path, monk
           '--tasks', 'plate-slide-v3', '--unseen_tasks', 'hand-insert-v3', '--pretrain_tasks', 'drawer-close-v3',
           '--pretrain_episodes', '1', '--videodemo_episodes', '1', '--episodes', '1', '--eval_episodes', '1',
           '--max_steps', '16', '--vae', 'random', '--workers', '1', *TINY]
+  finished_at_each_write = []
+  write_outputs = claims.Suite.write_outputs
+
+  def recording_write_outputs(suite):
+    summary = write_outputs(suite)
+    finished_at_each_write.append(sorted(r for r, s in summary['arms'].items() if s['status'] == 'finished'))
+    return summary
+
+  monkeypatch.setattr(claims.Suite, 'write_outputs', recording_write_outputs)
   assert experiments_cli.main(argv) == 0
+  # The outputs are rewritten as each run finishes (a session cut short keeps them), then at the end.
+  runs_done = ['wam_pretrained_videodemos', 'wam_pretrained_videodemos-seed1']
+  assert finished_at_each_write == [runs_done[:1], runs_done, runs_done]
+  monkeypatch.setattr(claims.Suite, 'write_outputs', write_outputs)
   summary = json.load(open(os.path.join(out, 'claims.json')))
   assert summary['pretrain']['status'] == 'finished' and summary['pretrain_tasks'] == ['drawer-close-v3']
   runs = summary['arms']

@@ -688,6 +688,7 @@ def main(argv=None) -> int:
     if ARMS[name].pretrained and not pretrained:
       print(f'[{run_name(name, seed)}] waits for the pretraining to finish', flush=True)
       continue
+    done_before = suite.finished(name, seed)
     try:
       code = suite.run_arm(name, seed)
     except (ConfigError, ValueError, OSError) as e:   # e.g. a checkpoint from another config in its workdir
@@ -696,6 +697,8 @@ def main(argv=None) -> int:
     if code:
       print(f'[{run_name(name, seed)}] failed (exit {code}); the other arms go on', file=sys.stderr)
       failed = failed or code
+    elif not done_before:   # the outputs follow the run: a run cut short still leaves its finished arms' rows
+      suite.write_outputs()
   summary = suite.write_outputs()
   for row in summary['claims']:
     print(f'{row["verdict"]:>15}  {row["claim"]}')
